@@ -1,0 +1,3 @@
+from modmoe.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""Command line: ``modmoe train|flops|...`` (typer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from modmoe.config_base import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train Mixture-of-Depths-and-Experts language models.")
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set model.num_layers=4 (repeatable)")]
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"modmoe: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml")],
+    set_: SetOption = None,
+) -> None:
+    """Train (one process, or one rank per process under torchrun)."""
+    from modmoe.config import load_config
+    from modmoe.data import DataError
+    from modmoe.train.trainer import run_training
+
+    try:
+        cfg = load_config(config, set_ or [])
+        run_training(cfg)
+    except (ConfigError, DataError, ValueError) as err:
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+@app.command()
+def flops(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    set_: SetOption = None,
+) -> None:
+    """Executed FLOPs per token of a config, by component, and its speedup over the MoE-only
+    and dense versions of the same config."""
+    from modmoe.config import load_config
+    from modmoe.model.flops import count_flops, parameter_counts, theoretical_speedup
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as err:
+        _fail(str(err))
+    m, T = cfg.model, cfg.data.seq_len
+    report = count_flops(m, T)
+    for name, value in sorted(report.per_component.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"{name:>16}: {value / 1e6:10.3f} MFLOP/token (forward)")
+    typer.echo(f"{'total':>16}: {report.forward_per_token / 1e6:10.3f} forward, {report.training_per_token / 1e6:.3f} training")
+    counts = parameter_counts(m)
+    typer.echo(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token")
+    moe_only = m.model_copy(update={"depth": m.depth.model_copy(update={"enabled": False})})
+    typer.echo(f"predicted training speedup over MoE-only: {theoretical_speedup(moe_only, m, T):.3f}x")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The job config: one typed section per component, loaded from YAML with ``--set`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modmoe.config_base import ConfigError, ConfigModel, validate_config
+from modmoe.data.config import DataConfig
+from modmoe.model.config import ModelConfig
+from modmoe.parallel.config import ParallelConfig
+from modmoe.train.config import OptimizerConfig, TrainerConfig
+
+
+class JobConfig(ConfigModel):
+    """Everything a training run needs."""
+
+    model: ModelConfig = ModelConfig()
+    """The network."""
+
+    data: DataConfig = DataConfig()
+    """Corpus, tokenizer, shards and sampling."""
+
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """Optimizer and learning-rate schedule."""
+
+    trainer: TrainerConfig = TrainerConfig()
+    """The training loop."""
+
+    parallel: ParallelConfig = ParallelConfig()
+    """Process layout."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``model.num_layers=4`` -> (["model", "num_layers"], 4); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"config error: --set {item!r}: expected key=value, e.g. model.num_layers=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config error: --set {key}: value {raw!r} is not valid YAML ({err.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config error: --set {item}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Reads a YAML config (None = all defaults), applies overrides, validates."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config error: {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {p} must hold a mapping of sections, got {type(data).__name__}")
+    return validate_config(JobConfig, apply_overrides(data, list(overrides)))
+
+
+def dump_config(cfg: JobConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,79 @@
+"""Base class for typed component configs, and the one-line error every bad value gets.
+
+Each component (model, data, optimizer, ...) owns a ``ConfigModel`` subclass whose fields carry
+a docstring; pydantic turns those docstrings into field descriptions
+(``use_attribute_docstrings``), so ``modmoe config-help`` and the error messages come from the
+same place as the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always reported as one line naming the field."""
+
+
+class ConfigModel(BaseModel):
+    """Strict config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        validate_default=True,
+    )
+
+
+def _describe_allowed(model_cls: type[BaseModel] | None, loc: tuple) -> str:
+    """Names the keys a nested config accepts, for 'unknown key' errors."""
+    cls = model_cls
+    for part in loc[:-1]:
+        if cls is None or not isinstance(part, str) or part not in cls.model_fields:
+            return ""
+        annotation = cls.model_fields[part].annotation
+        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if cls is None:
+        return ""
+    return "allowed keys: " + ", ".join(sorted(cls.model_fields))
+
+
+def format_validation_error(
+    err: pydantic.ValidationError, prefix: str = "", model_cls: type[BaseModel] | None = None
+) -> str:
+    """One line: ``config error: <field> = <value>: <what is allowed>`` (first problem only,
+    with a count of the others, so the user fixes one thing at a time)."""
+    problems = err.errors(include_url=False)
+    first = problems[0]
+    loc = tuple(str(p) for p in first["loc"])
+    field = ".".join(([prefix] if prefix else []) + list(loc)) or "<root>"
+    inner = (first.get("ctx") or {}).get("error")
+    if isinstance(inner, ConfigError):  # raised by a cross-field check: already one line
+        msg = str(inner)
+    elif first["type"] == "extra_forbidden":
+        allowed = _describe_allowed(model_cls, tuple(first["loc"]))
+        msg = f"config error: unknown key {field}" + (f" ({allowed})" if allowed else "")
+    else:
+        value = first.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{…}"
+        msg = f"config error: {field} = {shown}: {first['msg']}"
+    if len(problems) > 1:
+        msg += f" (and {len(problems) - 1} more problem(s))"
+    return msg
+
+
+def validate_config(model_cls: type[BaseModel], data: dict[str, Any], prefix: str = "") -> Any:
+    """Builds ``model_cls`` from ``data``; raises :class:`ConfigError` with one line on failure."""
+    try:
+        return model_cls.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix, model_cls)) from None
+
+
+def field_error(field: str, value: Any, allowed: str) -> ConfigError:
+    """The same one-line shape, for checks that span several fields."""
+    return ConfigError(f"config error: {field} = {value!r}: {allowed}")

@@ -1,0 +1,212 @@
+"""Configuration of the MoDE transformer: trunk, depth routing (MoD) and experts (MoE)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from modmoe.config_base import ConfigModel, field_error
+
+
+class DepthRoutingConfig(ConfigModel):
+    """Mixture-of-Depths: per-sequence top-k token routing around whole blocks."""
+
+    enabled: bool = True
+    """Route tokens around some blocks. ``false`` gives the MoE-only (or dense) baseline built
+    from the same code."""
+
+    variant: Literal["staged", "integrated"] = "staged"
+    """``staged``: a depth router picks the top-k tokens that enter the block, whose MLP is
+    then the MoE. ``integrated``: no depth router; the MoE router of a routed block also has
+    ``noop_experts`` identity experts, so one router decides both (tokens sent to a no-op
+    skip the MLP)."""
+
+    capacity: float = Field(default=0.125, gt=0.0, le=1.0)
+    """Fraction of each sequence that enters a routed block: k = ceil(capacity * seq_len)."""
+
+    every: int = Field(default=2, ge=1)
+    """A block is routed when ``layer_index % every == offset``."""
+
+    offset: int = Field(default=1, ge=0)
+    """See ``every``. The default (every=2, offset=1) routes blocks 1, 3, 5, ... and keeps the
+    first block full, as in the paper."""
+
+    router_weight: Literal["raw", "sigmoid"] = "raw"
+    """What scales the block output of a chosen token: the raw router logit ``r`` (paper) or
+    ``sigmoid(r)``."""
+
+    causal_router: Literal["aux_loss", "predictor"] = "aux_loss"
+    """How tokens are routed when future tokens are unknown (generation, causal eval):
+    ``aux_loss`` enters when sigmoid(r) > 0.5, taught by ``bce_loss_coef``; ``predictor``
+    enters when a small stop-gradient MLP says so."""
+
+    bce_loss_coef: float = Field(default=0.01, ge=0.0)
+    """Weight of the BCE loss that teaches sigmoid(r) to predict top-k membership."""
+
+    predictor: bool = False
+    """Train the stop-gradient predictor MLP (required when causal_router = predictor)."""
+
+    predictor_hidden: int = Field(default=64, ge=1)
+    """Hidden width of the predictor MLP."""
+
+    noop_experts: int = Field(default=0, ge=0)
+    """Integrated variant only: number of identity experts added to each routed block's MoE
+    router. With balanced routing, a token slot reaches a real expert with probability
+    num_experts / (num_experts + noop_experts)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "DepthRoutingConfig":
+        if self.offset >= self.every:
+            raise field_error("model.depth.offset", self.offset, f"must be < every ({self.every})")
+        if self.causal_router == "predictor" and not self.predictor:
+            raise field_error("model.depth.causal_router", "predictor", "needs model.depth.predictor = true")
+        if self.enabled and self.variant == "integrated" and self.noop_experts < 1:
+            raise field_error("model.depth.noop_experts", self.noop_experts, "must be >= 1 for the integrated variant")
+        return self
+
+    def is_routed(self, layer_index: int) -> bool:
+        return self.enabled and layer_index % self.every == self.offset
+
+
+class MoEConfig(ConfigModel):
+    """Sparse Mixture-of-Experts MLP."""
+
+    enabled: bool = True
+    """Use experts in the MLP of the blocks chosen by ``every``/``first_dense``; ``false`` gives
+    a dense SwiGLU everywhere."""
+
+    num_experts: int = Field(default=8, ge=1)
+    """Routed experts per MoE layer (E)."""
+
+    top_k: int = Field(default=2, ge=1)
+    """Experts each token is sent to (token choice)."""
+
+    expert_hidden: int = Field(default=256, ge=1)
+    """Hidden width of one expert's SwiGLU."""
+
+    num_shared_experts: int = Field(default=0, ge=0)
+    """Always-on experts (one SwiGLU of width num_shared_experts * expert_hidden)."""
+
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function over expert logits."""
+
+    normalize_top_k: bool = True
+    """Renormalize the chosen experts' scores to sum to 1 (always done for sigmoid scores)."""
+
+    capacity_factor: float | None = Field(default=None, gt=0.0)
+    """``null``: dropless. Otherwise each expert takes at most
+    ceil(capacity_factor * tokens * top_k / num_experts) token slots, in token order; the rest
+    are dropped (they keep only the residual and shared-expert output)."""
+
+    aux_loss_coef: float = Field(default=0.01, ge=0.0)
+    """Switch/GShard load-balancing loss over the batch: E * sum_e f_e * P_e."""
+
+    seq_aux_loss_coef: float = Field(default=0.0, ge=0.0)
+    """The same balance loss computed per sequence and averaged (DeepSeek-V3 style)."""
+
+    z_loss_coef: float = Field(default=0.001, ge=0.0)
+    """Router z-loss: mean(logsumexp(logits)^2)."""
+
+    bias_update_rate: float = Field(default=0.0, ge=0.0)
+    """Auxiliary-loss-free balancing: each step, every expert's selection bias moves by this
+    rate toward balance (sign of the load error). 0 disables the bias."""
+
+    every: int = Field(default=1, ge=1)
+    """Blocks with index >= first_dense and (index - first_dense) % every == 0 use experts."""
+
+    first_dense: int = Field(default=0, ge=0)
+    """Number of leading blocks kept dense."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise field_error("model.moe.top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
+        return self
+
+    def is_moe(self, layer_index: int) -> bool:
+        return (
+            self.enabled
+            and layer_index >= self.first_dense
+            and (layer_index - self.first_dense) % self.every == 0
+        )
+
+
+class ModelConfig(ConfigModel):
+    """Decoder-only transformer trunk (RMSNorm, RoPE, grouped-query attention, SwiGLU)."""
+
+    vocab_size: int = Field(default=4096, ge=2)
+    """Embedding rows; must be >= the tokenizer's vocabulary (the trainer checks)."""
+
+    dim: int = Field(default=256, ge=8)
+    """Hidden size D."""
+
+    num_layers: int = Field(default=6, ge=1)
+    """Transformer blocks."""
+
+    num_heads: int = Field(default=8, ge=1)
+    """Query heads."""
+
+    num_kv_heads: int | None = Field(default=None, ge=1)
+    """Key/value heads for grouped-query attention (null = num_heads)."""
+
+    ffn_hidden: int = Field(default=688, ge=1)
+    """Hidden width of the dense SwiGLU (blocks without experts)."""
+
+    max_seq_len: int = Field(default=1024, ge=8)
+    """Longest sequence the rotary tables cover."""
+
+    rope_theta: float = Field(default=10000.0, gt=0.0)
+    """RoPE base frequency."""
+
+    norm_eps: float = Field(default=1e-5, gt=0.0)
+    """RMSNorm epsilon."""
+
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+
+    init_std: float = Field(default=0.02, gt=0.0)
+    """Std of the normal init; residual output projections are scaled by 1/sqrt(2*num_layers)."""
+
+    depth: DepthRoutingConfig = DepthRoutingConfig()
+    """Mixture-of-Depths routing."""
+
+    moe: MoEConfig = MoEConfig()
+    """Experts."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.dim % self.num_heads:
+            raise field_error("model.num_heads", self.num_heads, f"must divide dim ({self.dim})")
+        if (self.dim // self.num_heads) % 2:
+            raise field_error("model.num_heads", self.num_heads, "dim / num_heads must be even (RoPE)")
+        kv = self.kv_heads
+        if self.num_heads % kv:
+            raise field_error("model.num_kv_heads", kv, f"must divide num_heads ({self.num_heads})")
+        if self.depth.enabled and self.depth.variant == "integrated":
+            if not any(self.depth.is_routed(i) and self.moe.is_moe(i) for i in range(self.num_layers)):
+                raise field_error("model.depth.variant", "integrated", "needs routed blocks that also use experts (model.moe)")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def depth_capacity_tokens(self, seq_len: int) -> int:
+        """k: tokens per sequence that enter a staged routed block."""
+        return max(1, math.ceil(self.depth.capacity * seq_len))
+
+    def layer_kind(self, layer_index: int) -> tuple[bool, bool]:
+        """(staged depth-routed?, MoE?) for one block."""
+        routed = self.depth.is_routed(layer_index) and self.depth.variant == "staged"
+        return routed, self.moe.is_moe(layer_index)
+
+    def noop_experts_at(self, layer_index: int) -> int:
+        """No-op experts of the integrated variant in this block (0 elsewhere)."""
+        integrated = self.depth.variant == "integrated" and self.depth.is_routed(layer_index)
+        return self.depth.noop_experts if integrated and self.moe.is_moe(layer_index) else 0

@@ -1,0 +1,162 @@
+"""Sparse MoE MLP: token-choice top-k router and stacked SwiGLU experts.
+
+Naming follows one convention through the file:
+``logits`` (gate output) -> ``scores`` (softmax or sigmoid of logits) -> ``probs`` (scores
+normalized per token; what the balance losses see) -> ``topk_experts`` / ``topk_weights``
+(the choice and the mixing weights) -> ``dispatch`` (which chosen slots are actually computed:
+not dropped by capacity, not padding, not a no-op expert).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modmoe.model.config import ModelConfig
+from modmoe.model.layers import SwiGLU
+
+
+@dataclass
+class MoEAux:
+    """Unweighted balance losses (attached to the graph) and detached load statistics."""
+
+    aux_loss: torch.Tensor
+    seq_aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # (E_total,) routed slots per expert, before dropping
+    dispatched_slots: torch.Tensor  # () slots computed by real experts
+    dropped_slots: torch.Tensor  # () slots to real experts dropped by capacity
+    total_slots: torch.Tensor  # () valid tokens * top_k
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, noop_experts: int = 0) -> None:
+        super().__init__()
+        m = cfg.moe
+        self.num_experts, self.num_noop, self.top_k = m.num_experts, noop_experts, m.top_k
+        self.num_slots_total = m.num_experts + noop_experts
+        self.score, self.normalize = m.score, m.normalize_top_k or m.score == "sigmoid"
+        self.capacity_factor, self.bias_update_rate = m.capacity_factor, m.bias_update_rate
+        self.gate = nn.Linear(cfg.dim, self.num_slots_total, bias=False)
+        # Stacked expert weights: global parameter names do not depend on expert parallelism.
+        self.w1 = nn.Parameter(torch.empty(m.num_experts, cfg.dim, m.expert_hidden))
+        self.w3 = nn.Parameter(torch.empty(m.num_experts, cfg.dim, m.expert_hidden))
+        self.w2 = nn.Parameter(torch.empty(m.num_experts, m.expert_hidden, cfg.dim))
+        self.shared = SwiGLU(cfg.dim, m.num_shared_experts * m.expert_hidden) if m.num_shared_experts else None
+        if self.bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(self.num_slots_total))
+        else:
+            self.expert_bias = None
+        # Routed-slot counts since the last bias update (training only). A plain attribute,
+        # not a buffer: DDP would otherwise overwrite it with rank 0's counts.
+        self.pending_load: torch.Tensor | None = None
+        # Set from outside by the parallelize step: sums per-expert counts over the ranks
+        # that share a global batch, so the balance loss sees the global load.
+        self.load_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- routing
+    def route(self, x: torch.Tensor, valid: torch.Tensor | None):
+        """x: (N, D) -> logits, probs (N, Et), topk_experts, topk_weights (N, K)."""
+        logits = self.gate(x).float()  # (N, Et)
+        scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias  # bias: choice only
+        topk_experts = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        topk_weights = scores.gather(1, topk_experts)
+        if self.normalize:
+            topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        return logits, probs, topk_experts, topk_weights
+
+    def _capacity_keep(self, topk_experts: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
+        """(N, K) bool: slot within its expert's capacity, first come (token order) first served."""
+        n_valid_slots = int(slot_valid.sum())
+        capacity = math.ceil(self.capacity_factor * n_valid_slots / self.num_experts)
+        onehot = F.one_hot(topk_experts, self.num_slots_total) * slot_valid[..., None]  # (N, K, Et)
+        rank_in_expert = (onehot.flatten(0, 1).cumsum(0) * onehot.flatten(0, 1)).sum(-1) - 1  # (N*K,)
+        is_noop = topk_experts >= self.num_experts
+        return (rank_in_expert.view_as(topk_experts) < capacity) | is_noop
+
+    def _balance_losses(self, logits, probs, topk_experts, slot_valid, token_valid, batch: int):
+        Et, K = self.num_slots_total, self.top_k
+        counts = torch.zeros(Et, device=logits.device).index_add_(
+            0, topk_experts.flatten(), slot_valid.flatten().float()
+        )  # (Et,) routed slots per expert
+        n_tokens = token_valid.sum().float()
+        global_counts, global_tokens = counts, n_tokens
+        if self.load_reducer is not None:
+            global_counts = self.load_reducer(counts)
+            global_tokens = self.load_reducer(n_tokens.reshape(1)).reshape(())
+        mask = token_valid.float()[:, None]
+        load_fraction = global_counts / (global_tokens * K).clamp_min(1)  # f_e
+        mean_prob = (probs * mask).sum(0) / n_tokens.clamp_min(1)  # P_e
+        aux = Et * (load_fraction * mean_prob).sum()
+        # Per-sequence version: the same product inside each sequence, then averaged.
+        seq_probs = (probs * mask).view(batch, -1, Et)  # (B, S, Et)
+        seq_tokens = token_valid.view(batch, -1).sum(1).float().clamp_min(1)  # (B,)
+        seq_counts = torch.zeros(batch, Et, device=logits.device).scatter_add_(
+            1, topk_experts.reshape(batch, -1), slot_valid.reshape(batch, -1).float()
+        )  # (B, Et)
+        seq_aux = Et * ((seq_counts / (seq_tokens[:, None] * K)) * (seq_probs.sum(1) / seq_tokens[:, None])).sum(1)
+        z = (torch.logsumexp(logits, -1) ** 2 * mask[:, 0]).sum() / n_tokens.clamp_min(1)
+        return aux, seq_aux.mean(), z, counts
+
+    # ---------------------------------------------------------------- experts
+    def _run_experts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """xs: (n, D) sorted by expert -> (n, D). One matmul per expert on its contiguous rows;
+        empty experts still touch their weights so every parameter gets a (zero) gradient."""
+        outs = []
+        for e, chunk in enumerate(torch.split(xs, counts)):
+            hidden = F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])  # (n_e, F)
+            outs.append(hidden @ self.w2[e])  # (n_e, D)
+        return torch.cat(outs)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """x: (B, S, D); valid: (B, S) bool marking real tokens of a padded selection."""
+        B, S, D = x.shape
+        flat = x.reshape(-1, D)  # (N, D)
+        N, K = flat.shape[0], self.top_k
+        token_valid = valid.reshape(N) if valid is not None else torch.ones(N, dtype=torch.bool, device=x.device)
+        logits, probs, topk_experts, topk_weights = self.route(flat, valid)
+        slot_valid = token_valid[:, None].expand(N, K).contiguous()
+        aux, seq_aux, z, counts = self._balance_losses(logits, probs, topk_experts, slot_valid, token_valid, B)
+
+        to_real = slot_valid & (topk_experts < self.num_experts)
+        dispatch = to_real if self.capacity_factor is None else to_real & self._capacity_keep(topk_experts, slot_valid)
+
+        sort_key = torch.where(dispatch, topk_experts, self.num_experts).flatten()  # (N*K,) sentinel E = not computed
+        per_expert = torch.bincount(sort_key, minlength=self.num_experts + 1)[: self.num_experts]
+        order = torch.argsort(sort_key, stable=True)[: int(per_expert.sum())]  # dispatched slots, by expert
+        token_of_slot = order // K
+        expert_out = self._run_experts(flat[token_of_slot], per_expert.tolist())  # (n, D)
+        expert_out = expert_out * topk_weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token_of_slot, expert_out)  # (N, D)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+
+        if self.training and self.expert_bias is not None:
+            load = counts.detach()
+            self.pending_load = load if self.pending_load is None else self.pending_load + load
+        stats = MoEAux(
+            aux_loss=aux,
+            seq_aux_loss=seq_aux,
+            z_loss=z,
+            tokens_per_expert=counts.detach(),
+            dispatched_slots=dispatch.sum().detach(),
+            dropped_slots=(to_real & ~dispatch).sum().detach(),
+            total_slots=slot_valid.sum().detach(),
+        )
+        return out.view(B, S, D), stats
+
+    @torch.no_grad()
+    def update_expert_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing: move each expert's bias toward balance by the sign of its
+        load error. ``load``: (Et,) routed slots summed over the step (and over ranks)."""
+        if self.expert_bias is None:
+            return
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.pending_load = None

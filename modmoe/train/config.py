@@ -1,0 +1,92 @@
+"""Configuration of the optimizer, the LR schedule and the training loop."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from modmoe.config_base import ConfigModel, field_error
+
+
+class OptimizerConfig(ConfigModel):
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = Field(default=3e-3, gt=0.0)
+    """Peak learning rate."""
+
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of ``lr`` (end of the cosine)."""
+
+    warmup_steps: int = Field(default=20, ge=0)
+    """Steps of linear warmup from 0 to ``lr``."""
+
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Decay after warmup: cosine to ``min_lr_ratio * lr`` at ``trainer.max_steps``, or constant."""
+
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    """Decoupled weight decay, applied to matrices only (not norms, not router biases)."""
+
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    """AdamW beta2."""
+
+    eps: float = Field(default=1e-8, gt=0.0)
+    """AdamW epsilon."""
+
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    """Clip the global gradient norm to this value (null = no clipping)."""
+
+
+class TrainerConfig(ConfigModel):
+    """The training loop."""
+
+    max_steps: int = Field(default=300, ge=1)
+    """Optimizer steps to train for."""
+
+    run_dir: str = "runs/tiny"
+    """Directory of this run: resolved config, metrics.jsonl, logs, checkpoints."""
+
+    seed: int = 1234
+    """Seed of parameter init, data order and every other random choice."""
+
+    global_batch_size: int = Field(default=16, ge=1)
+    """Sequences per optimizer step, over all ranks (independent of the layout)."""
+
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward pass on one rank. Gradient accumulation steps =
+    global_batch_size / (micro_batch_size * data-parallel ranks)."""
+
+    eval_every: int = Field(default=100, ge=0)
+    """Evaluate every N steps and at the end (0 = only at the end)."""
+
+    eval_batches: int = Field(default=4, ge=1)
+    """Validation batches per evaluation (of micro_batch_size sequences per rank)."""
+
+    log_every: int = Field(default=1, ge=1)
+    """Write metrics every N steps."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype under autocast; weights and optimizer state stay fp32. ``auto`` = bf16 on
+    CUDA devices that support it, fp32 on CPU."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: ``auto`` = cuda when available."""
+
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0 (only when attached to a terminal, unless forced by
+    MODMOE_PROGRESS=1)."""
+
+    deterministic: bool = True
+    """Use deterministic algorithms (exact resume and layout comparisons)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainerConfig":
+        if self.global_batch_size % self.micro_batch_size:
+            raise field_error(
+                "trainer.global_batch_size", self.global_batch_size,
+                f"must be a multiple of trainer.micro_batch_size ({self.micro_batch_size})",
+            )
+        return self

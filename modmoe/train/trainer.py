@@ -1,0 +1,266 @@
+"""The training loop: data, model, optimizer, evaluation, metrics, stop requests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from modmoe.config import JobConfig, dump_config
+from modmoe.data import SequenceSampler, prepare_data, validation_batches
+from modmoe.model import MoDETransformer
+from modmoe.model.flops import count_flops, parameter_counts
+from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, parallelize, unwrap
+from modmoe.train.metrics_log import MetricsLog, ProgressReporter
+from modmoe.train.optim import build_optimizer, build_scheduler
+from modmoe.train.router_stats import RouterStats
+
+STOP_FILE, COMPLETED_FILE = "STOP", "COMPLETED"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, log=print) -> None:
+        self.cfg, self.log = cfg, log
+        tc = cfg.trainer
+        self.env: DistEnv = init_distributed(cfg.parallel, tc.device)
+        self.run_dir = Path(tc.run_dir)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale request from a previous job
+        barrier()
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(tc.seed)
+
+        # Data: rank 0 prepares (or reuses) the shards; the others then open the same files.
+        if self.env.is_main:
+            self.data = prepare_data(cfg.data, log=self._log_main)
+        barrier()
+        if not self.env.is_main:
+            self.data = prepare_data(cfg.data, log=lambda _: None)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"config error: model.vocab_size = {cfg.model.vocab_size}: must be >= the tokenizer's "
+                f"vocabulary ({self.data.vocab_size}, {self.data.tokenizer_path})"
+            )
+        if cfg.data.seq_len > cfg.model.max_seq_len:
+            raise ValueError(f"config error: data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})")
+        world = self.env.world_size
+        if tc.global_batch_size % (tc.micro_batch_size * world):
+            raise ValueError(
+                f"config error: trainer.global_batch_size = {tc.global_batch_size}: must be a multiple of "
+                f"micro_batch_size * ranks ({tc.micro_batch_size} * {world})"
+            )
+        self.accum_steps = tc.global_batch_size // (tc.micro_batch_size * world)
+        self.sampler = SequenceSampler(
+            self.data.open("train"), cfg.data.seq_len, tc.micro_batch_size * world,
+            seed=tc.seed, rank=self.env.rank, world=world, num_workers=cfg.data.num_workers,
+        )
+        self.val_batches = validation_batches(
+            self.data.open("val"), cfg.data.seq_len, tc.micro_batch_size * world, tc.eval_batches,
+            rank=self.env.rank, world=world,
+        )
+
+        self.model_core = MoDETransformer(cfg.model).to(self.env.device)
+        self.model: nn.Module = parallelize(self.model_core, self.env, cfg.parallel)
+        self.optimizer = build_optimizer(self.model_core, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, tc.max_steps)
+        self.step = 0
+        self.autocast_dtype = self._autocast_dtype()
+        self.flops = count_flops(cfg.model, cfg.data.seq_len)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
+        self._stop_signal = False
+        self.last_eval: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _log_main(self, msg: str) -> None:
+        if self.env.is_main:
+            self.log(msg)
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        p = self.cfg.trainer.precision
+        if p == "bf16" or (p == "auto" and self.env.device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._stop_signal = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+
+    def stop_requested(self) -> bool:
+        """True on every rank when any rank got SIGUSR1/SIGTERM or RUN_DIR/STOP exists."""
+        local = self._stop_signal or (self.env.is_main and (self.run_dir / STOP_FILE).exists())
+        flag = all_reduce_sum(torch.tensor([float(local)], device=self.env.device))
+        return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``accum_steps`` micro-batches; returns global metrics."""
+        tc, t0 = self.cfg.trainer, time.perf_counter()
+        self.model.train()
+        stats, data_wait = RouterStats(), 0.0
+        sums = torch.zeros(2, dtype=torch.float64)  # (loss, aux_loss) summed over micro-batches
+        aux_sums: dict[str, float] = {}
+        for micro in range(self.accum_steps):
+            td = time.perf_counter()
+            inputs, targets = self.sampler.next_batch()
+            inputs, targets = inputs.to(self.env.device), targets.to(self.env.device)
+            data_wait += time.perf_counter() - td
+            sync = micro == self.accum_steps - 1 or not self.env.distributed
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self._autocast():
+                    out = self.model(inputs, targets)
+                ((out.loss + out.aux_loss) / self.accum_steps).backward()
+            sums += torch.tensor([out.loss.item(), out.aux_loss.item()], dtype=torch.float64)
+            for k, v in out.aux.items():
+                aux_sums[k] = aux_sums.get(k, 0.0) + float(v)
+            stats.add(out)
+        grad_norm = None
+        if self.cfg.optimizer.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model_core.parameters(), self.cfg.optimizer.grad_clip))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_expert_biases()
+        self.step += 1
+
+        # Global means: every rank holds accum_steps micro-batches of equal size.
+        aux_keys = sorted(aux_sums)
+        packed = torch.cat([sums, torch.tensor([aux_sums[k] for k in aux_keys], dtype=torch.float64)])
+        packed = all_reduce_sum(packed) / (self.accum_steps * self.env.world_size)
+        stats.reduce(all_reduce_sum)
+        step_time = time.perf_counter() - t0
+        tokens = tc.global_batch_size * self.cfg.data.seq_len
+        metrics = {
+            "step": self.step,
+            "loss": float(packed[0]),
+            "aux_loss_total": float(packed[1]),
+            **{k: float(packed[2 + i]) for i, k in enumerate(aux_keys)},
+            "lr": lr,
+            "step_time_s": step_time,
+            "data_wait_s": data_wait,
+            "tokens_per_s": tokens / step_time,
+            "tokens_per_s_per_device": tokens / step_time / self.env.world_size,
+            "executed_tflops_per_s": self.flops.training_per_token * tokens / step_time / 1e12,
+        }
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        metrics.update(stats.summary())
+        self.last_router_stats = stats
+        return metrics
+
+    def _update_expert_biases(self) -> None:
+        for moe in self.model_core.moe_layers():
+            if moe.expert_bias is not None and moe.pending_load is not None:
+                moe.update_expert_bias(all_reduce_sum(moe.pending_load))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss under top-k routing and under causal routing, plus the agreement of
+        causal decisions with top-k, on fixed batches."""
+        self.model.eval()
+        result: dict[str, float] = {}
+        for mode in ("topk", "causal"):
+            total = torch.zeros(1, dtype=torch.float64)
+            stats = RouterStats()
+            for inputs, targets in self.val_batches:
+                with self._autocast():
+                    out = self.model_core(inputs.to(self.env.device), targets.to(self.env.device), routing=mode)
+                total += out.loss.item()
+                stats.add(out)
+            total = all_reduce_sum(total) / (len(self.val_batches) * self.env.world_size)
+            result[f"eval/loss_{mode}"] = float(total)
+            stats.reduce(all_reduce_sum)
+            summary = stats.summary()
+            if mode == "topk" and "mod/causal_agreement" in summary:
+                result["eval/causal_agreement"] = summary["mod/causal_agreement"]
+                result["eval/causal_entry_fraction"] = summary["mod/causal_entry_fraction"]
+        result["eval/loss_gap_causal_vs_topk"] = result["eval/loss_causal"] / result["eval/loss_topk"] - 1
+        self.model.train()
+        return result
+
+    # ------------------------------------------------------------------ loop
+    def describe(self) -> str:
+        c = self.cfg
+        counts = parameter_counts(c.model)
+        routed = [i for i in range(c.model.num_layers) if c.model.depth.is_routed(i)]
+        return (
+            f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per token), "
+            f"{c.model.num_layers} blocks, routed blocks {routed} at capacity {c.model.depth.capacity if c.model.depth.enabled else '-'}, "
+            f"experts {c.model.moe.num_experts if c.model.moe.enabled else 0} top-{c.model.moe.top_k}; "
+            f"{self.flops.training_per_token / 1e6:.1f} MFLOP/token (training); "
+            f"ranks {self.env.world_size} on {self.env.device}, global batch {c.trainer.global_batch_size} x {c.data.seq_len} tokens, "
+            f"{self.accum_steps} accumulation step(s)"
+        )
+
+    def train(self) -> dict[str, float]:
+        tc = self.cfg.trainer
+        self._install_signal_handlers()
+        self._log_main(self.describe())
+        progress = ProgressReporter(tc.max_steps, self.step, enabled=self.env.is_main and tc.progress_bar, log=self._log_main)
+        first_eval = None
+        try:
+            while self.step < tc.max_steps:
+                metrics = self.train_step()
+                last = self.step == tc.max_steps
+                if (tc.eval_every and self.step % tc.eval_every == 0) or last or first_eval is None and self.step == 1:
+                    self.last_eval = self.evaluate()
+                    first_eval = first_eval or dict(self.last_eval)
+                    metrics.update(self.last_eval)
+                    progress.note(
+                        f"step {self.step}: val loss top-k {self.last_eval['eval/loss_topk']:.4f}, "
+                        f"causal {self.last_eval['eval/loss_causal']:.4f}"
+                    )
+                if self.metrics is not None and (self.step % tc.log_every == 0 or last or "eval/loss_topk" in metrics):
+                    self.metrics.write(metrics)
+                progress.update(metrics)
+                if not last and self.stop_requested():
+                    self._log_main(f"stop requested: stopping after step {self.step}")
+                    return metrics
+        finally:
+            progress.close()
+        if self.env.is_main:
+            (self.run_dir / COMPLETED_FILE).write_text(json.dumps({"step": self.step}) + "\n")
+            first = first_eval or {}
+            self.log(
+                f"done: {self.step} steps; val loss (top-k) {first.get('eval/loss_topk', float('nan')):.4f} -> "
+                f"{self.last_eval['eval/loss_topk']:.4f}; results in {self.run_dir.resolve()} "
+                f"(config.yaml, metrics.jsonl)"
+            )
+        return metrics
+
+
+def run_training(cfg: JobConfig) -> dict[str, float]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.sampler.close()
+        sys.stdout.flush()
+
+
+__all__ = ["Trainer", "run_training", "STOP_FILE", "COMPLETED_FILE", "unwrap"]
