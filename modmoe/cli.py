@@ -62,6 +62,15 @@ def flops(
     typer.echo(f"predicted training speedup over MoE-only: {theoretical_speedup(moe_only, m, T):.3f}x")
 
 
+def _mount_subapps() -> None:
+    from modmoe.tracking.cli import tracking_app
+
+    app.add_typer(tracking_app, name="tracking", help="MLflow helpers (replay a spool of unsent metrics).")
+
+
+_mount_subapps()
+
+
 def main() -> None:
     app()
 

@@ -11,7 +11,18 @@ from modmoe.config_base import ConfigError, ConfigModel, validate_config
 from modmoe.data.config import DataConfig
 from modmoe.model.config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
+from modmoe.tracking.config import TrackingConfig
 from modmoe.train.config import OptimizerConfig, TrainerConfig
+
+
+class LoggingConfig(ConfigModel):
+    """Where metrics go besides RUN_DIR/metrics.jsonl."""
+
+    mlflow: TrackingConfig = TrackingConfig()
+    """MLflow tracking (rank 0 logs; embedded default: sqlite in the run directory)."""
+
+    plots_every_eval: bool = True
+    """Log the expert-load heatmap and the depth-routing map as PNG artifacts at each evaluation."""
 
 
 class JobConfig(ConfigModel):
@@ -31,6 +42,9 @@ class JobConfig(ConfigModel):
 
     parallel: ParallelConfig = ParallelConfig()
     """Process layout."""
+
+    logging: LoggingConfig = LoggingConfig()
+    """Experiment tracking."""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from modmoe.model.attention import Attention
 from modmoe.model.config import ModelConfig
@@ -52,14 +53,19 @@ class TransformerBlock(nn.Module):
             update, moe_aux = self.residual_update(x, cos, sin, None)
             return x + update, BlockAux(moe=moe_aux)
 
-        sel = self.router(x, k, mode)
-        D, half = x.shape[-1], cos.shape[-1]
-        gather_x = sel.index[..., None].expand(-1, -1, D)  # (B, S, D)
-        gather_r = sel.index[..., None].expand(-1, -1, half)  # (B, S, hd/2)
-        x_sel = x.gather(1, gather_x)  # (B, S, D)
-        update, moe_aux = self.residual_update(x_sel, cos.gather(1, gather_r), sin.gather(1, gather_r), sel.valid)
-        new_sel = x_sel + sel.weight[..., None].to(x.dtype) * update
-        if sel.valid is not None:  # padding slots point at skipping tokens: write them back unchanged
-            new_sel = torch.where(sel.valid[..., None], new_sel, x_sel)
-        # Skipped tokens are copied bit for bit; only the selected rows are replaced.
-        return x.scatter(1, gather_x, new_sel), BlockAux(moe=moe_aux, depth=sel)
+        with record_function("mod_router"):
+            sel = self.router(x, k, mode)
+        with record_function("mod_gather_scatter"):
+            D, half = x.shape[-1], cos.shape[-1]
+            gather_x = sel.index[..., None].expand(-1, -1, D)  # (B, S, D)
+            gather_r = sel.index[..., None].expand(-1, -1, half)  # (B, S, hd/2)
+            x_sel = x.gather(1, gather_x)  # (B, S, D)
+            cos_sel, sin_sel = cos.gather(1, gather_r), sin.gather(1, gather_r)
+        update, moe_aux = self.residual_update(x_sel, cos_sel, sin_sel, sel.valid)
+        with record_function("mod_gather_scatter"):
+            new_sel = x_sel + sel.weight[..., None].to(x.dtype) * update
+            if sel.valid is not None:  # padding slots point at skipping tokens: write them back unchanged
+                new_sel = torch.where(sel.valid[..., None], new_sel, x_sel)
+            # Skipped tokens are copied bit for bit; only the selected rows are replaced.
+            out = x.scatter(1, gather_x, new_sel)
+        return out, BlockAux(moe=moe_aux, depth=sel)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from modmoe.model.config import ModelConfig
 from modmoe.model.layers import SwiGLU
@@ -56,7 +57,7 @@ class MoE(nn.Module):
         # not a buffer: DDP would otherwise overwrite it with rank 0's counts.
         self.pending_load: torch.Tensor | None = None
         # Set from outside by the parallelize step: sums per-expert counts over the ranks
-        # that share a global batch, so the balance loss sees the global load.
+        # that share a global batch, so the balance loss sees the global load (training only).
         self.load_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- routing
@@ -88,7 +89,7 @@ class MoE(nn.Module):
         )  # (Et,) routed slots per expert
         n_tokens = token_valid.sum().float()
         global_counts, global_tokens = counts, n_tokens
-        if self.load_reducer is not None:
+        if self.load_reducer is not None and self.training:  # eval forwards may run on one rank alone
             global_counts = self.load_reducer(counts)
             global_tokens = self.load_reducer(n_tokens.reshape(1)).reshape(())
         mask = token_valid.float()[:, None]
@@ -121,9 +122,10 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)  # (N, D)
         N, K = flat.shape[0], self.top_k
         token_valid = valid.reshape(N) if valid is not None else torch.ones(N, dtype=torch.bool, device=x.device)
-        logits, probs, topk_experts, topk_weights = self.route(flat, valid)
-        slot_valid = token_valid[:, None].expand(N, K).contiguous()
-        aux, seq_aux, z, counts = self._balance_losses(logits, probs, topk_experts, slot_valid, token_valid, B)
+        with record_function("moe_router"):
+            logits, probs, topk_experts, topk_weights = self.route(flat, valid)
+            slot_valid = token_valid[:, None].expand(N, K).contiguous()
+            aux, seq_aux, z, counts = self._balance_losses(logits, probs, topk_experts, slot_valid, token_valid, B)
 
         to_real = slot_valid & (topk_experts < self.num_experts)
         dispatch = to_real if self.capacity_factor is None else to_real & self._capacity_keep(topk_experts, slot_valid)

@@ -21,6 +21,7 @@ from modmoe.model.flops import count_flops, parameter_counts
 from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, parallelize, unwrap
 from modmoe.train.metrics_log import MetricsLog, ProgressReporter
 from modmoe.train.optim import build_optimizer, build_scheduler
+from modmoe.train.reporting import RunReporter, routing_sample
 from modmoe.train.router_stats import RouterStats
 
 STOP_FILE, COMPLETED_FILE = "STOP", "COMPLETED"
@@ -86,6 +87,9 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
         self._stop_signal = False
         self.last_eval: dict[str, float] = {}
+        self.reporter: RunReporter | None = None
+        if self.env.is_main and cfg.logging.mlflow.enabled:
+            self.reporter = RunReporter(cfg, self.run_dir, world)
 
     # ------------------------------------------------------------------ helpers
     def _log_main(self, msg: str) -> None:
@@ -203,6 +207,17 @@ class Trainer:
         self.model.train()
         return result
 
+    def _log_plots(self) -> None:
+        """Rank 0 only: expert-load heatmap of the last step and a depth-routing map over a
+        validation text (computed on rank 0's model replica, so no collective is needed)."""
+        if self.reporter is None:
+            return
+        tokenizer = self.data.load_tokenizer()
+        self.model_core.eval()
+        sample = routing_sample(self.model_core, self.val_batches[0][0].to(self.env.device), tokenizer.decode)
+        self.model_core.train()
+        self.reporter.log_plots(self.step, self.last_router_stats, sample)
+
     # ------------------------------------------------------------------ loop
     def describe(self) -> str:
         c = self.cfg
@@ -223,6 +238,7 @@ class Trainer:
         self._log_main(self.describe())
         progress = ProgressReporter(tc.max_steps, self.step, enabled=self.env.is_main and tc.progress_bar, log=self._log_main)
         first_eval = None
+        error: BaseException | None = None
         try:
             while self.step < tc.max_steps:
                 metrics = self.train_step()
@@ -237,12 +253,21 @@ class Trainer:
                     )
                 if self.metrics is not None and (self.step % tc.log_every == 0 or last or "eval/loss_topk" in metrics):
                     self.metrics.write(metrics)
+                    if self.reporter is not None:
+                        self.reporter.log_step(metrics)
+                if "eval/loss_topk" in metrics and self.cfg.logging.plots_every_eval:
+                    self._log_plots()
                 progress.update(metrics)
                 if not last and self.stop_requested():
                     self._log_main(f"stop requested: stopping after step {self.step}")
                     return metrics
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             progress.close()
+            if self.reporter is not None:
+                self.reporter.close(error)
         if self.env.is_main:
             (self.run_dir / COMPLETED_FILE).write_text(json.dumps({"step": self.step}) + "\n")
             first = first_eval or {}

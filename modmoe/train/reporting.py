@@ -1,0 +1,62 @@
+"""Rank 0's link from the training loop to MLflow: params, per-step metrics, eval plots.
+
+Other ranks never log: their numbers reach rank 0 through the collective reductions in the
+trainer (losses, router statistics), so what MLflow shows is the global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modmoe.tracking import MlflowTracker, default_tags, depth_routing_map, expert_load_heatmap, flatten_config
+from modmoe.train.router_stats import RouterStats
+
+
+class RunReporter:
+    def __init__(self, cfg, run_dir: Path, world_size: int, run_id: str | None = None) -> None:
+        layout = f"dp{world_size}-{cfg.parallel.dp_backend}"
+        self.run_dir = run_dir
+        self.tracker = MlflowTracker(
+            cfg.logging.mlflow, run_dir, run_id=run_id,
+            params=None if run_id else flatten_config(cfg.model_dump(mode="json")),
+            tags=default_tags("native", layout),
+        )
+        if run_id is None:
+            self.tracker.log_artifact(run_dir / "config.yaml")
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def log_step(self, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics({k: float(v) for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
+
+    def log_plots(self, step: int, stats: RouterStats, sample: tuple[list[str], np.ndarray, list[str]] | None) -> None:
+        plots = self.run_dir / "plots"
+        plots.mkdir(exist_ok=True)
+        names, loads = stats.expert_loads()
+        if loads is not None:
+            path = expert_load_heatmap(loads.numpy(), names, plots / f"expert_load_step{step:07d}.png")
+            self.tracker.log_artifact(path, "plots")
+        if sample is not None:
+            tokens, chosen, layer_names = sample
+            path = depth_routing_map(tokens, chosen, layer_names, plots / f"depth_routing_step{step:07d}.png")
+            self.tracker.log_artifact(path, "plots")
+
+    def close(self, exc: BaseException | None = None) -> None:
+        self.tracker.close(exc)
+
+
+@torch.no_grad()
+def routing_sample(model, tokens: torch.Tensor, decode) -> tuple[list[str], np.ndarray, list[str]] | None:
+    """Which of the first 64 tokens of a validation sequence each routed block chose."""
+    sample = tokens[:1, :64]
+    out = model(sample, routing="topk")
+    rows = [(i, a.depth.topk_mask[0].cpu().numpy()) for i, a in enumerate(out.layers) if a.depth is not None]
+    if not rows:
+        return None
+    texts = [decode([int(t)]) for t in sample[0]]
+    return texts, np.stack([r for _, r in rows]), [f"layer {i}" for i, _ in rows]
