@@ -24,6 +24,7 @@ def _fail(msg: str) -> None:
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml")],
     set_: SetOption = None,
+    resume: Annotated[str, typer.Option(help="auto: newest valid checkpoint in the run directory; none; or a checkpoint path")] = "auto",
 ) -> None:
     """Train (one process, or one rank per process under torchrun)."""
     from modmoe.config import load_config
@@ -32,7 +33,7 @@ def train(
 
     try:
         cfg = load_config(config, set_ or [])
-        run_training(cfg)
+        run_training(cfg, resume=resume)
     except (ConfigError, DataError, ValueError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from modmoe.checkpoint.config import CheckpointConfig
 from modmoe.config_base import ConfigError, ConfigModel, validate_config
 from modmoe.data.config import DataConfig
 from modmoe.model.config import ModelConfig
@@ -45,6 +46,9 @@ class JobConfig(ConfigModel):
 
     logging: LoggingConfig = LoggingConfig()
     """Experiment tracking."""
+
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Sharded checkpoints in RUN_DIR/checkpoints."""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -17,6 +17,16 @@ class MetricsLog:
         self.path = path
         self._file = path.open("a", encoding="utf-8")
 
+    @staticmethod
+    def truncate_after(path: Path, step: int) -> None:
+        """Drops records of steps after ``step`` (redone after a resume), atomically."""
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        tmp.replace(path)
+
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modmoe.checkpoint import CheckpointManager, TrainState
 from modmoe.config import JobConfig, dump_config
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
 from modmoe.model import MoDETransformer
@@ -34,7 +35,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, log=print) -> None:
+    def __init__(self, cfg: JobConfig, log=print, resume: str = "auto") -> None:
+        """``resume``: ``auto`` (newest valid checkpoint in the run directory, if any),
+        ``none`` (start fresh), or a checkpoint path."""
         self.cfg, self.log = cfg, log
         tc = cfg.trainer
         self.env: DistEnv = init_distributed(cfg.parallel, tc.device)
@@ -77,19 +80,49 @@ class Trainer:
             rank=self.env.rank, world=world,
         )
 
+        self.step = 0
         self.model_core = MoDETransformer(cfg.model).to(self.env.device)
         self.model: nn.Module = parallelize(self.model_core, self.env, cfg.parallel)
         self.optimizer = build_optimizer(self.model_core, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, tc.max_steps)
-        self.step = 0
         self.autocast_dtype = self._autocast_dtype()
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
         self._stop_signal = False
         self.last_eval: dict[str, float] = {}
+        self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, world)
+        self.app_state = {"train": TrainState(self.model, self.optimizer, self.scheduler)}
+        mlflow_run_id = self._resume(resume)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
         self.reporter: RunReporter | None = None
         if self.env.is_main and cfg.logging.mlflow.enabled:
-            self.reporter = RunReporter(cfg, self.run_dir, world)
+            self.reporter = RunReporter(cfg, self.run_dir, world, run_id=mlflow_run_id)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self, resume: str) -> str | None:
+        """Loads the checkpoint to resume from; returns the MLflow run id it recorded."""
+        if resume == "none":
+            return None
+        path = self.ckpt.find_latest_valid() if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        if resume != "auto" and not path.is_dir():
+            raise ValueError(f"--resume {resume}: no checkpoint directory there")
+        meta = self.ckpt.load(path, self.app_state)
+        self.step = int(meta["step"])
+        self.sampler.load_state_dict(meta["sampler"])
+        self._log_main(f"resumed from {path} at step {self.step}")
+        if self.env.is_main:  # the record continues from the checkpoint: later steps are redone
+            MetricsLog.truncate_after(self.run_dir / "metrics.jsonl", self.step)
+        return meta.get("mlflow_run_id")
+
+    def save_checkpoint(self) -> None:
+        meta = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "mlflow_run_id": self.reporter.run_id if self.reporter is not None else None,
+            "config": self.cfg.model_dump(mode="json"),
+        }
+        self.ckpt.save(self.step, self.app_state, meta)
 
     # ------------------------------------------------------------------ helpers
     def _log_main(self, msg: str) -> None:
@@ -238,6 +271,9 @@ class Trainer:
         self._log_main(self.describe())
         progress = ProgressReporter(tc.max_steps, self.step, enabled=self.env.is_main and tc.progress_bar, log=self._log_main)
         first_eval = None
+        metrics: dict[str, float] = {}
+        if self.step >= tc.max_steps:
+            self._log_main(f"nothing to do: the run is already at step {self.step} of {tc.max_steps}")
         error: BaseException | None = None
         try:
             while self.step < tc.max_steps:
@@ -258,14 +294,21 @@ class Trainer:
                 if "eval/loss_topk" in metrics and self.cfg.logging.plots_every_eval:
                     self._log_plots()
                 progress.update(metrics)
-                if not last and self.stop_requested():
-                    self._log_main(f"stop requested: stopping after step {self.step}")
+                if last:
+                    self.save_checkpoint()
+                elif self.stop_requested():
+                    self._log_main(f"stop requested: saving a checkpoint at step {self.step} and exiting")
+                    self.save_checkpoint()
+                    self.ckpt.wait()
                     return metrics
+                elif self.ckpt.should_save(self.step):
+                    self.save_checkpoint()
         except BaseException as exc:
             error = exc
             raise
         finally:
             progress.close()
+            self.ckpt.close()  # finishes an async save in flight
             if self.reporter is not None:
                 self.reporter.close(error)
         if self.env.is_main:
@@ -279,8 +322,8 @@ class Trainer:
         return metrics
 
 
-def run_training(cfg: JobConfig) -> dict[str, float]:
-    trainer = Trainer(cfg)
+def run_training(cfg: JobConfig, resume: str = "auto") -> dict[str, float]:
+    trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.train()
     finally:

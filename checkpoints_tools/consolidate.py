@@ -1,0 +1,75 @@
+"""DCP sharded checkpoint -> one ``.safetensors`` file of the model weights (on CPU).
+
+Tensors are loaded in groups of bounded size into preallocated CPU tensors (DCP reassembles
+each one from however many shards wrote it) and streamed to the output, so peak memory is
+about one group, never the checkpoint twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from checkpoints_tools.reader import read_dcp_metadata
+from checkpoints_tools.safetensors_writer import SafetensorsStreamWriter
+from modmoe.checkpoint.manifest import CheckpointError, validate
+
+
+def _groups(items: list[tuple[str, str, TensorStorageMetadata]], budget: int) -> list[list[tuple[str, str, TensorStorageMetadata]]]:
+    groups: list[list] = [[]]
+    size = 0
+    for item in items:
+        nbytes = item[2].size.numel() * item[2].properties.dtype.itemsize
+        if groups[-1] and size + nbytes > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    return groups
+
+
+def consolidate(ckpt_dir: Path, out: Path, prefix: str | None = None, group_bytes: int = 256 << 20) -> dict[str, Any]:
+    """Writes the model weights of ``ckpt_dir`` to ``out`` (keys without ``prefix``), plus
+    ``<out stem>.meta.json`` (step, world size, meta) and ``config.json`` (the resolved config,
+    when the checkpoint's meta has ``config``) beside it. Returns a summary."""
+    ckpt_dir = Path(ckpt_dir)
+    problems = validate(ckpt_dir)
+    if problems:
+        raise CheckpointError(f"refusing to consolidate {ckpt_dir}: {problems[0]}")
+    manifest, md = read_dcp_metadata(ckpt_dir)
+    prefix = prefix if prefix is not None else manifest.model_prefix
+    if prefix is None:
+        raise CheckpointError(f"{ckpt_dir}: manifest records no model_prefix; pass --prefix (e.g. 'train.model.')")
+    items = sorted(
+        (fqn[len(prefix) :], fqn, tm)
+        for fqn, tm in md.state_dict_metadata.items()
+        if fqn.startswith(prefix) and isinstance(tm, TensorStorageMetadata)
+    )
+    if not items:
+        raise CheckpointError(f"{ckpt_dir}: no tensor key starts with prefix {prefix!r}")
+    specs = {name: (tm.properties.dtype, tuple(tm.size)) for name, _, tm in items}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".partial")
+    with open(tmp_out, "wb") as f:
+        writer = SafetensorsStreamWriter(f, specs, {"format": "pt", "step": str(manifest.step)})
+        for group in _groups(items, group_bytes):
+            buffers = {fqn: torch.empty(tuple(tm.size), dtype=tm.properties.dtype) for _, fqn, tm in group}
+            dcp.load(buffers, checkpoint_id=ckpt_dir, no_dist=True)
+            for name, fqn, _ in group:
+                writer.write(name, buffers[fqn])
+            del buffers
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_out, out)
+    info = {"source": str(ckpt_dir), "step": manifest.step, "world_size": manifest.world_size, "meta": manifest.meta}
+    (out.with_name(out.stem + ".meta.json")).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    if isinstance(manifest.meta.get("config"), dict):
+        (out.parent / "config.json").write_text(json.dumps(manifest.meta["config"], indent=1, sort_keys=True) + "\n")
+    return {"tensors": len(items), "bytes": out.stat().st_size, "step": manifest.step}

@@ -1,0 +1,280 @@
+"""``CheckpointManager``: when to save, atomic commit, async saves, retention, resume.
+
+On-disk layout under ``ckpt_dir``::
+
+    step_00001000/            committed: renamed into place only after manifest.json exists
+        .metadata             DCP index (a pickle: read only after its checksum matched)
+        __0_0.distcp ...      DCP shards, one or more per rank
+        rng/rank_00000.json   per-rank RNG states
+        manifest.json         written last: files, sizes, sha256, step, world size, meta
+    .tmp-step_00002000/       being written (or left by a crash; removed on the next start)
+
+A crash at any moment leaves every ``step_*`` directory either complete or absent, because
+the only step that makes a checkpoint visible is the final ``rename`` of a fully written,
+fsynced directory. Rank 0 does the commit; the directory must be on a filesystem all ranks
+share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
+
+from modmoe.checkpoint.config import CheckpointConfig
+from modmoe.checkpoint.fsutil import fsync_dir, write_json_durable
+from modmoe.checkpoint.manifest import (
+    DCP_METADATA,
+    STEP_DIR_RE,
+    CheckpointError,
+    build_manifest,
+    read_manifest,
+    step_dirname,
+    validate,
+    verify_files,
+    write_manifest,
+)
+from modmoe.checkpoint.rng import RNG_DIR, capture_rng, reseed_rng, restore_rng, rng_filename
+from modmoe.checkpoint.train_state import MODEL_KEY, TrainState
+
+log = logging.getLogger("modmoe.checkpoint")
+# DCP warns on every single-process save/load, even when asked for one with no_dist=True; the
+# save itself may run in DCP's thread, so a scoped catch_warnings cannot reach it.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed is .*assuming the intent is to (save|load) in a single process"
+)
+TMP_PREFIX = ".tmp-"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Committed-looking ``step_*`` directories, oldest first (validity not checked)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := STEP_DIR_RE.match(p.name))]
+    return sorted(found)
+
+
+def find_latest_valid(ckpt_dir: str | os.PathLike) -> Path | None:
+    """Newest checkpoint that passes :func:`validate`; each newer invalid one is skipped with a
+    one-line warning naming its first problem. Not collective: on a shared filesystem every
+    rank that calls it gets the same answer."""
+    for _, path in reversed(list_checkpoints(Path(ckpt_dir))):
+        problems = validate(path)
+        if not problems:
+            return path
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        log.warning("skipping invalid checkpoint %s: %s%s", path, problems[0], more)
+    return None
+
+
+def _remove_tree(path: Path) -> None:
+    """Renames to a ``.tmp-`` name first, so a crash mid-delete leaves no half ``step_*`` dir."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}-{os.getpid()}")
+    os.rename(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+class CheckpointManager:
+    """Saves and restores ``app_state`` (name -> DCP ``Stateful``, e.g. ``{"train": TrainState}``)
+    plus per-rank RNG states and a JSON ``meta`` dict.
+
+    Construct it on every rank (collective when a process group is initialized: it creates a
+    gloo group so that async saves do not interleave with training collectives). ``save``,
+    ``wait``, ``load`` and ``should_save`` (with ``interval_minutes``) are collective too.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, cfg: CheckpointConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.dir = Path(ckpt_dir)
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self._dist = dist.is_available() and dist.is_initialized()
+        if self._dist and (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise CheckpointError(
+                f"CheckpointManager: rank/world_size {rank}/{world_size} differ from the process group's "
+                f"{dist.get_rank()}/{dist.get_world_size()}"
+            )
+        if not self._dist and world_size != 1:
+            raise CheckpointError(f"CheckpointManager: world_size = {world_size} needs an initialized process group")
+        self._pg = dist.new_group(backend="gloo") if self._dist else None
+        self._pending: Future | None = None
+        self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit") if rank == 0 else None
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+        self.last_save_blocking_s = 0.0
+        """Seconds the last ``save`` call blocked the caller (for logging as a metric)."""
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._clean_leftovers()
+        self._barrier()
+
+    # ---- collectives over our own gloo group -------------------------------------------
+    def _barrier(self) -> None:
+        if self._dist:
+            dist.barrier(group=self._pg)
+
+    def _broadcast_int(self, value: int) -> int:
+        if not self._dist:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(t, src=0, group=self._pg)
+        return int(t.item())
+
+    # ---- policy ------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """True when ``step`` is due by ``interval_steps`` or ``interval_minutes`` (rank 0's
+        clock decides; collective when ``interval_minutes`` is set)."""
+        if step == self._last_saved_step:
+            return False
+        if self.cfg.interval_steps > 0 and step > 0 and step % self.cfg.interval_steps == 0:
+            return True
+        if self.cfg.interval_minutes is None:
+            return False
+        elapsed = time.monotonic() - self._last_save_time >= 60.0 * self.cfg.interval_minutes
+        return bool(self._broadcast_int(int(elapsed)))
+
+    # ---- save --------------------------------------------------------------------------
+    def save(self, step: int, app_state: dict[str, Stateful], meta: dict[str, Any] | None = None) -> None:
+        """Collective. Writes ``app_state``, the RNG states and ``meta`` (JSON) as checkpoint
+        ``step``. With ``async_save`` it returns once the state is copied to CPU memory; the
+        commit follows when the write completes (see :meth:`wait`)."""
+        t0 = time.perf_counter()
+        self.wait()  # at most one save in flight; also commits the previous one
+        try:
+            meta_copy = json.loads(json.dumps(meta or {}))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint meta is not JSON-serializable: {err}") from None
+        tmp = self.dir / f"{TMP_PREFIX}{step_dirname(step)}"
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / RNG_DIR).mkdir(parents=True)
+        self._barrier()
+        write_json_durable(tmp / rng_filename(self.rank), capture_rng())
+        model_prefix = next((f"{k}.{MODEL_KEY}." for k, v in app_state.items() if isinstance(v, TrainState)), None)
+        commit_args = (tmp, step, meta_copy, model_prefix, time.time())
+        if self.cfg.async_save:
+            future = dcp.async_save(app_state, checkpoint_id=tmp, process_group=self._pg, no_dist=not self._dist)
+            if self._commit_pool is not None:
+                self._pending = self._commit_pool.submit(self._finish_async, future, commit_args)
+            else:
+                self._pending = future
+        else:
+            dcp.save(app_state, checkpoint_id=tmp, process_group=self._pg, no_dist=not self._dist)
+            self._barrier()  # every rank's shards are on disk
+            if self.rank == 0:
+                self._commit(*commit_args)
+            self._barrier()
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        self.last_save_blocking_s = time.perf_counter() - t0
+        log.info("checkpoint step %d: save call blocked %.3fs (async=%s)", step, self.last_save_blocking_s, self.cfg.async_save)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an async save (write or commit) is still running on this rank."""
+        return self._pending is not None and not self._pending.done()
+
+    def wait(self) -> None:
+        """Collective. Finishes a pending async save; when it returns, the checkpoint is
+        committed (or the save's error is raised)."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        pending.result()
+        self._barrier()
+
+    def _finish_async(self, future: Future, commit_args: tuple) -> None:
+        # DCP's coordinator writes .metadata only after every rank reported its shards
+        # written, so once rank 0's future resolves the whole checkpoint is on disk.
+        future.result()
+        self._commit(*commit_args)
+
+    def _commit(self, tmp: Path, step: int, meta: dict[str, Any], model_prefix: str | None, created: float) -> None:
+        """Rank 0: seal ``tmp`` with its manifest and rename it into place, then prune."""
+        manifest = build_manifest(
+            tmp, step=step, world_size=self.world_size, meta=meta, model_prefix=model_prefix, created=created
+        )
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            fsync_dir(d)
+        write_manifest(tmp, manifest)  # last file written: its presence marks completeness
+        fsync_dir(tmp)
+        final = self.dir / step_dirname(step)
+        if final.exists():  # re-saving a step: move the old one aside before replacing it
+            _remove_tree(final)
+        os.rename(tmp, final)
+        fsync_dir(self.dir)
+        log.info("checkpoint committed: %s", final)
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        ckpts = list_checkpoints(self.dir)
+        keep = {s for s, _ in ckpts[-self.cfg.keep_last :]} if self.cfg.keep_last > 0 else {s for s, _ in ckpts}
+        if self.cfg.keep_every > 0:
+            keep |= {s for s, _ in ckpts if s % self.cfg.keep_every == 0}
+        for s, path in ckpts:
+            if s not in keep:
+                _remove_tree(path)
+                log.info("retention: removed %s", path)
+
+    def _clean_leftovers(self) -> None:
+        for p in self.dir.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                log.warning("removing leftover of an interrupted save or delete: %s", p)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+    # ---- resume ------------------------------------------------------------------------
+    def find_latest_valid(self) -> Path | None:
+        """See :func:`find_latest_valid`."""
+        return find_latest_valid(self.dir)
+
+    def load(self, path: str | os.PathLike, app_state: dict[str, Stateful], restore_rng_state: bool = True) -> dict[str, Any]:
+        """Collective. Loads checkpoint ``path`` into ``app_state`` (resharding to the current
+        layout and world size) and restores this rank's RNG states; returns the saved ``meta``.
+
+        Refuses an invalid checkpoint: rank 0 checks every file's size and sha256 before any
+        rank reads it, and each rank re-checks DCP's ``.metadata`` right before DCP unpickles it
+        (DCP's index and its non-tensor items are pickles, so they must match the manifest)."""
+        path = Path(path)
+        problems = validate(path) if self.rank == 0 else []
+        if self._broadcast_int(len(problems)) > 0:
+            detail = "; ".join(problems) if problems else "rank 0 found it invalid (see rank 0's log)"
+            raise CheckpointError(f"refusing to load {path}: {detail}")
+        manifest = read_manifest(path)
+        verify_files(path, manifest, [DCP_METADATA])
+        dcp.load(app_state, checkpoint_id=path, process_group=self._pg, no_dist=not self._dist)
+        if restore_rng_state:
+            rng_file = path / rng_filename(self.rank)
+            if rng_file.is_file():
+                verify_files(path, manifest, [rng_filename(self.rank)])
+                restore_rng(json.loads(rng_file.read_text(encoding="utf-8")))
+            else:
+                seed = reseed_rng(manifest.step, self.rank)
+                log.warning(
+                    "checkpoint %s was saved by %d rank(s) and has no RNG state for rank %d: reseeded with %d",
+                    path, manifest.world_size, self.rank, seed,
+                )
+        self._last_saved_step = manifest.step
+        self._barrier()
+        return manifest.meta
+
+    def close(self) -> None:
+        """Finishes any pending save and stops the commit thread."""
+        self.wait()
+        if self._commit_pool is not None:
+            self._commit_pool.shutdown(wait=True)
