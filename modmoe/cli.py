@@ -64,8 +64,10 @@ def flops(
 
 
 def _mount_subapps() -> None:
+    from modmoe.launch.cli import submit_command
     from modmoe.tracking.cli import tracking_app
 
+    app.command("submit")(submit_command)
     app.add_typer(tracking_app, name="tracking", help="MLflow helpers (replay a spool of unsent metrics).")
 
 

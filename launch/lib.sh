@@ -1,0 +1,57 @@
+# Shell helpers shared by launch/train.sbatch (the batch shell) and launch/node.sh (one per
+# node). Sourced, not run. Every setting is an environment variable with a default, so the
+# script works both as rendered by `modmoe submit` and as `sbatch launch/train.sbatch CONFIG`.
+
+modmoe_log() {
+    printf '[modmoe-launch %s %s] %s\n' "$(date +%H:%M:%S)" "${SLURMD_NODENAME:-$(hostname -s)}" "$*" >&2
+}
+
+modmoe_die() {
+    modmoe_log "error: $*"
+    exit 2
+}
+
+# Defaults of the settings (a rendered script exports them before sourcing this file).
+modmoe_defaults() {
+    : "${MODMOE_PYTHON:=python3}"
+    : "${MODMOE_DEVICE:=gpu}"                 # gpu (nccl) | cpu (gloo)
+    : "${MODMOE_MAX_REQUEUES:=3}"             # give up after this many restarts
+    : "${MODMOE_RUNS_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}/runs}"
+    # Keyed by the job id, which survives requeues: every attempt resumes in the same place.
+    : "${MODMOE_RUN_DIR:=$MODMOE_RUNS_ROOT/${SLURM_JOB_NAME:-modmoe}-${SLURM_JOB_ID:?not inside a Slurm job}}"
+    case "$MODMOE_DEVICE" in
+        gpu|cpu) ;;
+        *) modmoe_die "MODMOE_DEVICE=$MODMOE_DEVICE: expected gpu or cpu" ;;
+    esac
+    [[ $MODMOE_MAX_REQUEUES =~ ^[0-9]+$ ]] || modmoe_die "MODMOE_MAX_REQUEUES=$MODMOE_MAX_REQUEUES: expected a count"
+    export MODMOE_PYTHON MODMOE_DEVICE MODMOE_MAX_REQUEUES MODMOE_RUNS_ROOT MODMOE_RUN_DIR
+}
+
+# Ranks per node: explicit MODMOE_PROCS_PER_NODE, else the GPUs Slurm gave this node (gpu
+# mode), else 1 (cpu mode).
+modmoe_procs_per_node() {
+    if [[ -n ${MODMOE_PROCS_PER_NODE:-} ]]; then
+        echo "$MODMOE_PROCS_PER_NODE"
+    elif [[ $MODMOE_DEVICE == gpu && -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif [[ $MODMOE_DEVICE == gpu ]] && command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L | grep -c '^GPU'
+    else
+        echo 1
+    fi
+}
+
+# The first node of the allocation hosts the c10d rendezvous store.
+modmoe_first_host() {
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+}
+
+# A port that differs between jobs (several jobs may share a node) and between attempts of
+# one job (the previous attempt's socket may linger in TIME_WAIT).
+modmoe_rdzv_port() {
+    if [[ -n ${MODMOE_RDZV_PORT:-} ]]; then
+        echo "$MODMOE_RDZV_PORT"
+    else
+        echo $(( 20000 + (SLURM_JOB_ID % 5000) * 4 + ${SLURM_RESTART_COUNT:-0} % 4 ))
+    fi
+}
