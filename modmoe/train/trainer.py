@@ -19,7 +19,7 @@ from modmoe.config import JobConfig, dump_config
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
 from modmoe.model import MoDETransformer
 from modmoe.model.flops import count_flops, parameter_counts
-from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, parallelize, unwrap
+from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, parallelize
 from modmoe.train.metrics_log import MetricsLog, ProgressReporter
 from modmoe.train.optim import build_optimizer, build_scheduler
 from modmoe.train.reporting import RunReporter, routing_sample
@@ -331,4 +331,4 @@ def run_training(cfg: JobConfig, resume: str = "auto") -> dict[str, float]:
         sys.stdout.flush()
 
 
-__all__ = ["Trainer", "run_training", "STOP_FILE", "COMPLETED_FILE", "unwrap"]
+__all__ = ["Trainer", "run_training", "STOP_FILE", "COMPLETED_FILE"]
