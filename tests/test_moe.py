@@ -56,8 +56,8 @@ def test_output_is_weighted_sum_of_chosen_experts():
         expected = layer.shared(flat[t])
         for slot in range(2):
             e = int(experts[t, slot])
-            h = torch.nn.functional.silu(flat[t] @ layer.w1[e]) * (flat[t] @ layer.w3[e])
-            expected = expected + weights[t, slot] * (h @ layer.w2[e])
+            h = torch.nn.functional.silu(flat[t] @ layer.experts.w1[e]) * (flat[t] @ layer.experts.w3[e])
+            expected = expected + weights[t, slot] * (h @ layer.experts.w2[e])
         torch.testing.assert_close(out[0, t], expected, rtol=1e-5, atol=1e-6)
     assert aux.dropped_slots == 0 and aux.dispatched_slots == 6
 
@@ -135,4 +135,4 @@ def test_every_expert_gets_a_gradient_even_when_unused():
     x = torch.randn(1, 4, 8).abs()
     out, _ = layer(x)
     out.sum().backward()
-    assert layer.w1.grad is not None and layer.w1.grad[1:].abs().sum() == 0 and layer.w1.grad[0].abs().sum() > 0
+    assert layer.experts.w1.grad is not None and layer.experts.w1.grad[1:].abs().sum() == 0 and layer.experts.w1.grad[0].abs().sum() > 0

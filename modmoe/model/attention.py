@@ -31,11 +31,13 @@ class Attention(nn.Module):
         Causality is by index, which equals causality by position because the tokens are
         sorted by position."""
         B, S, _ = x.shape
-        q = apply_rotary(self.wq(x).view(B, S, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.wk(x).view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(B, S, self.num_kv_heads, self.head_dim)
+        # Head counts come from the projections' outputs (-1), not the config: under tensor
+        # parallelism each rank holds num_heads / tp of them.
+        q = apply_rotary(self.wq(x).view(B, S, -1, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(B, S, -1, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, S, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
-        gqa = self.num_kv_heads != self.num_heads
+        gqa = k.shape[1] != q.shape[1]
         if key_valid is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -44,4 +46,4 @@ class Attention(nn.Module):
             # is discarded by the caller).
             mask = (causal & key_valid[:, None, :]) | torch.eye(S, dtype=torch.bool, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from modmoe.model.config import ModelConfig
@@ -35,6 +36,34 @@ class MoEAux:
     total_slots: torch.Tensor  # () valid tokens * top_k
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a parameter that a parallelize step may have made a DTensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class GroupedExperts(nn.Module):
+    """``E`` SwiGLU experts stored as one stacked ``(E, ...)`` parameter per projection, so the
+    global parameter names and shapes do not depend on expert parallelism (under EP each rank
+    holds a ``Shard(0)`` slice; under TP the hidden dimension is split)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs: (n, D) rows sorted by expert; counts: (E_local,) rows per local expert -> (n, D).
+        One matmul per expert on its contiguous rows; an empty expert still touches its weights
+        so that every parameter gets a (zero) gradient."""
+        w1, w3, w2 = local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2)
+        outs = []
+        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+            hidden = F.silu(chunk @ w1[e]) * (chunk @ w3[e])  # (n_e, F)
+            outs.append(hidden @ w2[e])  # (n_e, D)
+        return torch.cat(outs)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, noop_experts: int = 0) -> None:
         super().__init__()
@@ -44,10 +73,7 @@ class MoE(nn.Module):
         self.score, self.normalize = m.score, m.normalize_top_k or m.score == "sigmoid"
         self.capacity_factor, self.bias_update_rate = m.capacity_factor, m.bias_update_rate
         self.gate = nn.Linear(cfg.dim, self.num_slots_total, bias=False)
-        # Stacked expert weights: global parameter names do not depend on expert parallelism.
-        self.w1 = nn.Parameter(torch.empty(m.num_experts, cfg.dim, m.expert_hidden))
-        self.w3 = nn.Parameter(torch.empty(m.num_experts, cfg.dim, m.expert_hidden))
-        self.w2 = nn.Parameter(torch.empty(m.num_experts, m.expert_hidden, cfg.dim))
+        self.experts = GroupedExperts(m.num_experts, cfg.dim, m.expert_hidden)
         self.shared = SwiGLU(cfg.dim, m.num_shared_experts * m.expert_hidden) if m.num_shared_experts else None
         if self.bias_update_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(self.num_slots_total))
@@ -106,16 +132,6 @@ class MoE(nn.Module):
         z = (torch.logsumexp(logits, -1) ** 2 * mask[:, 0]).sum() / n_tokens.clamp_min(1)
         return aux, seq_aux.mean(), z, counts
 
-    # ---------------------------------------------------------------- experts
-    def _run_experts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """xs: (n, D) sorted by expert -> (n, D). One matmul per expert on its contiguous rows;
-        empty experts still touch their weights so every parameter gets a (zero) gradient."""
-        outs = []
-        for e, chunk in enumerate(torch.split(xs, counts)):
-            hidden = F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])  # (n_e, F)
-            outs.append(hidden @ self.w2[e])  # (n_e, D)
-        return torch.cat(outs)
-
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         """x: (B, S, D); valid: (B, S) bool marking real tokens of a padded selection."""
         B, S, D = x.shape
@@ -134,7 +150,7 @@ class MoE(nn.Module):
         per_expert = torch.bincount(sort_key, minlength=self.num_experts + 1)[: self.num_experts]
         order = torch.argsort(sort_key, stable=True)[: int(per_expert.sum())]  # dispatched slots, by expert
         token_of_slot = order // K
-        expert_out = self._run_experts(flat[token_of_slot], per_expert.tolist())  # (n, D)
+        expert_out = self.experts(flat[token_of_slot], per_expert)  # (n, D)
         expert_out = expert_out * topk_weights.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of_slot, expert_out)  # (N, D)
         if self.shared is not None:
