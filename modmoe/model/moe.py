@@ -79,9 +79,6 @@ class MoE(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(self.num_slots_total))
         else:
             self.expert_bias = None
-        # Routed-slot counts since the last bias update (training only). A plain attribute,
-        # not a buffer: DDP would otherwise overwrite it with rank 0's counts.
-        self.pending_load: torch.Tensor | None = None
         # Set from outside by the parallelize step: sums per-expert counts over the ranks
         # that share a global batch, so the balance loss sees the global load (training only).
         self.load_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -156,9 +153,6 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
 
-        if self.training and self.expert_bias is not None:
-            load = counts.detach()
-            self.pending_load = load if self.pending_load is None else self.pending_load + load
         stats = MoEAux(
             aux_loss=aux,
             seq_aux_loss=seq_aux,
@@ -173,8 +167,9 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_expert_bias(self, load: torch.Tensor) -> None:
         """Aux-loss-free balancing: move each expert's bias toward balance by the sign of its
-        load error. ``load``: (Et,) routed slots summed over the step (and over ranks)."""
+        load error. ``load``: (Et,) routed slots summed over the step and over data-parallel
+        ranks (the trainer takes it from the step's router statistics, so a forward that
+        activation checkpointing recomputes is not counted twice)."""
         if self.expert_bias is None:
             return
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
-        self.pending_load = None

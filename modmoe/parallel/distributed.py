@@ -1,8 +1,4 @@
-"""Process-group set-up from the launcher's environment, and the parallelize step.
-
-Model code knows nothing of this file: parallelism is applied from outside, after the model
-is built (DESIGN.md §4).
-"""
+"""Process-group set-up from the launcher's environment, and small collective helpers."""
 
 from __future__ import annotations
 
@@ -12,10 +8,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-
-from modmoe.model.transformer import MoDETransformer
 from modmoe.parallel.config import ParallelConfig
 
 
@@ -57,31 +49,14 @@ def init_distributed(cfg: ParallelConfig, device_choice: str) -> DistEnv:
     return DistEnv(rank, world, local_rank, device)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks (a copy; no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over the ranks of ``group`` (default: all; a copy; no-op without a process group).
+    Differentiable tensors are detached: this is for statistics and routing loads."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out)
+    dist.all_reduce(out, group=group)
     return out
-
-
-def parallelize(model: MoDETransformer, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
-    """Applies data parallelism. Every MoE layer's balance loss sees the load of the global
-    batch (its per-expert counts summed over data-parallel ranks), so a layout gives the
-    same losses as one rank holding the whole batch."""
-    if not env.distributed:
-        return model
-    for moe in model.moe_layers():
-        moe.load_reducer = all_reduce_sum
-    # broadcast_buffers=False: expert-bias buffers are updated identically on every rank from
-    # all-reduced loads, so there is nothing to broadcast each step.
-    device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def unwrap(model: nn.Module) -> MoDETransformer:
-    return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
 
 
 def barrier() -> None:

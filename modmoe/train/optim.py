@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from modmoe.train.config import OptimizerConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Decay on matrices only. Parameters are also grouped by DTensor mesh and placement (plain
+    tensors form their own group), because one foreach kernel cannot mix them."""
+    groups: dict[tuple, dict] = {}
+    for p in params:
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2
+        layout = (p.device_mesh.mesh_dim_names, str(p.device_mesh.mesh.tolist()), str(p.placements)) if isinstance(p, DTensor) else ()
+        group = groups.setdefault((decay, layout), {"params": [], "weight_decay": weight_decay if decay else 0.0})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, params: Iterable[nn.Parameter] | None = None) -> torch.optim.AdamW:
+    groups = param_groups(model.parameters() if params is None else params, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 
 

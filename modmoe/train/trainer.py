@@ -8,20 +8,23 @@ import random
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from modmoe.checkpoint import CheckpointManager, TrainState
+from modmoe.checkpoint import CheckpointManager
 from modmoe.config import JobConfig, dump_config
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
 from modmoe.model import MoDETransformer
+from modmoe.model.moe import MoE
 from modmoe.model.flops import count_flops, parameter_counts
-from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, parallelize
+from modmoe.parallel.dims import ParallelDims
+from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from modmoe.parallel.engine import build_engine
 from modmoe.train.metrics_log import MetricsLog, ProgressReporter
-from modmoe.train.optim import build_optimizer, build_scheduler
 from modmoe.train.reporting import RunReporter, routing_sample
 from modmoe.train.router_stats import RouterStats
 
@@ -41,6 +44,9 @@ class Trainer:
         self.cfg, self.log = cfg, log
         tc = cfg.trainer
         self.env: DistEnv = init_distributed(cfg.parallel, tc.device)
+        # Every layout problem is reported before any work (data preparation included).
+        self.dims = ParallelDims.build(cfg.parallel, cfg.model, self.env.world_size, self.env.device.type)
+        self.reduce_dp = partial(all_reduce_sum, group=self.dims.dp_group)
         self.run_dir = Path(tc.run_dir)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,38 +70,38 @@ class Trainer:
             )
         if cfg.data.seq_len > cfg.model.max_seq_len:
             raise ValueError(f"config error: data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})")
-        world = self.env.world_size
-        if tc.global_batch_size % (tc.micro_batch_size * world):
+        # Data is split over the data-parallel ranks only: tensor-parallel peers read the same batch.
+        dp, dp_rank = self.dims.dp, self.dims.dp_rank(self.env.rank)
+        if tc.global_batch_size % (tc.micro_batch_size * dp):
             raise ValueError(
                 f"config error: trainer.global_batch_size = {tc.global_batch_size}: must be a multiple of "
-                f"micro_batch_size * ranks ({tc.micro_batch_size} * {world})"
+                f"micro_batch_size * data-parallel ranks ({tc.micro_batch_size} * {dp})"
             )
-        self.accum_steps = tc.global_batch_size // (tc.micro_batch_size * world)
+        self.accum_steps = tc.global_batch_size // (tc.micro_batch_size * dp)
         self.sampler = SequenceSampler(
-            self.data.open("train"), cfg.data.seq_len, tc.micro_batch_size * world,
-            seed=tc.seed, rank=self.env.rank, world=world, num_workers=cfg.data.num_workers,
+            self.data.open("train"), cfg.data.seq_len, tc.micro_batch_size * dp,
+            seed=tc.seed, rank=dp_rank, world=dp, num_workers=cfg.data.num_workers,
         )
         self.val_batches = validation_batches(
-            self.data.open("val"), cfg.data.seq_len, tc.micro_batch_size * world, tc.eval_batches,
-            rank=self.env.rank, world=world,
+            self.data.open("val"), cfg.data.seq_len, tc.micro_batch_size * dp, tc.eval_batches,
+            rank=dp_rank, world=dp,
         )
 
         self.step = 0
         self.model_core = MoDETransformer(cfg.model).to(self.env.device)
-        self.model: nn.Module = parallelize(self.model_core, self.env, cfg.parallel)
-        self.optimizer = build_optimizer(self.model_core, cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, tc.max_steps)
         self.autocast_dtype = self._autocast_dtype()
+        self.engine = build_engine(self.model_core, self.dims, cfg, self.env.device, self.autocast_dtype)
+        self.model: nn.Module = self.engine.module
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
         self._stop_signal = False
         self.last_eval: dict[str, float] = {}
-        self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, world)
-        self.app_state = {"train": TrainState(self.model, self.optimizer, self.scheduler)}
+        self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, self.env.world_size)
+        self.app_state = {"train": self.engine.train_state()}
         mlflow_run_id = self._resume(resume)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
         self.reporter: RunReporter | None = None
         if self.env.is_main and cfg.logging.mlflow.enabled:
-            self.reporter = RunReporter(cfg, self.run_dir, world, run_id=mlflow_run_id)
+            self.reporter = RunReporter(cfg, self.run_dir, self.env.world_size, run_id=mlflow_run_id)
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, resume: str) -> str | None:
@@ -150,7 +156,7 @@ class Trainer:
     def stop_requested(self) -> bool:
         """True on every rank when any rank got SIGUSR1/SIGTERM or RUN_DIR/STOP exists."""
         local = self._stop_signal or (self.env.is_main and (self.run_dir / STOP_FILE).exists())
-        flag = all_reduce_sum(torch.tensor([float(local)], device=self.env.device))
+        flag = all_reduce_sum(torch.tensor([float(local)], device=self.env.device))  # all ranks, TP peers too
         return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ steps
@@ -166,30 +172,24 @@ class Trainer:
             inputs, targets = self.sampler.next_batch()
             inputs, targets = inputs.to(self.env.device), targets.to(self.env.device)
             data_wait += time.perf_counter() - td
-            sync = micro == self.accum_steps - 1 or not self.env.distributed
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            with self.engine.micro_batch(last=micro == self.accum_steps - 1):
                 with self._autocast():
                     out = self.model(inputs, targets)
-                ((out.loss + out.aux_loss) / self.accum_steps).backward()
+                self.engine.backward((out.loss + out.aux_loss) / self.accum_steps)
             sums += torch.tensor([out.loss.item(), out.aux_loss.item()], dtype=torch.float64)
             for k, v in out.aux.items():
                 aux_sums[k] = aux_sums.get(k, 0.0) + float(v)
             stats.add(out)
-        grad_norm = None
-        if self.cfg.optimizer.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model_core.parameters(), self.cfg.optimizer.grad_clip))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._update_expert_biases()
+        lr = self.engine.lr()
+        grad_norm = self.engine.step()
+        stats.reduce(self.reduce_dp)
+        self._update_expert_biases(stats)
         self.step += 1
 
-        # Global means: every rank holds accum_steps micro-batches of equal size.
+        # Global means: every data-parallel rank holds accum_steps micro-batches of equal size.
         aux_keys = sorted(aux_sums)
         packed = torch.cat([sums, torch.tensor([aux_sums[k] for k in aux_keys], dtype=torch.float64)])
-        packed = all_reduce_sum(packed) / (self.accum_steps * self.env.world_size)
-        stats.reduce(all_reduce_sum)
+        packed = self.reduce_dp(packed) / (self.accum_steps * self.dims.dp)
         step_time = time.perf_counter() - t0
         tokens = tc.global_batch_size * self.cfg.data.seq_len
         metrics = {
@@ -206,14 +206,17 @@ class Trainer:
         }
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
+        metrics.update(self.engine.comm_metrics())
         metrics.update(stats.summary())
         self.last_router_stats = stats
         return metrics
 
-    def _update_expert_biases(self) -> None:
-        for moe in self.model_core.moe_layers():
-            if moe.expert_bias is not None and moe.pending_load is not None:
-                moe.update_expert_bias(all_reduce_sum(moe.pending_load))
+    def _update_expert_biases(self, stats: RouterStats) -> None:
+        """Aux-loss-free balancing from the step's global expert loads (already reduced)."""
+        for i, block in enumerate(self.model_core.layers):
+            moe = block.mlp
+            if isinstance(moe, MoE) and moe.expert_bias is not None:
+                moe.update_expert_bias(stats.sums[f"moe{i}.load"].to(moe.expert_bias))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -229,9 +232,9 @@ class Trainer:
                     out = self.model_core(inputs.to(self.env.device), targets.to(self.env.device), routing=mode)
                 total += out.loss.item()
                 stats.add(out)
-            total = all_reduce_sum(total) / (len(self.val_batches) * self.env.world_size)
+            total = self.reduce_dp(total) / (len(self.val_batches) * self.dims.dp)
             result[f"eval/loss_{mode}"] = float(total)
-            stats.reduce(all_reduce_sum)
+            stats.reduce(self.reduce_dp)
             summary = stats.summary()
             if mode == "topk" and "mod/causal_agreement" in summary:
                 result["eval/causal_agreement"] = summary["mod/causal_agreement"]
@@ -241,15 +244,16 @@ class Trainer:
         return result
 
     def _log_plots(self) -> None:
-        """Rank 0 only: expert-load heatmap of the last step and a depth-routing map over a
-        validation text (computed on rank 0's model replica, so no collective is needed)."""
-        if self.reporter is None:
+        """Expert-load heatmap of the last step and a depth-routing map over a validation text.
+        Every rank runs the sample forward (a sharded model needs all of them); rank 0 logs it."""
+        if not self.cfg.logging.mlflow.enabled:
             return
         tokenizer = self.data.load_tokenizer()
         self.model_core.eval()
         sample = routing_sample(self.model_core, self.val_batches[0][0].to(self.env.device), tokenizer.decode)
         self.model_core.train()
-        self.reporter.log_plots(self.step, self.last_router_stats, sample)
+        if self.reporter is not None:
+            self.reporter.log_plots(self.step, self.last_router_stats, sample)
 
     # ------------------------------------------------------------------ loop
     def describe(self) -> str:
@@ -261,7 +265,7 @@ class Trainer:
             f"{c.model.num_layers} blocks, routed blocks {routed} at capacity {c.model.depth.capacity if c.model.depth.enabled else '-'}, "
             f"experts {c.model.moe.num_experts if c.model.moe.enabled else 0} top-{c.model.moe.top_k}; "
             f"{self.flops.training_per_token / 1e6:.1f} MFLOP/token (training); "
-            f"ranks {self.env.world_size} on {self.env.device}, global batch {c.trainer.global_batch_size} x {c.data.seq_len} tokens, "
+            f"ranks {self.env.world_size} on {self.env.device} ({self.dims.describe()}), global batch {c.trainer.global_batch_size} x {c.data.seq_len} tokens, "
             f"{self.accum_steps} accumulation step(s)"
         )
 

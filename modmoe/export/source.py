@@ -1,0 +1,131 @@
+"""The checkpoint an export reads: which one, is it sound, and its model tensors in bounded groups.
+
+A source is a run directory (its newest valid checkpoint is taken) or one ``step_*``
+checkpoint directory. Nothing in a checkpoint is unpickled before the manifest vouched for it:
+the whole directory is validated (sizes and SHA-256 of every file), then DCP's ``.metadata``
+(a pickle) is re-checked right before it is read. Tensors are loaded by DCP into full-size
+plain CPU tensors, which reassembles them from whatever layout wrote them (data-, expert- or
+tensor-parallel shards), so the export does not depend on the training layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from modmoe.checkpoint import find_latest_valid, read_manifest, validate
+from modmoe.checkpoint.manifest import DCP_METADATA, MANIFEST_NAME, Manifest, verify_files
+
+log = logging.getLogger("modmoe.export")
+
+
+class ExportError(ValueError):
+    """An export cannot proceed; the message is one line naming the file or option."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # key in the exported weights (the model's parameter name)
+    fqn: str  # key in the checkpoint
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    path: Path
+    manifest: Manifest
+    tensors: list[TensorSpec]  # the model's tensors, in checkpoint key order
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved job config the trainer recorded in the manifest."""
+        cfg = self.manifest.meta.get("config")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+            raise ExportError(f"{self.path}/{MANIFEST_NAME}: meta has no config.model (not written by the modmoe trainer?)")
+        return cfg
+
+
+def _ckpt_dirname(run_dir: Path) -> str:
+    """The checkpoint directory name a run used (``checkpoint.dirname`` in its config.yaml)."""
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            data = yaml.safe_load(cfg_path.read_text()) or {}
+            name = (data.get("checkpoint") or {}).get("dirname")
+            if isinstance(name, str) and name:
+                return name
+        except yaml.YAMLError:
+            pass
+    return "checkpoints"
+
+
+def resolve_checkpoint(source: str | Path) -> tuple[Path, bool]:
+    """A committed checkpoint directory for ``source`` (a run directory or a checkpoint), and
+    whether it was already validated (the newest valid one of a run)."""
+    path = Path(source)
+    if not path.exists():
+        raise ExportError(f"{path}: does not exist (expected a run directory or a checkpoints/step_XXXXXXXX directory)")
+    if (path / MANIFEST_NAME).is_file() or path.name.startswith("step_"):
+        return path, False
+    ckpt_dir = path / _ckpt_dirname(path)
+    if not ckpt_dir.is_dir():
+        raise ExportError(f"{path}: neither a checkpoint (no {MANIFEST_NAME}) nor a run directory (no {ckpt_dir.name}/)")
+    latest = find_latest_valid(ckpt_dir)
+    if latest is None:
+        raise ExportError(f"{ckpt_dir}: no valid checkpoint (every step_* directory is missing or fails validation)")
+    return latest, True
+
+
+def open_checkpoint(source: str | Path) -> CheckpointSource:
+    """Validates the checkpoint and lists its model tensors (reads DCP's index only after its
+    checksum matched the manifest)."""
+    path, validated = resolve_checkpoint(source)
+    problems = [] if validated else validate(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ExportError(f"refusing to export {path}: {problems[0]}{more}")
+    manifest = read_manifest(path)
+    verify_files(path, manifest, [DCP_METADATA])
+    metadata = FileSystemReader(path).read_metadata()
+    prefix = manifest.model_prefix
+    if not prefix:
+        raise ExportError(f"{path}/{MANIFEST_NAME}: records no model_prefix, so the model's weights cannot be told apart")
+    tensors = [
+        TensorSpec(fqn[len(prefix) :], fqn, tm.properties.dtype, tuple(tm.size))
+        for fqn, tm in metadata.state_dict_metadata.items()
+        if fqn.startswith(prefix) and isinstance(tm, TensorStorageMetadata)
+    ]
+    if not tensors:
+        raise ExportError(f"{path}: no tensor key starts with the model prefix {prefix!r}")
+    return CheckpointSource(path, manifest, tensors)
+
+
+def load_groups(source: CheckpointSource, specs: list[TensorSpec], group_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields ``{name: tensor}`` for ``specs`` in order, at most ``group_bytes`` per group (a
+    larger tensor comes alone), so peak memory stays about one group."""
+    group: list[TensorSpec] = []
+    size = 0
+    for spec in [*specs, None]:
+        if spec is not None and (not group or size + spec.nbytes <= group_bytes):
+            group.append(spec)
+            size += spec.nbytes
+            continue
+        if group:
+            buffers = {s.fqn: torch.empty(s.shape, dtype=s.dtype) for s in group}
+            dcp.load(buffers, checkpoint_id=source.path, no_dist=True)
+            yield {s.name: buffers[s.fqn] for s in group}
+        group, size = ([spec], spec.nbytes) if spec is not None else ([], 0)

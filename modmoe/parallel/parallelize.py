@@ -1,0 +1,162 @@
+"""The parallelize step and the native training engine (DDP or FSDP2, with EP, TP and AC).
+
+Order, as in torchtitan: tensor parallel, expert parallel, activation checkpointing, then data
+parallel (DDP or FSDP2) last, because FSDP2 shards whatever parameters the earlier steps left.
+The model object is changed in place: its parameters may become DTensors, but their names do
+not change, so checkpoints stay layout independent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from modmoe.checkpoint import TrainState
+from modmoe.model.moe import GroupedExperts
+from modmoe.model.transformer import MoDETransformer
+from modmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from modmoe.parallel.config import ParallelConfig
+from modmoe.parallel.dims import ParallelDims
+from modmoe.parallel.distributed import all_reduce_sum
+from modmoe.parallel.expert_parallel import A2AStats, apply_expert_parallel
+from modmoe.parallel.grad_norm import clip_grad_norm
+from modmoe.parallel.tensor_parallel import apply_tensor_parallel
+from modmoe.train.config import OptimizerConfig
+from modmoe.train.optim import build_optimizer, build_scheduler
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    return [f"{mod_name}.{p_name}" for mod_name, mod in model.named_modules() if isinstance(mod, GroupedExperts)
+            for p_name, _ in mod.named_parameters(recurse=False)]
+
+
+def apply_model_parallelism(model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig) -> A2AStats | None:
+    """TP, EP, activation checkpointing and the global-batch load reducer (not data parallel)."""
+    if dims.distributed:
+        # The balance loss sees the expert load of the global batch: per-expert counts summed
+        # over the ranks that split it (TP peers hold the same tokens and are not counted twice).
+        reducer = partial(all_reduce_sum, group=dims.dp_group)
+        for moe in model.moe_layers():
+            moe.load_reducer = reducer
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.dense_mesh["tp"])
+    a2a = apply_expert_parallel(model, dims.expert_mesh["ep"]) if dims.ep > 1 else None
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    return a2a
+
+
+def apply_fsdp(model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: each block is one all-gather unit; expert weights are sharded separately over the
+    expert-data-parallel ranks (EP already split them over ``ep``)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    reshard = cfg.zero_stage == 3
+    dense_mesh = dims.dense_mesh["dp"]
+    for block in model.layers:
+        for module in block.modules():
+            if isinstance(module, GroupedExperts) and dims.ep > 1:
+                fully_shard(module, mesh=dims.expert_mesh["edp"], mp_policy=policy, reshard_after_forward=reshard)
+                # Each expert's gradient already sums its whole EP group's tokens; the reduce-
+                # scatter over edp adds the rest, and dividing by dp makes it the global mean.
+                module.set_gradient_divide_factor(float(dims.dp))
+        fully_shard(block, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
+class NativeEngine:
+    """Forward/backward/step for DDP and FSDP2 layouts, with the optimizer and LR schedule."""
+
+    def __init__(self, model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig, optim_cfg: OptimizerConfig,
+                 max_steps: int, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
+        self.core, self.dims, self.grad_clip = model, dims, optim_cfg.grad_clip
+        self.a2a = apply_model_parallelism(model, dims, cfg)
+        self.module: nn.Module = model
+        self._expert_params: list[nn.Parameter] = []
+        if dims.dp > 1 and cfg.dp_backend == "ddp":
+            experts = expert_param_names(model) if dims.ep > 1 else []
+            # Expert slices differ between EP ranks: DDP must not average them over all ranks.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+            self._expert_params = [model.get_parameter(n) for n in experts]
+            device_ids = [device.index] if device.type == "cuda" else None
+            # forward_sync_buffers=False: expert-bias buffers are updated identically on every rank
+            # from all-reduced loads, so there is nothing to broadcast each step.
+            self.module = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+        elif cfg.dp_backend == "fsdp2" and dims.distributed:
+            apply_fsdp(model, dims, cfg, param_dtype)
+        self.optimizer = build_optimizer(model, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
+
+    def micro_batch(self, last: bool):
+        """Context for one micro-batch: gradient sync only on the last of a step."""
+        if last:
+            return contextlib.nullcontext()
+        if isinstance(self.module, DistributedDataParallel):
+            return self.module.no_sync()
+        if isinstance(self.core, FSDPModule):
+            return _fsdp_no_sync(self.core)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _reduce_expert_grads(self) -> None:
+        """DDP + EP: sum each expert slice's gradient over the ranks holding the same slice and
+        divide by dp, matching DDP's mean over the dense gradients."""
+        group = self.dims.expert_mesh["edp"].get_group() if self.dims.edp > 1 else None
+        for p in self._expert_params:
+            if p.grad is None:
+                continue
+            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            if group is not None:
+                dist.all_reduce(local, group=group)
+            local.div_(self.dims.dp)
+
+    def step(self) -> float | None:
+        """Finishes gradients, clips, steps optimizer and schedule; returns the grad norm."""
+        self._reduce_expert_grads()
+        norm = clip_grad_norm(self.core.parameters(), self.grad_clip) if self.grad_clip is not None else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm) if norm is not None else None
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def comm_metrics(self) -> dict[str, float]:
+        return a2a_metrics(self.a2a, self.core.cfg.dim)
+
+    def train_state(self) -> TrainState:
+        return TrainState(self.module, self.optimizer, self.scheduler)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def a2a_metrics(a2a: A2AStats | None, dim: int) -> dict[str, float]:
+    """This rank's expert-parallel traffic since the last call (forward dispatch + combine; the
+    backward pass moves the same volume again), then resets the counters."""
+    if a2a is None:
+        return {}
+    bytes_per_row = dim * 4  # activations travel in the compute dtype; fp32 on CPU
+    out = {
+        "ep/a2a_forward_mb": 2 * a2a.rows_sent_remote * bytes_per_row / 1e6,
+        "ep/a2a_remote_fraction": a2a.rows_sent_remote / max(1, a2a.rows_total),
+        "ep/a2a_forward_time_s": a2a.seconds,
+    }
+    a2a.rows_sent_remote = a2a.rows_total = a2a.calls = 0
+    a2a.seconds = 0.0
+    return out
