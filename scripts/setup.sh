@@ -29,5 +29,8 @@ if [ "$installed" != "$torch_version" ]; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
+# DeepSpeed (the deepspeed extra): no C++/CUDA ops at install time; the few it needs are
+# compiled on first use (g++ on CPU), which keeps the install independent of a CUDA toolkit.
+export DS_BUILD_OPS="${DS_BUILD_OPS:-0}"
 "${pip[@]}" install -q -c requirements/constraints.txt -e "$spec"
 echo "setup: ready ($venv, torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

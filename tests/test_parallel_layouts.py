@@ -51,9 +51,12 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(small_data_dir, tmp_path_factory):
     """One rank, the whole global batch of 8: in one micro-batch, or in two (the split a
-    tensor-parallel layout with dp = 1 uses, so accumulation order matches too)."""
+    tensor-parallel layout with dp = 1 uses, so accumulation order matches too); and without
+    gradient clipping, for DeepSpeed with EP, which clips dense and expert parts separately."""
     root = tmp_path_factory.mktemp("reference")
-    return {micro: train(small_data_dir, root / f"micro{micro}", 1, micro) for micro in (8, 4)}
+    refs = {micro: train(small_data_dir, root / f"micro{micro}", 1, micro) for micro in (8, 4)}
+    refs["noclip"] = train(small_data_dir, root / "noclip", 1, 8, "optimizer.grad_clip=null")
+    return refs
 
 
 def assert_same_training(ref: Path, run: Path) -> None:
@@ -82,8 +85,9 @@ LAYOUTS = {
     # FSDP2 x TP on a real 2-D mesh: dp 2 x tp 2 (four ranks on two cores: tiny model, 6 steps).
     "fsdp2_dp2_tp2": (4, 4, 8, ["parallel.tp=2", "parallel.dp_backend=fsdp2"]),
 }
-DEEPSPEED = {f"ep2_deepspeed_zero{stage}": (2, 4, 8, ["parallel.ep=2", "parallel.dp_backend=deepspeed",
-                                                      f"parallel.zero_stage={stage}"]) for stage in (1, 2, 3)}
+DEEPSPEED = {f"ep2_deepspeed_zero{stage}": (2, 4, "noclip", ["parallel.ep=2", "parallel.dp_backend=deepspeed",
+                                                           f"parallel.zero_stage={stage}", "optimizer.grad_clip=null"])
+             for stage in (1, 2, 3)}
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 
 
@@ -114,3 +118,24 @@ def test_expert_placement_under_ep2(reference, small_data_dir, tmp_path):
     ref, got = final_weights(reference[8]), final_weights(run)
     for key in (k for k in ref if ".mlp.experts." in k):
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-4)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2])
+def test_deepspeed_ep2_resume_restores_every_expert(stage, small_data_dir, tmp_path):
+    """The DeepSpeed expert-checkpoint trap (DESIGN.md §2): a checkpoint that kept only rank 0's
+    experts would resume with wrong experts on rank 1. Stop after 3 of 6 steps, resume in a
+    new run directory, and compare with the straight run: same losses, same final weights."""
+    layout = ["parallel.ep=2", "parallel.dp_backend=deepspeed", f"parallel.zero_stage={stage}", "checkpoint.interval_steps=3"]
+    straight = train(small_data_dir, tmp_path / "straight", 2, 4, *layout)
+    step3 = straight / "checkpoints" / "step_00000003"
+    assert step3.is_dir()
+    overrides = small_overrides(small_data_dir, tmp_path / "resumed", **COMMON, **{"trainer.micro_batch_size": 4}) + layout
+    run_modmoe(["train", "configs/tiny.yaml", "--resume", str(step3), *sum((["--set", o] for o in overrides), [])], nproc=2)
+    a, b = read_metrics(straight), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [4, 5, 6]
+    for x, y in zip(a[3:], b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), x["step"]
+    wa, wb = final_weights(straight), final_weights(tmp_path / "resumed")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)

@@ -46,7 +46,7 @@ from modmoe.checkpoint.manifest import (
     write_manifest,
 )
 from modmoe.checkpoint.rng import RNG_DIR, capture_rng, reseed_rng, restore_rng, rng_filename
-from modmoe.checkpoint.train_state import MODEL_KEY, TrainState
+from modmoe.checkpoint.train_state import MODEL_KEY
 
 log = logging.getLogger("modmoe.checkpoint")
 # DCP warns on every single-process save/load, even when asked for one with no_dist=True; the
@@ -163,7 +163,7 @@ class CheckpointManager:
             (tmp / RNG_DIR).mkdir(parents=True)
         self._barrier()
         write_json_durable(tmp / rng_filename(self.rank), capture_rng())
-        model_prefix = next((f"{k}.{MODEL_KEY}." for k, v in app_state.items() if isinstance(v, TrainState)), None)
+        model_prefix = next((f"{k}.{MODEL_KEY}." for k, v in app_state.items() if getattr(v, "holds_model", False)), None)
         commit_args = (tmp, step, meta_copy, model_prefix, time.time())
         if self.cfg.async_save:
             future = dcp.async_save(app_state, checkpoint_id=tmp, process_group=self._pg, no_dist=not self._dist)

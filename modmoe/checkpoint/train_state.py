@@ -19,6 +19,8 @@ class TrainState(Stateful):
     DDP-wrapped or FSDP2-sharded (``get_state_dict`` strips wrapper prefixes and keeps shards as
     DTensors), so DCP can reshard them on load. The optimizer state is keyed by FQN too."""
 
+    holds_model = True  # its state dict has the model weights under MODEL_KEY (for tools)
+
     def __init__(
         self,
         model: nn.Module,

@@ -49,7 +49,7 @@ class ParallelDims:
             raise ConfigError(f"config error: parallel.ep = {cfg.ep}: must divide the data-parallel degree ({dp})")
         if cfg.ep > 1:
             if not model.moe.enabled:
-                raise ConfigError(f"config error: parallel.ep = {cfg.ep}: the model has no MoE layers (model.moe.num_experts = 0)")
+                raise ConfigError(f"config error: parallel.ep = {cfg.ep}: the model has no MoE layers (model.moe.enabled = false)")
             if model.moe.num_experts % cfg.ep:
                 raise ConfigError(
                     f"config error: parallel.ep = {cfg.ep}: must divide model.moe.num_experts ({model.moe.num_experts})"

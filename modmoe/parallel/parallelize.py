@@ -118,14 +118,14 @@ class NativeEngine:
                 dist.all_reduce(local, group=group)
             local.div_(self.dims.dp)
 
-    def step(self) -> float | None:
+    def step(self) -> float:
         """Finishes gradients, clips, steps optimizer and schedule; returns the grad norm."""
         self._reduce_expert_grads()
-        norm = clip_grad_norm(self.core.parameters(), self.grad_clip) if self.grad_clip is not None else None
+        norm = clip_grad_norm(self.core.parameters(), self.grad_clip)  # measured even when not clipping
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm) if norm is not None else None
+        return float(norm)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
