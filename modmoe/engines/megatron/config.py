@@ -70,3 +70,10 @@ class MegatronConfig(ConfigModel):
 
     overlap_param_gather: bool = True
     """With the distributed optimizer: overlap the parameter all-gather with the next forward."""
+
+    aux_loss_with_expert_bias: Literal["reject", "megatron"] = "reject"
+    """With both aux-loss-free balancing (``model.moe.bias_update_rate > 0``) and a balance loss,
+    Megatron counts the loss's expert loads from the top-k *without* the bias (DeepSeek-V3's
+    definition); the native model counts the biased choice it dispatches. ``reject`` refuses
+    the combination; ``megatron`` accepts Megatron's definition (forward passes and logits are
+    the same; only the balance loss's gradient differs)."""

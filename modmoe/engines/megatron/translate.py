@@ -11,6 +11,8 @@ the way the native model (the specification) means it is rejected with a one-lin
 - top-1 routing with renormalized weights (native weight 1.0): Megatron needs pre-softmax
   (weight = probability) for top-1 softmax and never renormalizes a single sigmoid score;
 - the expert bias with softmax scores: Megatron applies it with sigmoid scores only;
+- the expert bias together with a balance loss: Megatron counts the loss's loads without the
+  bias (opt in with ``megatron.aux_loss_with_expert_bias: megatron``);
 - context parallelism with depth routing, ``unrouted`` activation checkpointing, FSDP2, and
   layouts Megatron itself refuses (sp without tp, MoE + tp without sp, DeepSpeed with pp, ...).
 """
@@ -90,7 +92,7 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     return "fp32" if precision == "fp32" else "bf16"
 
 
-def _check_model(m: ModelConfig) -> None:
+def _check_model(m: ModelConfig, g: MegatronConfig) -> None:
     d, e = m.depth, m.moe
     if d.enabled and d.variant == "integrated":
         raise field_error("model.depth.variant", "integrated",
@@ -111,6 +113,11 @@ def _check_model(m: ModelConfig) -> None:
         raise field_error("model.moe.bias_update_rate", e.bias_update_rate,
                           "needs model.moe.score = 'sigmoid' on the megatron engine (Megatron applies the expert bias "
                           "to sigmoid scores only); or set it to 0")
+    balance = e.aux_loss_coef > 0 or e.seq_aux_loss_coef > 0
+    if e.bias_update_rate > 0 and balance and g.aux_loss_with_expert_bias == "reject":
+        raise field_error("model.moe.bias_update_rate", e.bias_update_rate,
+                          "with a balance loss, Megatron counts expert loads without the bias (the native model with "
+                          "it): set megatron.aux_loss_with_expert_bias = 'megatron' to accept, or drop one of the two")
 
 
 def _layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, world: int) -> Layout:
@@ -179,26 +186,34 @@ def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout) -> tuple[str, 
             raise field_error("megatron.distributed_optimizer", True,
                               "must be null/false with parallel.dp_backend = 'deepspeed' (DeepSpeed shards the state)")
         if lay.pp > 1:
-            raise field_error("parallel.dp_backend", "deepspeed", "needs megatron.pp = 1 (use the distributed optimizer with pipelines)")
+            raise field_error("parallel.dp_backend", "deepspeed",
+                              "needs megatron.pp = 1 (use the distributed optimizer with pipelines)")
         if p.zero_stage not in (1, 2):
             raise field_error("parallel.zero_stage", p.zero_stage, "must be 1 or 2 with DeepSpeed on the megatron engine")
         if lay.ep > 1:
             raise field_error("parallel.ep", lay.ep, "must be 1 with parallel.dp_backend = 'deepspeed' (DeepSpeed cannot "
                               "reduce Megatron expert gradients over the expert-data-parallel group)")
+        if g.sequence_parallel:
+            raise field_error("megatron.sequence_parallel", True, "must be false with parallel.dp_backend = 'deepspeed' "
+                              "(DeepSpeed does not all-reduce the sequence-parallel norm gradients over TP)")
         return "deepspeed", p.zero_stage
     return ("replicated" if g.distributed_optimizer is False else "distributed"), None
 
 
-def _check_engine(g: MegatronConfig, precision: str, te_available: bool) -> bool:
+def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bool) -> bool:
     """Returns whether Transformer Engine layers are used."""
     if g.transformer_impl == "transformer_engine" and not te_available:
-        raise field_error("megatron.transformer_impl", "transformer_engine", "Transformer Engine is not installed (use 'auto' or 'local')")
+        raise field_error("megatron.transformer_impl", "transformer_engine",
+                          "Transformer Engine is not installed (use 'auto' or 'local')")
     use_te = g.transformer_impl == "transformer_engine" or (g.transformer_impl == "auto" and te_available)
     if g.fp8 != "none":
         if not use_te:
             raise field_error("megatron.fp8", g.fp8, "needs Transformer Engine layers (megatron.transformer_impl)")
         if precision != "bf16":
             raise field_error("megatron.fp8", g.fp8, "needs trainer.precision = 'bf16'")
+    if g.fp8 != "none" and moe and g.dispatcher == "allgather":
+        raise field_error("megatron.dispatcher", "allgather",
+                          "FP8 experts need 'alltoall' (Megatron pads each expert's tokens to the FP8 tile only there)")
     if g.grouped_gemm and not use_te:
         raise field_error("megatron.grouped_gemm", True, "needs Transformer Engine layers (TEGroupedMLP)")
     return use_te
@@ -256,11 +271,11 @@ def translate(
     if seq_len > model.max_seq_len:
         raise field_error("data.seq_len", seq_len, f"must be <= model.max_seq_len ({model.max_seq_len})")
     prec = resolve_precision(precision)
-    _check_model(model)
+    _check_model(model, engine)
     lay = _layout(model, parallel, engine, world_size)
     _check_layout(model, parallel, engine, lay, seq_len)
     optimizer, zero_stage = _optimizer(parallel, engine, lay)
-    use_te = _check_engine(engine, prec, te_available)
+    use_te = _check_engine(engine, prec, te_available, model.moe.enabled)
 
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     tc: dict[str, Any] = {
@@ -299,6 +314,8 @@ def translate(
         tc.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if engine.fp8 != "none":
         tc.update(fp8=engine.fp8, fp8_recipe=engine.fp8_recipe)
+        if model.moe.enabled:  # FP8 GEMMs need row counts in tiles of 16: pad each expert's tokens (probability 0)
+            tc["moe_router_padding_for_quantization"] = True
 
     gpt = {
         "vocab_size": model.vocab_size,

@@ -1,0 +1,151 @@
+"""Megatron dist checkpoints of a run, and export of one to the native model's tensors.
+
+A checkpoint is ``RUN_DIR/<checkpoint.dirname>/step_XXXXXXXX/``: ``megatron.core.dist_checkpointing``
+(``torch_dist`` format) holds the model (``model.*``, from the unwrapped ``GPTModel``, so the
+keys do not depend on DDP/bf16 wrappers) and the Megatron optimizer (``optimizer.*``, in the
+``fully_reshardable`` format), so a run resumes under another TP/PP/EP/DP layout; then rank 0
+writes ``modmoe_meta.json`` (step, sampler position, config) last: a directory without it is
+an interrupted save and is ignored. With DeepSpeed, the optimizer's ZeRO partitions go to
+``deepspeed/`` inside the step directory (DeepSpeed's own format: same DP size to resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from torch import Tensor, nn
+
+from modmoe.config_base import ConfigError
+from modmoe.engines.megatron.config import MegatronConfig
+from modmoe.engines.megatron.convert import megatron_to_native
+from modmoe.model.config import ModelConfig
+from modmoe.parallel.config import ParallelConfig
+
+META_NAME = "modmoe_meta.json"
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / META_NAME).is_file())
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / META_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"checkpoint error: {path / META_NAME} is unreadable ({err})") from None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded(model: nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
+    sd: dict[str, Any] = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading, metadata=OPTIM_METADATA)
+    return sd
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, meta: dict[str, Any], keep_last: int = 0) -> Path:
+    """model: the unwrapped GPTModel of this rank's stage; optimizer: a MegatronOptimizer or
+    None (DeepSpeed saves its own). Every rank calls it."""
+    path = step_dir(root, step)
+    if dist.get_rank() == 0:
+        if path.exists():  # an interrupted save of the same step
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), str(path))
+    _barrier()
+    if dist.get_rank() == 0:
+        tmp = path / (META_NAME + ".tmp")
+        tmp.write_text(json.dumps({"step": step, **meta}, indent=1))
+        tmp.replace(path / META_NAME)  # last: marks the checkpoint complete
+        if keep_last:
+            for old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
+    """Loads into ``model`` (and ``optimizer`` unless None) whatever layout wrote ``path``."""
+    meta = read_meta(path)
+    loaded = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), str(path))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return meta
+
+
+@contextlib.contextmanager
+def single_process_megatron() -> Iterator[None]:
+    """A 1-rank process group and Megatron parallel state (TP = PP = 1), torn down after; an
+    existing single-process state is reused as it is."""
+    if parallel_state.model_parallel_is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("export: Megatron's parallel state spans several ranks (run the export in its own process)")
+        yield
+        return
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.get_world_size() != 1:
+        raise RuntimeError("export: runs in a single process")
+    parallel_state.initialize_model_parallel()
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
+
+
+def megatron_checkpoint_to_native(path: str | Path, model_cfg: ModelConfig) -> dict[str, Tensor]:
+    """The native ``MoDETransformer`` state dict of a Megatron dist checkpoint written under any
+    layout (TE or local layers), read on CPU in this process with Megatron's local layers."""
+    from modmoe.engines.megatron.cpu_emulation import megatron_on_cpu
+    from modmoe.engines.megatron.spec import build_gpt_model
+    from modmoe.engines.megatron.translate import build_transformer_config, translate
+
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise ConfigError(f"export error: {path} is not a Megatron dist checkpoint (no metadata.json)")
+    # Only the module structure matters here, not how a balance loss would count loads.
+    engine = MegatronConfig(dispatcher="allgather", transformer_impl="local", aux_loss_with_expert_bias="megatron")
+    plan = translate(model_cfg, ParallelConfig(), engine, world_size=1, seq_len=model_cfg.max_seq_len, precision="fp32")
+    with single_process_megatron(), megatron_on_cpu():
+        tconfig = build_transformer_config(plan, use_cpu_initialization=True, perform_initialization=False)
+        model = build_gpt_model(plan, tconfig)
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        model.load_state_dict(loaded["model"])
+        state = {k: v.detach().float() if isinstance(v, Tensor) and v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+    return megatron_to_native(state, model_cfg)
+
+
+__all__ = [
+    "META_NAME",
+    "complete_checkpoints",
+    "load_checkpoint",
+    "megatron_checkpoint_to_native",
+    "read_meta",
+    "save_checkpoint",
+    "step_dir",
+]

@@ -1,0 +1,210 @@
+"""Native model state dict <-> Megatron-Core ``GPTModel`` state dict (unsharded, TP = EP = 1).
+
+Both directions come from one table of rules built from the ``ModelConfig``, so they cannot
+drift apart, and a round trip is bit-identical (only views, transposes and concatenations).
+
+Megatron's layout, per layer ``i`` (``decoder.layers.{i}.``):
+
+- ``self_attention.linear_qkv.weight``: ``[(H + 2*KV) * hd, D]``, grouped by KV head: for
+  each group ``g`` its ``H/KV`` query heads, then key ``g``, then value ``g`` (the native model
+  keeps separate ``wq``, ``wk``, ``wv``; query head ``j`` reads KV head ``j // (H/KV)`` in both).
+- ``linear_fc1.weight`` of a SwiGLU MLP (dense, shared expert, each expert): ``[2F, D]`` =
+  ``[gate; up]`` = native ``[w1; w3]``; ``linear_fc2.weight`` = native ``w2``. Native experts
+  are stacked ``(E, D, F)`` matrices used as ``x @ w``, so expert ``e`` transposes.
+- experts: ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`` (SequentialMLP, local or
+  TE linears) or ``mlp.experts.linear_fc{1,2}.weight{e}`` (TE grouped GEMM); router
+  ``mlp.router.weight [E, D]`` and, with aux-loss-free balancing, ``mlp.router.expert_bias``.
+- norms: local specs have ``input_layernorm`` / ``pre_mlp_layernorm``; Transformer Engine
+  fuses the attention norm into ``linear_qkv.layer_norm_weight`` and a dense MLP's norm into
+  ``linear_fc1.layer_norm_weight`` (MoE layers keep ``pre_mlp_layernorm``).
+- the depth router of a routed layer: ``depth_router.proj.weight`` and
+  ``depth_router.predictor.{0,2}.{weight,bias}`` (names as native ``router.*``).
+
+Model level: ``embedding.word_embeddings.weight``, ``decoder.final_layernorm.weight``,
+``output_layer.weight`` (absent with tied embeddings). Megatron's ``*._extra_state`` entries
+(FP8 metadata of TE modules) carry no weights and are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from modmoe.model.config import ModelConfig
+
+Fn = Callable[..., tuple[Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class MegatronLayout:
+    """Which Megatron module flavour the state dict is for."""
+
+    fused_norms: bool = False  # Transformer Engine layers (LayerNormLinear)
+    grouped_experts: bool = False  # TEGroupedMLP (moe grouped GEMM with TE)
+
+    @classmethod
+    def for_plan(cls, use_te: bool, grouped_gemm: bool) -> "MegatronLayout":
+        return cls(fused_norms=use_te, grouped_experts=use_te and grouped_gemm)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    native: tuple[str, ...]
+    megatron: tuple[str, ...]
+    to_megatron: Fn
+    to_native: Fn
+
+
+def _same(*t: Tensor) -> tuple[Tensor, ...]:
+    return t
+
+
+def _rename(native: str, megatron: str) -> _Rule:
+    return _Rule((native,), (megatron,), _same, _same)
+
+
+def _qkv_rule(cfg: ModelConfig, native: str, megatron: str) -> _Rule:
+    H, KV, hd, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.dim
+    per = H // KV
+
+    def pack(wq: Tensor, wk: Tensor, wv: Tensor) -> tuple[Tensor]:
+        q = wq.reshape(KV, per, hd, D)  # query heads grouped by the KV head they read
+        k, v = wk.reshape(KV, 1, hd, D), wv.reshape(KV, 1, hd, D)
+        return (torch.cat([q, k, v], dim=1).reshape((H + 2 * KV) * hd, D),)
+
+    def unpack(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        g = qkv.reshape(KV, per + 2, hd, D)
+        return g[:, :per].reshape(H * hd, D), g[:, per].reshape(KV * hd, D), g[:, per + 1].reshape(KV * hd, D)
+
+    return _Rule(tuple(f"{native}.{n}.weight" for n in ("wq", "wk", "wv")), (megatron,), pack, unpack)
+
+
+def _swiglu_rules(native: str, megatron: str) -> Iterator[_Rule]:
+    """A native SwiGLU module (w1, w3, w2 Linear layers) <-> Megatron MLP (linear_fc1/2)."""
+    yield _Rule(
+        (f"{native}.w1.weight", f"{native}.w3.weight"), (f"{megatron}.linear_fc1.weight",),
+        lambda w1, w3: (torch.cat([w1, w3], dim=0),), lambda fc1: tuple(fc1.chunk(2, dim=0)),
+    )
+    yield _rename(f"{native}.w2.weight", f"{megatron}.linear_fc2.weight")
+
+
+def _expert_rule(native: str, megatron: str, num_experts: int, layout: MegatronLayout) -> _Rule:
+    E = num_experts
+    if layout.grouped_experts:
+        fc1 = tuple(f"{megatron}.linear_fc1.weight{e}" for e in range(E))
+        fc2 = tuple(f"{megatron}.linear_fc2.weight{e}" for e in range(E))
+    else:
+        fc1 = tuple(f"{megatron}.local_experts.{e}.linear_fc1.weight" for e in range(E))
+        fc2 = tuple(f"{megatron}.local_experts.{e}.linear_fc2.weight" for e in range(E))
+
+    def pack(w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, ...]:
+        # native (E, D, F) used as x @ w  ->  Megatron [2F, D] / [D, F] used as x @ w.T
+        ups = tuple(torch.cat([w1[e].t(), w3[e].t()], dim=0) for e in range(E))
+        return ups + tuple(w2[e].t() for e in range(E))
+
+    def unpack(*mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ups, downs = mats[:E], mats[E:]
+        w1 = torch.stack([u.chunk(2, dim=0)[0].t() for u in ups])
+        w3 = torch.stack([u.chunk(2, dim=0)[1].t() for u in ups])
+        return w1, w3, torch.stack([d.t() for d in downs])
+
+    names = tuple(f"{native}.{n}" for n in ("w1", "w3", "w2"))
+    return _Rule(names, fc1 + fc2, pack, unpack)
+
+
+def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[_Rule]:
+    n, m = f"layers.{i}", f"decoder.layers.{i}"
+    routed, use_moe = cfg.layer_kind(i)
+    attn_norm = f"{m}.self_attention.linear_qkv.layer_norm_weight" if layout.fused_norms else f"{m}.input_layernorm.weight"
+    yield _rename(f"{n}.attn_norm.weight", attn_norm)
+    yield _qkv_rule(cfg, f"{n}.attn", f"{m}.self_attention.linear_qkv.weight")
+    yield _rename(f"{n}.attn.wo.weight", f"{m}.self_attention.linear_proj.weight")
+    fused_mlp_norm = layout.fused_norms and not use_moe
+    mlp_norm = f"{m}.mlp.linear_fc1.layer_norm_weight" if fused_mlp_norm else f"{m}.pre_mlp_layernorm.weight"
+    yield _rename(f"{n}.mlp_norm.weight", mlp_norm)
+    if use_moe:
+        e = cfg.moe
+        yield _rename(f"{n}.mlp.gate.weight", f"{m}.mlp.router.weight")
+        if e.bias_update_rate > 0:
+            yield _rename(f"{n}.mlp.expert_bias", f"{m}.mlp.router.expert_bias")
+        yield _expert_rule(f"{n}.mlp.experts", f"{m}.mlp.experts", e.num_experts, layout)
+        if e.num_shared_experts:
+            yield from _swiglu_rules(f"{n}.mlp.shared", f"{m}.mlp.shared_experts")
+    else:
+        yield from _swiglu_rules(f"{n}.mlp", f"{m}.mlp")
+    if routed:
+        yield _rename(f"{n}.router.proj.weight", f"{m}.depth_router.proj.weight")
+        if cfg.depth.predictor:
+            for part in ("0.weight", "0.bias", "2.weight", "2.bias"):
+                yield _rename(f"{n}.router.predictor.{part}", f"{m}.depth_router.predictor.{part}")
+
+
+def _rules(cfg: ModelConfig, layout: MegatronLayout) -> list[_Rule]:
+    rules = [_rename("tok_embeddings.weight", "embedding.word_embeddings.weight")]
+    for i in range(cfg.num_layers):
+        rules.extend(_layer_rules(cfg, i, layout))
+    rules.append(_rename("norm.weight", "decoder.final_layernorm.weight"))
+    if not cfg.tie_embeddings:
+        rules.append(_rename("output.weight", "output_layer.weight"))
+    return rules
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    if any(cfg.noop_experts_at(i) for i in range(cfg.num_layers)):
+        raise ValueError("convert: integrated MoDE (no-op experts) has no Megatron counterpart")
+
+
+def _apply(state: dict[str, Tensor], rules: list[_Rule], forward: bool, what: str) -> tuple[dict[str, Tensor], set[str]]:
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for rule in rules:
+        src, dst = (rule.native, rule.megatron) if forward else (rule.megatron, rule.native)
+        missing = [k for k in src if k not in state]
+        if missing:
+            raise KeyError(f"convert: {what} state dict has no {missing[0]!r}")
+        fn = rule.to_megatron if forward else rule.to_native
+        for key, value in zip(dst, fn(*(state[k] for k in src)), strict=True):
+            out[key] = value.contiguous().clone()
+        used.update(src)
+    return out, used
+
+
+def native_to_megatron(state: dict[str, Tensor], cfg: ModelConfig, layout: MegatronLayout | None = None) -> dict[str, Tensor]:
+    """A native ``MoDETransformer`` state dict -> the ``GPTModel`` state dict (no ``_extra_state``);
+    ``layout`` defaults to local modules."""
+    _check_supported(cfg)
+    out, used = _apply(state, _rules(cfg, layout or MegatronLayout()), True, "native")
+    if cfg.tie_embeddings:
+        if "output.weight" in state and not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+            raise ValueError("convert: model.tie_embeddings is set but output.weight differs from tok_embeddings.weight")
+        used.add("output.weight")
+    extra = sorted(set(state) - used)
+    if extra:
+        raise KeyError(f"convert: native key {extra[0]!r} has no Megatron counterpart ({len(extra)} unmatched)")
+    return out
+
+
+def megatron_to_native(state: dict[str, Tensor], cfg: ModelConfig, layout: MegatronLayout | None = None) -> dict[str, Tensor]:
+    """A ``GPTModel`` state dict -> the native ``MoDETransformer`` state dict."""
+    _check_supported(cfg)
+    weights = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    out, used = _apply(weights, _rules(cfg, layout or MegatronLayout()), False, "Megatron")
+    if cfg.tie_embeddings:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    extra = sorted(set(weights) - used)
+    if extra:
+        raise KeyError(f"convert: Megatron key {extra[0]!r} has no native counterpart ({len(extra)} unmatched)")
+    return out
+
+
+def load_into_megatron(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """``load_state_dict`` that tolerates only missing ``_extra_state`` entries."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        first = (missing or result.unexpected_keys)[0]
+        raise KeyError(f"convert: Megatron model and state dict disagree on {first!r} "
+                       f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
