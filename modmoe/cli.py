@@ -71,7 +71,18 @@ def _mount_subapps() -> None:
     app.add_typer(tracking_app, name="tracking", help="MLflow helpers (replay a spool of unsent metrics).")
 
 
+def _mount_inference() -> None:
+    """``export``, ``generate``, ``eval``: thin commands over modmoe.export / modmoe.inference."""
+    from modmoe.export.cli import export_command
+    from modmoe.inference.cli import eval_command, generate_command
+
+    app.command("export")(export_command)
+    app.command("generate")(generate_command)
+    app.command("eval")(eval_command)
+
+
 _mount_subapps()
+_mount_inference()
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import secrets
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +32,6 @@ from modmoe.inference.core import CoreConfig, MoDEDecoder
 from modmoe.model.config import ModelConfig
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
-# Small tensors that make discrete routing choices stay float32 in every export dtype.
-_FP32_SUFFIXES = ("router.proj.weight", "mlp.gate.weight", "expert_bias")
-_FP32_PARTS = (".router.predictor.",)
 
 
 @dataclass
@@ -49,14 +46,10 @@ class ExportSummary:
     dropped: list[str] = field(default_factory=list)  # checkpoint model keys inference does not use
 
 
-def keeps_fp32(name: str) -> bool:
-    return name.endswith(_FP32_SUFFIXES) or any(p in name for p in _FP32_PARTS)
-
-
 def _out_dtype(spec: TensorSpec, target: torch.dtype) -> torch.dtype:
     if not spec.dtype.is_floating_point:
         return spec.dtype
-    return torch.float32 if keeps_fp32(spec.name) else target
+    return torch.float32 if layout.keeps_fp32(spec.name) else target
 
 
 def _model_config(source: CheckpointSource) -> tuple[ModelConfig, CoreConfig]:
@@ -208,7 +201,7 @@ def export_checkpoint(
         }
         model_dict = model_cfg.model_dump(mode="json")
         _write_json(tmp / layout.CONFIG_NAME, layout.config_json(model_dict, record, layout.DTYPES[dtype], eos_id, pad_id))
-        _write_json(tmp / layout.GENERATION_CONFIG_NAME, layout.generation_config_json(eos_id, pad_id, model_cfg.max_seq_len))
+        _write_json(tmp / layout.GENERATION_CONFIG_NAME, layout.generation_config_json(eos_id, pad_id))
         _write_json(tmp / layout.TOKENIZER_CONFIG_NAME, layout.tokenizer_config_json(EOT, PAD if pad_id is not None else None, model_cfg.max_seq_len))
         _write_json(tmp / layout.SPECIAL_TOKENS_NAME, {"eos_token": EOT, **({"pad_token": PAD} if pad_id is not None else {})})
         for name in layout.TEMPLATE_FILES:

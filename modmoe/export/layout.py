@@ -31,6 +31,13 @@ CORE_NAME = "modmoe_core.py"
 TEMPLATE_DIR = Path(__file__).parent / "hf_template"
 TEMPLATE_FILES = ("configuration_modmoe.py", "modeling_modmoe.py")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Small tensors that make discrete routing choices stay float32 in every export dtype.
+_FP32_SUFFIXES = ("router.proj.weight", "mlp.gate.weight", "expert_bias")
+_FP32_PARTS = (".router.predictor.",)
+
+
+def keeps_fp32(name: str) -> bool:
+    return name.endswith(_FP32_SUFFIXES) or any(p in name for p in _FP32_PARTS)
 
 
 def shard_name(i: int, n: int) -> str:
@@ -65,8 +72,9 @@ def config_json(model: dict[str, Any], record: dict[str, Any], dtype: str, eos_i
     }
 
 
-def generation_config_json(eos_id: int, pad_id: int | None, max_len: int) -> dict[str, Any]:
-    return {"eos_token_id": eos_id, "pad_token_id": pad_id, "max_length": max_len, "do_sample": False}
+def generation_config_json(eos_id: int, pad_id: int | None) -> dict[str, Any]:
+    """Greedy by default; the length is the caller's (``max_new_tokens``)."""
+    return {"eos_token_id": eos_id, "pad_token_id": pad_id, "do_sample": False}
 
 
 def tokenizer_config_json(eos: str, pad: str | None, max_len: int) -> dict[str, Any]:

@@ -288,6 +288,8 @@ class MoE(nn.Module):
         topk_weights = scores.gather(1, topk_experts)
         if self.normalize:
             topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        if x.shape[0] == 1:
+            return self._one_token(x, topk_experts[0], topk_weights[0])
         # No-op experts (integrated MoDE) get the sentinel E and are not computed.
         sort_key = torch.where(topk_experts < self.num_experts, topk_experts, self.num_experts).flatten()  # (N*K,)
         counts = torch.bincount(sort_key, minlength=self.num_experts + 1)[: self.num_experts].tolist()
@@ -299,6 +301,18 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         return out, sum(counts)
+
+    def _one_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Decode of one token: its K experts called directly (fewer ops than the sort and
+        scatter above), summed in the same order, so the result is the same."""
+        chosen = sorted((e, k) for k, e in enumerate(experts.tolist()) if e < self.num_experts)
+        out = torch.zeros_like(x)
+        w1, w3, w2 = self.experts.w1, self.experts.w3, self.experts.w2
+        for e, k in chosen:
+            out = out + ((F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]) * weights[k].to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out, len(chosen)
 
 
 class Attention(nn.Module):
@@ -324,12 +338,15 @@ class Attention(nn.Module):
             base = kv.append(rows, k, v, n_valid)  # (n,) cached tokens before these
             keys, values = kv.read(rows, int(base.max()) + S)  # (n, L, H_kv, hd)
             L = keys.shape[1]
-            # Query s of a row sees the row's cached keys and new keys up to itself. Valid
-            # queries come first, so they never see a padding key; a padding query sees itself.
-            limit = base[:, None] + torch.arange(S, device=x.device)  # (n, S)
-            mask = torch.arange(L, device=x.device) <= limit[..., None]  # (n, S, L)
+            if n == 1 and S == 1:  # one row's next token sees every key read: no mask needed
+                mask = None
+            else:
+                # Query s of a row sees the row's cached keys and new keys up to itself. Valid
+                # queries come first, so they never see a padding key; a padding query sees itself.
+                limit = base[:, None] + torch.arange(S, device=x.device)  # (n, S)
+                mask = (torch.arange(L, device=x.device) <= limit[..., None])[:, None]  # (n, 1, S, L)
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None], enable_gqa=gqa
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=gqa
             )
         return self.wo(y.transpose(1, 2).reshape(n, S, -1))
 
@@ -382,9 +399,12 @@ class Block(nn.Module):
         else:
             mlp_out = hidden.new_zeros(hidden.shape).index_put((valid,), mlp_flat)
         if trace is not None:
-            base = (kv.lengths[rows] if rows is not None else kv.lengths) - n_valid if kv is not None else torch.zeros_like(n_valid)
+            if kv is None:
+                cached = torch.zeros_like(n_valid)
+            else:  # keys each row held before these tokens were appended
+                cached = (kv.lengths if rows is None else kv.lengths[rows]) - n_valid
             trace.tokens += int(n_valid.sum())
-            trace.attn_pairs += int((n_valid * base + n_valid * (n_valid + 1) // 2).sum())
+            trace.attn_pairs += int((n_valid * cached + n_valid * (n_valid + 1) // 2).sum())
             trace.expert_slots += slots
         return attn_out + mlp_out
 
