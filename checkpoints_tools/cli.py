@@ -9,7 +9,7 @@ import typer
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from checkpoints_tools.consolidate import consolidate as consolidate_ckpt
-from checkpoints_tools.reader import read_dcp_metadata
+from modmoe.checkpoint.reader import read_dcp_metadata
 from modmoe.checkpoint.manifest import CheckpointError, validate as validate_ckpt
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Inspect, validate and consolidate modmoe checkpoints.")

@@ -12,26 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-from checkpoints_tools.reader import read_dcp_metadata
 from checkpoints_tools.safetensors_writer import SafetensorsStreamWriter
+from modmoe.checkpoint.reader import load_tensor_groups, model_tensors, read_dcp_metadata
 from modmoe.checkpoint.manifest import CheckpointError, validate
-
-
-def _groups(items: list[tuple[str, str, TensorStorageMetadata]], budget: int) -> list[list[tuple[str, str, TensorStorageMetadata]]]:
-    groups: list[list] = [[]]
-    size = 0
-    for item in items:
-        nbytes = item[2].size.numel() * item[2].properties.dtype.itemsize
-        if groups[-1] and size + nbytes > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += nbytes
-    return groups
 
 
 def consolidate(ckpt_dir: Path, out: Path, prefix: str | None = None, group_bytes: int = 256 << 20) -> dict[str, Any]:
@@ -46,24 +29,18 @@ def consolidate(ckpt_dir: Path, out: Path, prefix: str | None = None, group_byte
     prefix = prefix if prefix is not None else manifest.model_prefix
     if prefix is None:
         raise CheckpointError(f"{ckpt_dir}: manifest records no model_prefix; pass --prefix (e.g. 'train.model.')")
-    items = sorted(
-        (fqn[len(prefix) :], fqn, tm)
-        for fqn, tm in md.state_dict_metadata.items()
-        if fqn.startswith(prefix) and isinstance(tm, TensorStorageMetadata)
-    )
+    items = sorted(model_tensors(md, prefix), key=lambda s: s.name)
     if not items:
         raise CheckpointError(f"{ckpt_dir}: no tensor key starts with prefix {prefix!r}")
-    specs = {name: (tm.properties.dtype, tuple(tm.size)) for name, _, tm in items}
+    specs = {s.name: (s.dtype, s.shape) for s in items}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".partial")
     with open(tmp_out, "wb") as f:
         writer = SafetensorsStreamWriter(f, specs, {"format": "pt", "step": str(manifest.step)})
-        for group in _groups(items, group_bytes):
-            buffers = {fqn: torch.empty(tuple(tm.size), dtype=tm.properties.dtype) for _, fqn, tm in group}
-            dcp.load(buffers, checkpoint_id=ckpt_dir, no_dist=True)
-            for name, fqn, _ in group:
-                writer.write(name, buffers[fqn])
-            del buffers
+        for group in load_tensor_groups(ckpt_dir, items, group_bytes):
+            for name, tensor in group.items():
+                writer.write(name, tensor)
+            del group
         writer.close()
         f.flush()
         os.fsync(f.fileno())

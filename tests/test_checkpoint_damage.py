@@ -137,7 +137,7 @@ def test_metadata_is_never_unpickled_before_its_checksum(two_ckpts, monkeypatch)
         raise AssertionError("pickle.load reached on an unverified file")
 
     monkeypatch.setattr(pickle, "load", boom)
-    from checkpoints_tools.reader import read_dcp_metadata
+    from modmoe.checkpoint.reader import read_dcp_metadata
 
     with pytest.raises(CheckpointError, match=r"\.metadata"):
         read_dcp_metadata(newer)

@@ -46,11 +46,12 @@ def test_consolidate_equals_model_state_dict(tmp_path):
 def test_consolidate_streams_in_groups(tmp_path, monkeypatch):
     """With a budget smaller than any tensor, each DCP load holds exactly one tensor."""
     from checkpoints_tools import consolidate as mod
+    from modmoe.checkpoint import reader
 
     _, ckpt, _ = _saved(tmp_path)
     sizes: list[int] = []
-    real_load = mod.dcp.load
-    monkeypatch.setattr(mod.dcp, "load", lambda sd, **kw: (sizes.append(len(sd)), real_load(sd, **kw))[1])
+    real_load = reader.dcp.load
+    monkeypatch.setattr(reader.dcp, "load", lambda sd, **kw: (sizes.append(len(sd)), real_load(sd, **kw))[1])
     info = mod.consolidate(ckpt, tmp_path / "m.safetensors", group_bytes=1)
     assert sizes == [1] * info["tensors"] and info["tensors"] == len(toy.ToyMoE().state_dict())
 

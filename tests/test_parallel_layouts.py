@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints_tools.consolidate import consolidate
-from checkpoints_tools.reader import read_dcp_metadata
+from modmoe.checkpoint.reader import read_dcp_metadata
 from conftest import read_metrics, run_modmoe, small_overrides
 
 pytestmark = pytest.mark.multirank

@@ -23,11 +23,12 @@ import torch
 from safetensors.torch import save_file
 
 from modmoe.checkpoint.fsutil import sha256_file
+from modmoe.checkpoint.reader import load_tensor_groups, pack_by_bytes
 from modmoe.config_base import ConfigError, validate_config
 from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, PAD, load_tokenizer
 from modmoe.export import layout
-from modmoe.export.source import CheckpointSource, ExportError, TensorSpec, load_groups, open_checkpoint
+from modmoe.export.source import CheckpointSource, ExportError, TensorSpec, open_checkpoint
 from modmoe.inference.core import CoreConfig, MoDEDecoder
 from modmoe.model.config import ModelConfig
 
@@ -101,19 +102,6 @@ def _find_tokenizer(source: CheckpointSource, explicit: str | Path | None) -> Pa
     )
 
 
-def _plan_shards(specs: list[TensorSpec], dtypes: dict[str, torch.dtype], max_bytes: int) -> list[list[TensorSpec]]:
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = torch.Size(spec.shape).numel() * dtypes[spec.name].itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
-    return shards
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -165,7 +153,8 @@ def export_checkpoint(
 
     target = getattr(torch, layout.DTYPES[dtype])
     dtypes = {s.name: _out_dtype(s, target) for s in specs}
-    shards = _plan_shards(specs, dtypes, max_shard_bytes)
+    # Shards are planned in the output dtype; each is read in groups of the same budget.
+    shards = pack_by_bytes(specs, lambda s: torch.Size(s.shape).numel() * dtypes[s.name].itemsize, max_shard_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()
@@ -175,7 +164,7 @@ def export_checkpoint(
         for i, shard in enumerate(shards, start=1):
             name = layout.WEIGHTS_NAME if len(shards) == 1 else layout.shard_name(i, len(shards))
             tensors: dict[str, torch.Tensor] = {}
-            for group in load_groups(src, shard, max_shard_bytes):
+            for group in load_tensor_groups(src.path, shard, max_shard_bytes):
                 tensors.update({k: v.to(dtypes[k]).contiguous() for k, v in group.items()})
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())

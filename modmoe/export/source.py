@@ -11,37 +11,21 @@ tensor-parallel shards), so the export does not depend on the training layout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from modmoe.checkpoint import find_latest_valid, read_manifest, validate
-from modmoe.checkpoint.manifest import DCP_METADATA, MANIFEST_NAME, Manifest, verify_files
+from modmoe.checkpoint import find_latest_valid, validate
+from modmoe.checkpoint.manifest import MANIFEST_NAME, Manifest
+from modmoe.checkpoint.reader import TensorSpec, model_tensors, read_dcp_metadata
 
 log = logging.getLogger("modmoe.export")
 
 
 class ExportError(ValueError):
     """An export cannot proceed; the message is one line naming the file or option."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str  # key in the exported weights (the model's parameter name)
-    fqn: str  # key in the checkpoint
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -98,34 +82,11 @@ def open_checkpoint(source: str | Path) -> CheckpointSource:
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ExportError(f"refusing to export {path}: {problems[0]}{more}")
-    manifest = read_manifest(path)
-    verify_files(path, manifest, [DCP_METADATA])
-    metadata = FileSystemReader(path).read_metadata()
+    manifest, metadata = read_dcp_metadata(path)
     prefix = manifest.model_prefix
     if not prefix:
         raise ExportError(f"{path}/{MANIFEST_NAME}: records no model_prefix, so the model's weights cannot be told apart")
-    tensors = [
-        TensorSpec(fqn[len(prefix) :], fqn, tm.properties.dtype, tuple(tm.size))
-        for fqn, tm in metadata.state_dict_metadata.items()
-        if fqn.startswith(prefix) and isinstance(tm, TensorStorageMetadata)
-    ]
+    tensors = model_tensors(metadata, prefix)
     if not tensors:
         raise ExportError(f"{path}: no tensor key starts with the model prefix {prefix!r}")
     return CheckpointSource(path, manifest, tensors)
-
-
-def load_groups(source: CheckpointSource, specs: list[TensorSpec], group_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Yields ``{name: tensor}`` for ``specs`` in order, at most ``group_bytes`` per group (a
-    larger tensor comes alone), so peak memory stays about one group."""
-    group: list[TensorSpec] = []
-    size = 0
-    for spec in [*specs, None]:
-        if spec is not None and (not group or size + spec.nbytes <= group_bytes):
-            group.append(spec)
-            size += spec.nbytes
-            continue
-        if group:
-            buffers = {s.fqn: torch.empty(s.shape, dtype=s.dtype) for s in group}
-            dcp.load(buffers, checkpoint_id=source.path, no_dist=True)
-            yield {s.name: buffers[s.fqn] for s in group}
-        group, size = ([spec], spec.nbytes) if spec is not None else ([], 0)

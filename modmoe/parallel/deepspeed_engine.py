@@ -25,10 +25,8 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.tensor import DTensor
 
 from modmoe.checkpoint.train_state import MODEL_KEY, OPTIM_KEY, SCHEDULER_KEY
 from modmoe.config import JobConfig
@@ -37,7 +35,7 @@ from modmoe.model.moe import GroupedExperts, MoE
 from modmoe.model.transformer import MoDETransformer
 from modmoe.parallel.dims import ParallelDims
 from modmoe.parallel.grad_norm import clip_grad_norm
-from modmoe.parallel.parallelize import a2a_metrics, apply_model_parallelism
+from modmoe.parallel.parallelize import a2a_metrics, apply_model_parallelism, reduce_expert_grads
 from modmoe.train.optim import build_optimizer, build_scheduler
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -131,13 +129,7 @@ class DeepSpeedEngine:
         dense_norm = self.module.get_global_grad_norm()
         expert_norm = None
         if self.expert_optimizer is not None:
-            group = self.dims.expert_mesh["edp"].get_group() if self.dims.edp > 1 else None
-            for p in self.expert_params.values():
-                if p.grad is not None:
-                    local = p.grad.to_local()
-                    if group is not None:
-                        dist.all_reduce(local, group=group)
-                    local.div_(self.dims.dp)
+            reduce_expert_grads(list(self.expert_params.values()), self.dims)
             expert_norm = clip_grad_norm(self.expert_params.values(), self.grad_clip)
             self.expert_optimizer.step()
             self.expert_scheduler.step()
@@ -151,7 +143,7 @@ class DeepSpeedEngine:
         return self.ds_scheduler.get_last_lr()[0]
 
     def comm_metrics(self) -> dict[str, float]:
-        return a2a_metrics(self.a2a, self.core.cfg.dim)
+        return a2a_metrics(self.a2a)
 
     def train_state(self) -> DeepSpeedTrainState:
         return DeepSpeedTrainState(self)
@@ -166,7 +158,6 @@ class DeepSpeedTrainState(Stateful):
 
     def __init__(self, engine: DeepSpeedEngine) -> None:
         self.engine = engine
-        self._pending: dict[str, Any] | None = None
 
     def _dense_params(self) -> dict[str, nn.Parameter]:
         return dict(self.engine.core.named_parameters())
@@ -197,7 +188,6 @@ class DeepSpeedTrainState(Stateful):
         }
         if eng.expert_scheduler is not None:
             state[SCHEDULER_KEY]["experts"] = eng.expert_scheduler.state_dict()
-        self._pending = state
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ ranks holding the same slice average its gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from importlib.util import find_spec
 
@@ -33,7 +33,6 @@ class ParallelDims:
     dp_backend: str
     zero_stage: int
     device_type: str = "cpu"
-    _meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, cfg: ParallelConfig, model: ModelConfig, world_size: int, device_type: str = "cpu") -> ParallelDims:

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from modmoe.parallel.config import ParallelConfig
 
 

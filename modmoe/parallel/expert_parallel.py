@@ -42,12 +42,16 @@ class _InFlight:
 
 @dataclass
 class A2AStats:
-    """Rows sent to other ranks and time spent in all-to-all, accumulated since the last reset."""
+    """Forward all-to-all traffic of this rank, accumulated since the last reset."""
 
-    rows_sent_remote: int = 0
-    rows_total: int = 0
-    seconds: float = 0.0
-    calls: int = 0
+    rows_sent_remote: int = 0  # dispatched rows whose expert lives on another rank
+    rows_total: int = 0  # all dispatched rows
+    bytes_remote: int = 0  # bytes sent to other ranks, dispatch and combine
+    seconds: float = 0.0  # time inside the all-to-all calls
+
+    def reset(self) -> None:
+        self.rows_sent_remote = self.rows_total = self.bytes_remote = 0
+        self.seconds = 0.0
 
 
 class ExpertParallel:
@@ -73,7 +77,7 @@ class ExpertParallel:
         start = time.perf_counter()
         out = wait_tensor(all_to_all_single_autograd(rows, out_splits, in_splits, self.group))
         self.stats.seconds += time.perf_counter() - start
-        self.stats.calls += 1
+        self.stats.bytes_remote += (rows.shape[0] - in_splits[self.ep_rank]) * rows.shape[-1] * rows.element_size()
         return out
 
     def _dispatch(self, _module: nn.Module, args: tuple) -> tuple:

@@ -106,21 +106,9 @@ class NativeEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def _reduce_expert_grads(self) -> None:
-        """DDP + EP: sum each expert slice's gradient over the ranks holding the same slice and
-        divide by dp, matching DDP's mean over the dense gradients."""
-        group = self.dims.expert_mesh["edp"].get_group() if self.dims.edp > 1 else None
-        for p in self._expert_params:
-            if p.grad is None:
-                continue
-            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            if group is not None:
-                dist.all_reduce(local, group=group)
-            local.div_(self.dims.dp)
-
     def step(self) -> float:
         """Finishes gradients, clips, steps optimizer and schedule; returns the grad norm."""
-        self._reduce_expert_grads()
+        reduce_expert_grads(self._expert_params, self.dims)
         norm = clip_grad_norm(self.core.parameters(), self.grad_clip)  # measured even when not clipping
         self.optimizer.step()
         self.scheduler.step()
@@ -131,7 +119,7 @@ class NativeEngine:
         return self.scheduler.get_last_lr()[0]
 
     def comm_metrics(self) -> dict[str, float]:
-        return a2a_metrics(self.a2a, self.core.cfg.dim)
+        return a2a_metrics(self.a2a)
 
     def train_state(self) -> TrainState:
         return TrainState(self.module, self.optimizer, self.scheduler)
@@ -146,17 +134,31 @@ def _fsdp_no_sync(model: FSDPModule):
         model.set_requires_gradient_sync(True)
 
 
-def a2a_metrics(a2a: A2AStats | None, dim: int) -> dict[str, float]:
+def reduce_expert_grads(params: list[nn.Parameter], dims: ParallelDims) -> None:
+    """EP outside FSDP2 (DDP, DeepSpeed): each expert slice's gradient already sums its EP
+    group's tokens; sum it over the ranks holding the same slice and divide by dp, which makes
+    it the same global mean as the dense gradients."""
+    if not params:
+        return
+    group = dims.expert_mesh["edp"].get_group() if dims.edp > 1 else None
+    for p in params:
+        if p.grad is None:
+            continue
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        if group is not None:
+            dist.all_reduce(local, group=group)
+        local.div_(dims.dp)
+
+
+def a2a_metrics(a2a: A2AStats | None) -> dict[str, float]:
     """This rank's expert-parallel traffic since the last call (forward dispatch + combine; the
     backward pass moves the same volume again), then resets the counters."""
     if a2a is None:
         return {}
-    bytes_per_row = dim * 4  # activations travel in the compute dtype; fp32 on CPU
     out = {
-        "ep/a2a_forward_mb": 2 * a2a.rows_sent_remote * bytes_per_row / 1e6,
+        "ep/a2a_forward_mb": a2a.bytes_remote / 1e6,
         "ep/a2a_remote_fraction": a2a.rows_sent_remote / max(1, a2a.rows_total),
         "ep/a2a_forward_time_s": a2a.seconds,
     }
-    a2a.rows_sent_remote = a2a.rows_total = a2a.calls = 0
-    a2a.seconds = 0.0
+    a2a.reset()
     return out

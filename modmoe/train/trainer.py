@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import signal
 import sys
 import time
 from functools import partial
@@ -27,8 +26,8 @@ from modmoe.parallel.engine import build_engine
 from modmoe.train.metrics_log import MetricsLog, ProgressReporter
 from modmoe.train.reporting import RunReporter, routing_sample
 from modmoe.train.router_stats import RouterStats
+from modmoe.train.stop import COMPLETED_FILE, STOP_FILE, StopRequests
 
-STOP_FILE, COMPLETED_FILE = "STOP", "COMPLETED"
 
 
 def seed_everything(seed: int) -> None:
@@ -48,10 +47,11 @@ class Trainer:
         self.dims = ParallelDims.build(cfg.parallel, cfg.model, self.env.world_size, self.env.device.type)
         self.reduce_dp = partial(all_reduce_sum, group=self.dims.dp_group)
         self.run_dir = Path(tc.run_dir)
+        self.stop = StopRequests(self.run_dir, self.env.is_main, self.env.device)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale request from a previous job
+        self.stop.clear_stale()  # a request left by a previous job
         barrier()
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -93,7 +93,6 @@ class Trainer:
         self.engine = build_engine(self.model_core, self.dims, cfg, self.env.device, self.autocast_dtype)
         self.model: nn.Module = self.engine.module
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
-        self._stop_signal = False
         self.last_eval: dict[str, float] = {}
         self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, self.env.world_size)
         self.app_state = {"train": self.engine.train_state()}
@@ -146,18 +145,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self._stop_signal = True
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, request_stop)
-
     def stop_requested(self) -> bool:
         """True on every rank when any rank got SIGUSR1/SIGTERM or RUN_DIR/STOP exists."""
-        local = self._stop_signal or (self.env.is_main and (self.run_dir / STOP_FILE).exists())
-        flag = all_reduce_sum(torch.tensor([float(local)], device=self.env.device))  # all ranks, TP peers too
-        return bool(flag.item() > 0)
+        return self.stop.requested()
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:
@@ -271,7 +261,7 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         tc = self.cfg.trainer
-        self._install_signal_handlers()
+        self.stop.install_signal_handlers()
         self._log_main(self.describe())
         progress = ProgressReporter(tc.max_steps, self.step, enabled=self.env.is_main and tc.progress_bar, log=self._log_main)
         first_eval = None

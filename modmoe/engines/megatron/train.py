@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,9 @@ from modmoe.engines.megatron.translate import MegatronPlan, build_transformer_co
 from modmoe.model.flops import count_flops
 from modmoe.parallel.distributed import DistEnv, init_distributed
 from modmoe.train.metrics_log import MetricsLog
+from modmoe.train.stop import COMPLETED_FILE, StopRequests
 from modmoe.train.optim import lr_factor
 
-STOP_FILE, COMPLETED_FILE = "STOP", "COMPLETED"  # the same contract as modmoe.train.trainer
 MOE_METRIC_NAMES = {  # Megatron tracker name -> native metric name (summed over MoE layers)
     "load_balancing_loss": "moe_aux_loss",
     "global_load_balancing_loss": "moe_aux_loss",
@@ -121,10 +120,11 @@ class MegatronTrainer:
         )
         self.run_dir = Path(tc.run_dir)
         self.ckpt_root = self.run_dir / cfg.checkpoint.dirname
+        self.stop = StopRequests(self.run_dir, self.env.is_main, self.env.device)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        self.stop.clear_stale()  # a request left by a previous job
         prepare_megatron()
         self.ps = parallel_state
         parallel_state.initialize_model_parallel(**self.plan.layout.parallel_state_kwargs())
@@ -143,7 +143,6 @@ class MegatronTrainer:
         self._build_data()
         self.step = 0
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
-        self._stop_signal = False
         self._resume(resume)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
         self.tracker = self._tracker() if self.env.is_main and cfg.logging.mlflow.enabled else None
@@ -454,18 +453,8 @@ class MegatronTrainer:
         return {"eval/loss_topk": self._reduce_loss(reports)}
 
     # ------------------------------------------------------------------ loop
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self._stop_signal = True
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, request_stop)
-
     def stop_requested(self) -> bool:
-        local = self._stop_signal or (self.env.is_main and (self.run_dir / STOP_FILE).exists())
-        flag = torch.tensor([float(local)], device=self.env.device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return self.stop.requested()
 
     def describe(self) -> str:
         lay, c = self.plan.layout, self.cfg
@@ -476,7 +465,7 @@ class MegatronTrainer:
 
     def train(self) -> dict[str, float]:
         tc = self.cfg.trainer
-        self._install_signal_handlers()
+        self.stop.install_signal_handlers()
         self._log_main(self.describe())
         metrics: dict[str, float] = {}
         error: BaseException | None = None
