@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("megatron.core")  # the workers build Megatron models (the megatron extra)
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
