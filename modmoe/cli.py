@@ -27,6 +27,7 @@ def train(
     resume: Annotated[str, typer.Option(help="auto: newest valid checkpoint in the run directory; none; or a checkpoint path")] = "auto",
 ) -> None:
     """Train (one process, or one rank per process under torchrun)."""
+    from modmoe.checkpoint.manifest import CheckpointError
     from modmoe.config import load_config
     from modmoe.data import DataError
     from modmoe.train.trainer import run_training
@@ -34,7 +35,7 @@ def train(
     try:
         cfg = load_config(config, set_ or [])
         run_training(cfg, resume=resume)
-    except (ConfigError, DataError, ValueError) as err:
+    except (ConfigError, DataError, ValueError, CheckpointError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
@@ -63,11 +64,15 @@ def flops(
     typer.echo(f"predicted training speedup over MoE-only: {theoretical_speedup(moe_only, m, T):.3f}x")
 
 
-def _mount_subapps() -> None:
+def _mount_launch() -> None:
     from modmoe.launch.cli import submit_command
-    from modmoe.tracking.cli import tracking_app
 
     app.command("submit")(submit_command)
+
+
+def _mount_tracking() -> None:
+    from modmoe.tracking.cli import tracking_app
+
     app.add_typer(tracking_app, name="tracking", help="MLflow helpers (replay a spool of unsent metrics).")
 
 
@@ -81,12 +86,29 @@ def _mount_inference() -> None:
     app.command("eval")(eval_command)
 
 
-_mount_subapps()
-_mount_inference()
+# Sub-commands whose modules are slow to import (mlflow, transformers: seconds each) are mounted
+# only when named, so every rank of `modmoe train` starts without them.
+_MOUNTS = {"submit": _mount_launch, "tracking": _mount_tracking,
+           "export": _mount_inference, "generate": _mount_inference, "eval": _mount_inference}
+_mounted: set = set()
 
 
-def main() -> None:
-    app()
+def mount_commands(command: str | None = None) -> None:
+    """Mounts the named command's group, or every group when ``command`` is not a known name
+    (``--help``, a typo: the listing must be complete)."""
+    for mount in {_MOUNTS[command]} if command in _MOUNTS else set(_MOUNTS.values()):
+        if mount not in _mounted:
+            _mounted.add(mount)
+            mount()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in ("train", "flops"):
+        mount_commands(args[0] if args else None)
+    app(args=args)
 
 
 if __name__ == "__main__":

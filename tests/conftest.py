@@ -13,6 +13,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Soak and stress tests (``slow``) run only with MODMOE_SLOW=1, so the default suite stays
+    within CI's time budget; CI runs them in a second pass."""
+    if os.environ.get("MODMOE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow soak/stress test: set MODMOE_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory) -> str:
     """Prepared once per session (600 kB of the stdlib corpus, vocab 512)."""

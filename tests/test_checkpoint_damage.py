@@ -155,3 +155,29 @@ def test_cli_module_entry_point_exit_codes(two_ckpts):
     good = subprocess.run([sys.executable, "-m", "checkpoints_tools", "validate", str(older)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_training_resume_skips_a_damaged_newest_checkpoint_and_says_so(small_data_dir, tmp_path):
+    """Through ``modmoe train``: the newest checkpoint has a flipped byte, so ``--resume auto``
+    warns about it and continues from the one before; an explicit ``--resume`` of the damaged
+    one is refused in one line."""
+    from conftest import run_modmoe, small_overrides
+
+    def args(steps: int) -> list[str]:
+        overrides = small_overrides(small_data_dir, tmp_path, **{
+            "trainer.max_steps": steps, "checkpoint.interval_steps": 2, "checkpoint.keep_last": 0,
+            "logging.mlflow.enabled": False})
+        return ["train", "configs/tiny.yaml", *sum((["--set", o] for o in overrides), [])]
+
+    run_modmoe(args(4))
+    ckpts = tmp_path / "checkpoints"
+    _flip_byte(ckpts / "step_00000004")
+    out = run_modmoe(args(6))
+    text = out.stdout + out.stderr
+    assert "skipping invalid checkpoint" in text and "step_00000004" in text and "fails its sha256 checksum" in text, text[-2000:]
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in text, text[-2000:]
+    _flip_byte(ckpts / "step_00000006")
+    with pytest.raises(AssertionError) as refused:
+        run_modmoe([*args(8), "--resume", str(ckpts / "step_00000006")])
+    message = str(refused.value)
+    assert "modmoe: refusing to load" in message and "sha256" in message and "Traceback" not in message, message[-2000:]

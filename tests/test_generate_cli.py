@@ -7,7 +7,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from modmoe.cli import app
+from modmoe.cli import app, mount_commands
+
+mount_commands()  # the test drives typer directly, so it mounts what `modmoe` would
 from modmoe.config import load_config
 from modmoe.inference.generate import Generator
 from modmoe.inference.loading import load_exported

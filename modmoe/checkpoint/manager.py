@@ -113,8 +113,8 @@ class CheckpointManager:
         self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit") if rank == 0 else None
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
-        self.last_save_blocking_s = 0.0
-        """Seconds the last ``save`` call blocked the caller (for logging as a metric)."""
+        self.last_save_blocking_s: float | None = None
+        """Seconds the last ``save`` call blocked the caller (the trainer logs it and resets it)."""
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._clean_leftovers()

@@ -25,10 +25,13 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from modmoe.checkpoint.train_state import MODEL_KEY, OPTIM_KEY, SCHEDULER_KEY
+from modmoe.checkpoint.train_state import (
+    MODEL_KEY, OPTIM_KEY, OPTIM_STATE_KEY, SCHEDULER_KEY, load_schedule, schedule_state,
+)
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError
 from modmoe.model.moe import GroupedExperts, MoE
@@ -111,6 +114,7 @@ class DeepSpeedEngine:
             model=model, optimizer=dense_optimizer, lr_scheduler=dense_scheduler, config=self.ds_config,
             dist_init_required=False,
         )
+        self._lr = self.ds_scheduler.get_last_lr()[0]
         self.expert_optimizer = self.expert_scheduler = None
         if self.expert_params:
             self.expert_optimizer = build_optimizer(model, cfg.optimizer, params=self.expert_params.values())
@@ -123,6 +127,7 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer already divides by the accumulation steps.
         self.module.backward(loss, scale_wrt_gas=False)
+        self._lr = self.ds_scheduler.get_last_lr()[0]  # what this step uses: step() moves the schedule on
         self.module.step()  # a real optimizer step only at the accumulation boundary
 
     def step(self) -> float | None:
@@ -140,7 +145,9 @@ class DeepSpeedEngine:
         return total**0.5
 
     def lr(self) -> float:
-        return self.ds_scheduler.get_last_lr()[0]
+        """The learning rate of the step just taken (the trainer asks after the backward passes,
+        which under DeepSpeed already stepped the optimizer and the schedule)."""
+        return self._lr
 
     def comm_metrics(self) -> dict[str, float]:
         return a2a_metrics(self.a2a)
@@ -167,58 +174,83 @@ class DeepSpeedTrainState(Stateful):
 
         eng = self.engine
         _ensure_adam_state(eng.ds_optimizer)
+        step = torch.tensor(float(eng.module.global_steps))
         model: dict[str, Any] = {}
-        moments: dict[str, Any] = {}
+        optim: dict[str, dict[str, Any]] = {}
         for name, p in self._dense_params().items():
             model[name] = safe_get_full_fp32_param(p).detach().cpu()
-            for key in ADAM_MOMENTS:
-                moments[f"{name}.{key}"] = _or_zeros(safe_get_full_optimizer_state(p, key), model[name])
+            optim[name] = {key: _or_zeros(safe_get_full_optimizer_state(p, key), model[name]) for key in ADAM_MOMENTS}
+            optim[name]["step"] = step.clone()
         for name, buf in eng.core.named_buffers():
             if name.endswith("expert_bias"):
                 model[name] = buf
         for name, p in eng.expert_params.items():
             model[name] = p
             state = eng.expert_optimizer.state.get(p, {})
-            for key in ADAM_MOMENTS:
-                moments[f"{name}.{key}"] = state[key] if key in state else torch.zeros_like(p)
-        state = {
+            optim[name] = {key: state[key] if key in state else torch.zeros_like(p) for key in ADAM_MOMENTS}
+            optim[name]["step"] = step.clone()
+        # The same keys as a native TrainState: either engine resumes the other's checkpoints.
+        return {
             MODEL_KEY: model,
-            OPTIM_KEY: {"moments": moments, "step": torch.tensor(eng.module.global_steps)},
-            SCHEDULER_KEY: {"dense": eng.ds_scheduler.state_dict()},
+            OPTIM_KEY: {OPTIM_STATE_KEY: optim},
+            SCHEDULER_KEY: schedule_state(eng.ds_scheduler),
         }
-        if eng.expert_scheduler is not None:
-            state[SCHEDULER_KEY]["experts"] = eng.expert_scheduler.state_dict()
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """DCP has loaded into the tensors ``state_dict()`` offered; push them into ZeRO's
         partitions and the expert optimizer."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         eng = self.engine
         _ensure_adam_state(eng.ds_optimizer)
-        model, moments = state_dict[MODEL_KEY], state_dict[OPTIM_KEY]["moments"]
-        step = int(state_dict[OPTIM_KEY]["step"])
+        model, optim = state_dict[MODEL_KEY], state_dict[OPTIM_KEY][OPTIM_STATE_KEY]
+        steps = {int(optim[name]["step"]) for name in optim}
+        if len(steps) != 1:
+            raise ValueError(f"checkpoint has different Adam step counts per parameter ({sorted(steps)}); "
+                             "the DeepSpeed backend steps all parameters together")
+        step = steps.pop()
         for name, p in self._dense_params().items():
             value = model[name].to(p.device)
-            safe_set_full_fp32_param(p, value)  # the fp32 master partition
+            _set_full_hp(p, value)  # the fp32 master partition
             with _full_param(p):  # and the parameter the forward uses
                 p.data.copy_(value.to(p.dtype))
             for key in ADAM_MOMENTS:
-                safe_set_full_optimizer_state(p, moments[f"{name}.{key}"].to(p.device), key)
+                _set_full_hp(p, optim[name][key].to(p.device), key)
         for name, buf in eng.core.named_buffers():
             if name in model:
                 buf.copy_(model[name])
         _set_adam_step(eng.ds_optimizer, step)
         eng.module.global_steps = step
-        _load_schedule(eng.ds_scheduler, state_dict[SCHEDULER_KEY]["dense"])
+        load_schedule(eng.ds_scheduler, state_dict[SCHEDULER_KEY])
         if eng.expert_optimizer is not None:
             for name, p in eng.expert_params.items():
                 state = eng.expert_optimizer.state[p]
                 for key in ADAM_MOMENTS:
-                    state[key] = moments[f"{name}.{key}"]
+                    state[key] = optim[name][key]
                 state["step"] = torch.tensor(float(step))
-            _load_schedule(eng.expert_scheduler, state_dict[SCHEDULER_KEY]["experts"])
+            load_schedule(eng.expert_scheduler, state_dict[SCHEDULER_KEY])
+
+
+def _set_full_hp(p: nn.Parameter, value: torch.Tensor, optim_state_key: str | None = None) -> None:
+    """Writes the full fp32 value (or Adam moment) of ``p`` into this rank's ZeRO partition.
+    Under ZeRO-3 the partition is cut here: DeepSpeed 0.19's full setter reads past the end of
+    the value on the rank whose partition holds padding (numel not divisible by the ranks)."""
+    from deepspeed.utils import (
+        safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state,
+    )
+
+    if not hasattr(p, "ds_id"):
+        if optim_state_key is None:
+            safe_set_full_fp32_param(p, value)
+        else:
+            safe_set_full_optimizer_state(p, value, optim_state_key)
+        return
+    part, group = p.ds_tensor.numel(), p.ds_process_group
+    flat = value.flatten()
+    flat = torch.nn.functional.pad(flat, (0, part * dist.get_world_size(group) - flat.numel()))  # (ranks * part,)
+    local = flat.narrow(0, part * dist.get_rank(group), part)
+    if optim_state_key is None:
+        safe_set_local_fp32_param(p, local)
+    else:
+        safe_set_local_optimizer_state(p, local, optim_state_key)
 
 
 def _full_param(p: nn.Parameter):
@@ -229,14 +261,6 @@ def _full_param(p: nn.Parameter):
 
         return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
     return contextlib.nullcontext()
-
-
-def _load_schedule(scheduler, state: dict) -> None:
-    """A LambdaLR restores its step count but not the learning rate already written into the
-    optimizer's groups; DeepSpeed's optimizer state does not carry it either, so write it."""
-    scheduler.load_state_dict(state)
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
 
 
 def _or_zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,18 @@ class MetricsLog:
 
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
-        """Drops records of steps after ``step`` (redone after a resume), atomically."""
+        """Drops records of steps after ``step`` (redone after a resume), atomically. A line
+        torn by a crash mid-write (not valid JSON) is dropped too."""
         if not path.exists():
             return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", step + 1) <= step:
+                keep.append(line)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         tmp.replace(path)
