@@ -1,4 +1,4 @@
-"""Offline tools for modmoe checkpoints: ``python -m checkpoints_tools inspect|validate|consolidate``.
+"""Offline tools for modmoe checkpoints: ``python -m checkpoints_tools inspect|validate|consolidate|convert``.
 
-Converting between DeepSpeed and DCP layouts is not here yet (DeepSpeed is not a dependency).
+``convert`` translates DeepSpeed checkpoints to and from DCP; reading them does not import DeepSpeed.
 """

@@ -1,4 +1,4 @@
-"""``python -m checkpoints_tools``: inspect, validate and consolidate modmoe checkpoints."""
+"""``python -m checkpoints_tools``: inspect, validate, consolidate and convert modmoe checkpoints."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import typer
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from checkpoints_tools.consolidate import consolidate as consolidate_ckpt
+from checkpoints_tools.convert import ConvertError, Target, convert as convert_ckpt
 from modmoe.checkpoint.reader import read_dcp_metadata
 from modmoe.checkpoint.manifest import CheckpointError, validate as validate_ckpt
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Inspect, validate and consolidate modmoe checkpoints.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Inspect, validate, consolidate and convert modmoe checkpoints.")
 
 
 def _human(n: int) -> str:
@@ -84,3 +85,20 @@ def consolidate(
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"wrote {out}: {info['tensors']} tensors, {_human(info['bytes'])}, step {info['step']}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="--to dcp: a DeepSpeed checkpoint (dir with 'latest', or a tag dir); --to deepspeed: a step_XXXXXXXX checkpoint."),
+    dst: Path = typer.Argument(..., help="Output directory (must be new or empty)."),
+    to: Target = typer.Option(..., "--to", help="dcp: DeepSpeed -> modmoe; deepspeed: modmoe -> DeepSpeed universal checkpoint."),
+    config: Path | None = typer.Option(None, help="--to dcp: a modmoe config; check the tensors against its model and record it."),
+    tag: str | None = typer.Option(None, help="--to dcp: the DeepSpeed tag to read (default: the 'latest' file)."),
+    group_mb: int = typer.Option(256, min=1, help="--to deepspeed: load at most this many MiB of tensors at a time."),
+) -> None:
+    """Convert between DeepSpeed's checkpoint layout and modmoe's (DCP) layout."""
+    try:
+        info = convert_ckpt(src, dst, to, config=config, tag=tag, group_bytes=group_mb << 20)
+    except (ConvertError, CheckpointError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"wrote {info['out']}: step {info['step']}, {info['parameters']} parameters, {info['buffers']} buffers")

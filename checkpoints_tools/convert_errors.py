@@ -1,0 +1,8 @@
+"""The one error type of ``checkpoints_tools convert``."""
+
+from __future__ import annotations
+
+
+class ConvertError(ValueError):
+    """A checkpoint cannot be converted; the message is one line naming the file or field and
+    what is allowed."""
