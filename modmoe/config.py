@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
 from modmoe.checkpoint.config import CheckpointConfig
 from modmoe.config_base import ConfigError, ConfigModel, validate_config
@@ -24,6 +25,11 @@ class LoggingConfig(ConfigModel):
 
     plots_every_eval: bool = True
     """Log the expert-load heatmap and the depth-routing map as PNG artifacts at each evaluation."""
+
+    peak_tflops_per_device: float | None = Field(default=None, gt=0.0)
+    """Dense bf16 peak of one device in TFLOP/s, the denominator of ``mfu``. ``None`` = look the
+    GPU up by name (H100 SXM and H200 989, H100 PCIe 756, A100 312, ...: modmoe/train/throughput.py);
+    on CPU, or on a GPU the table does not know, MFU is then not logged."""
 
 
 class JobConfig(ConfigModel):

@@ -3,7 +3,8 @@
 The server gets a free port, a SQLite backend and an artifact directory in a private temporary
 directory; ``stop()``/``start()`` restart it on the same port and data (outage tests). Use the
 module-scoped fixture (``from mlflow_server import mlflow_server``): starting takes 10-20 s on
-a small machine, so one server serves a whole test module.
+a small machine, so one server serves a whole test module. ``MlflowUi`` runs the README's
+``mlflow ui --backend-store-uri ...`` command the same way.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ class MlflowServer:
         self.log_file = root / "server.log"
         self._proc: subprocess.Popen | None = None
 
-    def _command(self) -> list[str]:
+    @staticmethod
+    def launcher() -> list[str]:
         script = Path(sys.executable).with_name("mlflow")
-        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
-        return launcher + [
+        return [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
+
+    def _command(self) -> list[str]:
+        return self.launcher() + [
             "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{self.root / 'backend.db'}",
             "--artifacts-destination", str(self.root / "artifacts"),
@@ -96,6 +100,19 @@ class MlflowServer:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class MlflowUi(MlflowServer):
+    """``mlflow ui --backend-store-uri URI`` as a user types it in ``cwd`` (the README's command),
+    only on a free port."""
+
+    def __init__(self, cwd: Path, backend_store_uri: str) -> None:
+        super().__init__(cwd)
+        self.backend_store_uri = backend_store_uri
+
+    def _command(self) -> list[str]:
+        return self.launcher() + ["ui", "--backend-store-uri", self.backend_store_uri,
+                                  "--host", "127.0.0.1", "--port", str(self.port)]
 
 
 @pytest.fixture(scope="module")

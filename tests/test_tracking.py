@@ -27,7 +27,7 @@ from modmoe.tracking import (
     replay_spool,
     tracking_app,
 )
-from modmoe.tracking.spool import read, spool_path
+from modmoe.tracking.spool import logged_steps, read, spool_path
 
 
 def _cfg(uri: str, **kw) -> TrackingConfig:
@@ -220,9 +220,12 @@ class _Forwarder:
             finally:
                 dst.close()
 
+        open_sockets = self.open_sockets = []
+
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 upstream = socket.create_connection(("127.0.0.1", target_port))
+                open_sockets.extend((upstream, self.request))
                 back = threading.Thread(target=pipe, args=(upstream, self.request), daemon=True)
                 back.start()
                 pipe(self.request, upstream)
@@ -234,8 +237,15 @@ class _Forwarder:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        """Stops listening and cuts the open connections (a kept-alive HTTP connection would
+        otherwise still reach the server)."""
         self.server.shutdown()
         self.server.server_close()
+        for sock in self.open_sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def test_offline_start_creates_the_run_when_the_server_appears(mlflow_server, tmp_path: Path) -> None:
@@ -260,3 +270,30 @@ def test_offline_start_creates_the_run_when_the_server_appears(mlflow_server, tm
     assert run.info.run_id == tracker.run_id and run.info.status == "FINISHED"
     assert _history(client, run.info.run_id, "loss") == [(s, float(s)) for s in range(1, 11)]
     assert not spool_path(tmp_path).exists()
+
+
+def test_resume_after_a_crash_sends_no_step_twice(mlflow_server, tmp_path: Path, caplog) -> None:
+    """A crash after step 6, with the last checkpoint at step 2: steps 3-4 reached the server,
+    5-6 the spool (outage). The resumed tracker redoes 3-6: none of them is sent again, and
+    after replay every step is in MLflow once."""
+    port = free_port()
+    forwarder = _Forwarder(port, mlflow_server.port)
+    crashed = MlflowTracker(_cfg(f"http://127.0.0.1:{port}", max_retries=0), tmp_path)
+    run_id = crashed.run_id
+    for step in range(1, 5):
+        crashed.log_metrics({"loss": float(step), **({"eval/loss": step * 10.0} if step % 2 == 0 else {})}, step)
+    assert crashed.flush(timeout_s=30)
+    forwarder.close()
+    for step in (5, 6):
+        crashed.log_metrics({"loss": float(step), **({"eval/loss": step * 10.0} if step % 2 == 0 else {})}, step)
+    crashed.close()  # the terminate request is spooled too; the process "dies" here
+    assert logged_steps(spool_path(tmp_path), run_id) == {"loss": 6, "eval/loss": 6}
+
+    resumed = MlflowTracker(_cfg(mlflow_server.uri), tmp_path, run_id=run_id)
+    for step in range(3, 9):  # the redone steps carry other values, as a redone step may
+        resumed.log_metrics({"loss": step + 0.5, **({"eval/loss": step * 10.5} if step % 2 == 0 else {})}, step)
+    resumed.close()
+    assert replay_spool(tmp_path, tracking_uri=mlflow_server.uri) >= 1
+    client = MlflowClient(mlflow_server.uri)
+    assert _history(client, run_id, "loss") == [(s, float(s)) for s in range(1, 7)] + [(7, 7.5), (8, 8.5)]
+    assert _history(client, run_id, "eval/loss") == [(2, 20.0), (4, 40.0), (6, 60.0), (8, 84.0)]

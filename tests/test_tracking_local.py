@@ -1,17 +1,27 @@
 """Tracking parts that need no server: embedded SQLite default, config, flattening, tags,
-plots, spool parsing."""
+plots, spool parsing, lazy imports, and the numbers the trainer logs (throughput and MFU,
+memory, router statistics)."""
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+import torch
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
+from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError, validate_config
+from modmoe.model import MoDETransformer
+from modmoe.model.config import ModelConfig
+from modmoe.parallel.dims import ParallelDims
 from modmoe.tracking import (
     MlflowTracker,
     TrackingConfig,
@@ -23,7 +33,11 @@ from modmoe.tracking import (
 )
 from modmoe.tracking.plots import DPI, heatmap_size, routing_map_size
 from modmoe.tracking.records import check_key
-from modmoe.tracking.spool import read
+from modmoe.tracking.spool import logged_steps, read
+from modmoe.train.memory import step_memory
+from modmoe.train.reporting import layout_tag
+from modmoe.train.router_stats import RouterStats, expert_bias_summary
+from modmoe.train.throughput import lookup_peak, peak_tflops_per_device, throughput_metrics
 
 
 def test_embedded_default_is_sqlite_in_the_run_dir(tmp_path: Path, monkeypatch) -> None:
@@ -171,3 +185,117 @@ def test_spool_reader(tmp_path: Path) -> None:
     spool.write_text('not json\n{"kind": "metrics", "metrics": []}\n')
     with pytest.raises(ValueError, match=r"mlflow_spool.jsonl:1"):
         read(spool)
+
+
+def test_spool_logged_steps(tmp_path: Path) -> None:
+    spool = tmp_path / "mlflow_spool.jsonl"
+    lines = [
+        {"kind": "metrics", "run_id": "A", "metrics": [["loss", 1.0, 0, 7], ["lr", 0.1, 0, 7]]},
+        {"kind": "metrics", "run_id": "A", "metrics": [["loss", 1.0, 0, 9]]},
+        {"kind": "metrics", "local_run": "x", "metrics": [["loss", 1.0, 0, 12], ["eval/loss", 2.0, 0, 12]]},
+        {"kind": "bind", "local_run": "x", "run_id": "A"},  # x was created later as A
+        {"kind": "metrics", "run_id": "B", "metrics": [["loss", 1.0, 0, 50]]},
+        {"kind": "params", "run_id": "A", "values": {"a": "1"}},
+    ]
+    spool.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert logged_steps(spool, "A") == {"loss": 12, "lr": 7, "eval/loss": 12}
+    assert logged_steps(spool, "C") == {}
+    assert logged_steps(tmp_path / "none.jsonl", "A") == {}
+
+
+def test_importing_tracking_loads_neither_mlflow_nor_matplotlib() -> None:
+    # Every rank imports the trainer; only rank 0 logs. mlflow alone takes seconds to import.
+    code = ("import sys, modmoe.tracking, modmoe.train.trainer; "
+            "print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA GeForce RTX 3090", None),
+])
+def test_peak_lookup(name: str, peak: float | None) -> None:
+    assert lookup_peak(name) == peak
+
+
+def test_throughput_metrics_and_mfu() -> None:
+    cpu = torch.device("cpu")
+    assert peak_tflops_per_device(cpu, None) is None  # no MFU on CPU unless configured
+    assert peak_tflops_per_device(cpu, 2.5) == 2.5
+    m = throughput_metrics(tokens=4096, step_time_s=0.5, flops_per_token=1e9, devices=4, peak_tflops=2.0)
+    assert m["tokens_per_s"] == 8192 and m["tokens_per_s_per_device"] == 2048
+    assert m["executed_tflops_per_s"] == pytest.approx(8.192e-3 * 1e3)
+    assert m["executed_tflops_per_s_per_device"] == pytest.approx(2.048)
+    assert m["mfu"] == pytest.approx(2.048 / 2.0)
+    assert "mfu" not in throughput_metrics(4096, 0.5, 1e9, 4, None)
+    with pytest.raises(ConfigError, match="logging.peak_tflops_per_device"):
+        validate_config(JobConfig, {"logging": {"peak_tflops_per_device": 0}})
+
+
+def test_step_memory_on_cpu() -> None:
+    mem = step_memory(torch.device("cpu"))
+    assert list(mem) == ["memory/cpu_rss_gib"]  # no GPU key on CPU
+    assert mem["memory/cpu_rss_gib"] == pytest.approx(psutil.Process().memory_info().rss / 2**30, rel=0.2)
+
+
+def _tiny_model(**moe) -> MoDETransformer:
+    torch.manual_seed(0)
+    return MoDETransformer(ModelConfig(
+        vocab_size=64, dim=32, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden=64, max_seq_len=40,
+        depth={"capacity": 0.25, "predictor": True}, moe={"num_experts": 4, "top_k": 2, "expert_hidden": 32, **moe}))
+
+
+def test_router_stats_per_layer_and_aggregated() -> None:
+    model = _tiny_model()
+    stats, outs = RouterStats(), []
+    for seed in (1, 2):  # two micro-batches of 3 sequences of 40 tokens
+        tokens = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(seed))
+        outs.append(model(tokens, tokens))
+        stats.add(outs[-1])
+    stats.reduce(lambda t: t)
+    s = stats.summary()
+    moe_layers, mod_layers = [0, 1, 2, 3], [1, 3]
+    for i in moe_layers:
+        loads = [s[f"moe/layer{i}/expert_load/{e}"] for e in range(4)]
+        assert sum(loads) == pytest.approx(1.0) and min(loads) >= 0
+        assert s[f"moe/layer{i}/max_over_mean_load"] == pytest.approx(max(loads) * 4)
+    for name in ("aux_loss", "seq_aux_loss", "z_loss"):  # per-layer means add up to the model's sum
+        expected = sum(float(o.aux[f"moe_{name}"]) for o in outs) / 2
+        assert sum(s[f"moe/layer{i}/{name}"] for i in moe_layers) == pytest.approx(expected, rel=1e-5)
+    for name in ("bce_loss", "predictor_loss"):
+        expected = sum(float(o.aux[f"mod_{name}"]) for o in outs) / 2
+        assert sum(s[f"mod/layer{i}/{name}"] for i in mod_layers) == pytest.approx(expected, rel=1e-5)
+    capacity = 10 / 40  # k = ceil(0.25 * 40) tokens of each sequence enter
+    for i in mod_layers:
+        assert s[f"mod/layer{i}/entry_fraction"] == pytest.approx(capacity)
+        rates = [s[f"mod/layer{i}/entry_rate_by_position/{b}"] for b in range(10)]
+        assert sum(rates) / 10 == pytest.approx(capacity)  # equal bins of 4 positions
+        assert 0 <= s[f"mod/layer{i}/selection_entropy"] <= 1
+    assert s["mod/entry_fraction"] == pytest.approx(capacity)
+    assert s["mod/router_weight_std"] == pytest.approx((s["mod/layer1/router_weight_std"] + s["mod/layer3/router_weight_std"]) / 2)
+    assert s["moe/dead_experts"] == sum(s[f"moe/layer{i}/dead_experts"] for i in moe_layers)
+    names, loads = stats.expert_loads()
+    assert names == [f"layer {i}" for i in moe_layers] and loads.shape == (4, 4)
+
+
+def test_expert_bias_summary() -> None:
+    biases = {0: torch.tensor([0.3, -0.1, 0.0, 0.2]), 2: torch.zeros(4)}
+    s = expert_bias_summary(biases)
+    assert s["moe/layer0/expert_bias_norm"] == pytest.approx(math.sqrt(0.14))
+    assert s["moe/layer0/expert_bias_range"] == pytest.approx(0.4)
+    assert s["moe/layer2/expert_bias_norm"] == 0 and s["moe/layer2/expert_bias_range"] == 0
+    assert s["moe/expert_bias_norm"] == pytest.approx(math.sqrt(0.14) / 2)
+    assert s["moe/expert_bias_range"] == pytest.approx(0.2)
+    assert expert_bias_summary({}) == {}
+
+
+def test_layout_tag() -> None:
+    def tag(**kw) -> str:
+        base = dict(dp=2, ep=1, tp=1, world_size=2, dp_backend="ddp", zero_stage=0)
+        return layout_tag(ParallelDims(**(base | kw)))
+
+    assert tag() == "dp2-ddp"
+    assert tag(dp=4, ep=2, world_size=4, dp_backend="deepspeed", zero_stage=2) == "dp4-deepspeed-zero2-ep2"
+    assert tag(dp=1, tp=2, dp_backend="fsdp2") == "dp1-fsdp2-tp2"

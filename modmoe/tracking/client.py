@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING
 
 from modmoe.tracking.config import local_artifact_root
+
+if TYPE_CHECKING:  # mlflow is imported where a client is made: it takes seconds to import
+    from mlflow import MlflowClient
 
 # Whether the user set MLflow's HTTP settings; if not, ours apply (per tracker, last one wins).
 _USER_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ
@@ -33,6 +34,8 @@ def make_client(tracking_uri: str, http_timeout_s: int = 10) -> MlflowClient:
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     if not _USER_TIMEOUT:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(http_timeout_s)
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -40,6 +43,8 @@ def is_permanent(err: BaseException) -> bool:
     """True when the server understood and refused the request (bad key, unknown run, ...)."""
     if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError)):
         return True  # a bad record or a vanished local file: the same again fails the same way
+    from mlflow.exceptions import MlflowException
+
     return isinstance(err, MlflowException) and err.error_code in _PERMANENT_CODES
 
 
@@ -50,6 +55,8 @@ def short_error(err: BaseException, limit: int = 200) -> str:
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     """Id of experiment ``name``, created when missing (a concurrent creator may win the race)."""
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id

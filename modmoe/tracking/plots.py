@@ -7,12 +7,22 @@ PNG is ``figure_size(...) * DPI`` pixels.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    # matplotlib is imported here, at the first plot: most processes that import the tracking
+    # package never draw one.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
 
 
 def _check_names(names: list[str], rows: int, what: str) -> None:
@@ -21,6 +31,8 @@ def _check_names(names: list[str], rows: int, what: str) -> None:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -42,7 +54,7 @@ def expert_load_heatmap(loads: np.ndarray, layer_names: list[str], path: str | P
         raise ValueError(f"loads must be a non-empty (layers, experts) array, got shape {loads.shape}")
     layers, experts = loads.shape
     _check_names(layer_names, layers, "loads")
-    fig = Figure(figsize=heatmap_size(layers, experts), layout="constrained")
+    fig = _figure(heatmap_size(layers, experts))
     ax = fig.add_subplot()
     image = ax.imshow(loads, aspect="auto", cmap="viridis", interpolation="nearest")  # (L, E)
     ax.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=8)
@@ -84,7 +96,7 @@ def depth_routing_map(tokens: list[str], chosen: np.ndarray, layer_names: list[s
         raise ValueError(f"tokens has {len(tokens)} entries but chosen has {seq} columns")
     _check_names(layer_names, routed, "chosen")
     chosen = chosen.astype(bool)
-    fig = Figure(figsize=routing_map_size(routed, seq), layout="constrained")
+    fig = _figure(routing_map_size(routed, seq))
     ax = fig.add_subplot()
     ax.imshow(chosen, aspect="auto", cmap="Blues", vmin=0, vmax=1.25, interpolation="nearest")  # (R, T)
     ax.set_xticks(range(seq), [_token_label(t) for t in tokens], rotation=90, fontsize=7,

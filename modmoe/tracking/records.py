@@ -16,23 +16,28 @@ exists in the spool, for records of a run not yet created).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-)
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 Record = dict[str, Any]
+
+
+@functools.cache
+def limits() -> ModuleType:
+    """MLflow's size limits (``MAX_METRICS_PER_BATCH``, ...). Imported on first use: importing
+    mlflow takes seconds, and processes that never log (other ranks, CLI help) should not pay."""
+    from mlflow.utils import validation
+
+    return validation
+
 
 # Names MLflow accepts for metrics, params and tags.
 _KEY_RE = re.compile(r"^[\w\-. :/]+$")
@@ -40,10 +45,11 @@ _KEY_RE = re.compile(r"^[\w\-. :/]+$")
 
 def check_key(key: Any, what: str) -> str:
     """Raises a one-line ``ValueError`` for a key MLflow would refuse (late, on another thread)."""
-    if (not isinstance(key, str) or not _KEY_RE.match(key) or len(key) > MAX_ENTITY_KEY_LENGTH
+    max_len = limits().MAX_ENTITY_KEY_LENGTH
+    if (not isinstance(key, str) or not _KEY_RE.match(key) or len(key) > max_len
             or key.startswith("/") or ".." in key.split("/")):
         raise ValueError(
-            f"{what} name {key!r} is not allowed: MLflow takes up to {MAX_ENTITY_KEY_LENGTH} "
+            f"{what} name {key!r} is not allowed: MLflow takes up to {max_len} "
             "letters, digits, '_', '-', '.', ' ', ':', '/' (not starting with '/')"
         )
     return key
@@ -51,30 +57,27 @@ def check_key(key: Any, what: str) -> str:
 
 def chunk_values(kind: str, values: dict[str, str]) -> list[Record]:
     """``params``/``tags`` records of at most MLflow's batch size, values cut to its length cap."""
-    cap = MAX_PARAM_VAL_LENGTH if kind == "params" else MAX_TAG_VAL_LENGTH
+    lim = limits()
+    cap = lim.MAX_PARAM_VAL_LENGTH if kind == "params" else lim.MAX_TAG_VAL_LENGTH
+    batch = lim.MAX_PARAMS_TAGS_PER_BATCH
     items = [(check_key(k, kind[:-1]), str(v)[:cap]) for k, v in values.items()]
-    return [
-        {"kind": kind, "values": dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH])}
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH)
-    ]
+    return [{"kind": kind, "values": dict(items[i : i + batch])} for i in range(0, len(items), batch)]
 
 
 def chunk_metrics(metrics: list[list]) -> list[Record]:
-    return [
-        {"kind": "metrics", "metrics": metrics[i : i + MAX_METRICS_PER_BATCH]}
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)
-    ]
-
-
-def _metric(key: str, value: float, timestamp: int, step: int) -> Metric:
-    return Metric(key, float(value) if value is not None else math.nan, int(timestamp), int(step))
+    batch = limits().MAX_METRICS_PER_BATCH
+    return [{"kind": "metrics", "metrics": metrics[i : i + batch]} for i in range(0, len(metrics), batch)]
 
 
 def send(client: MlflowClient, run_id: str, record: Record) -> None:
     """Performs the MLflow request a record stands for (raises what MLflow raises)."""
+    from mlflow.entities import Metric, Param, RunTag
+
     kind = record["kind"]
     if kind == "metrics":
-        client.log_batch(run_id, metrics=[_metric(*m) for m in record["metrics"]], synchronous=True)
+        metrics = [Metric(k, math.nan if v is None else float(v), int(ts), int(step))
+                   for k, v, ts, step in record["metrics"]]
+        client.log_batch(run_id, metrics=metrics, synchronous=True)
     elif kind == "params":
         client.log_batch(run_id, params=[Param(k, v) for k, v in record["values"].items()],
                          synchronous=True)

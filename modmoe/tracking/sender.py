@@ -11,13 +11,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from mlflow import MlflowClient
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+from typing import TYPE_CHECKING
 
 from modmoe.tracking import records, spool
 from modmoe.tracking.client import create_run, is_permanent, short_error
 from modmoe.tracking.records import Record
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger("modmoe.tracking")
 
@@ -83,7 +84,7 @@ class Sender(threading.Thread):
                 if not pending:
                     deadline = time.monotonic() + self.flush_interval_s
                 pending.extend(item["metrics"])
-                if len(pending) >= MAX_METRICS_PER_BATCH:
+                if len(pending) >= records.limits().MAX_METRICS_PER_BATCH:
                     pending = self._send_metrics(pending)
                 continue
             pending = self._send_metrics(pending)  # keep the order the caller logged in

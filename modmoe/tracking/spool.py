@@ -10,12 +10,14 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-from mlflow import MlflowClient
+from typing import TYPE_CHECKING
 
 from modmoe.tracking import records
 from modmoe.tracking.client import create_run, is_permanent, make_client, short_error
 from modmoe.tracking.records import Record
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 SPOOL_NAME = "mlflow_spool.jsonl"
 log = logging.getLogger("modmoe.tracking")
@@ -67,6 +69,23 @@ def read(path: Path) -> list[Record]:
             raise ValueError(f"{path}:{number}: not a tracking record (one JSON object per line)") from None
         out.append(rec)
     return out
+
+
+def logged_steps(path: Path, run_id: str) -> dict[str, int]:
+    """Highest step of each metric the spool holds for ``run_id``, including records of a run
+    that was created offline and bound to ``run_id`` later."""
+    if not path.exists():
+        return {}
+    with _locked(path):
+        recs = read(path)
+    aliases = {r["local_run"] for r in recs if r["kind"] == "bind" and r["run_id"] == run_id}
+    last: dict[str, int] = {}
+    for rec in recs:
+        if rec["kind"] != "metrics" or not (rec.get("run_id") == run_id or rec.get("local_run") in aliases):
+            continue
+        for key, _value, _timestamp, step in rec["metrics"]:
+            last[key] = max(int(step), last.get(key, int(step)))
+    return last
 
 
 def _write(path: Path, recs: list[Record]) -> None:

@@ -35,6 +35,10 @@ class MlflowTracker:
     If the server cannot be reached at start, the tracker runs offline: ``run_id`` is ``None``
     until a later batch succeeds in creating the run; what was logged meanwhile sits in the
     spool and ``replay_spool`` delivers it. With ``cfg.enabled = False`` every method is a no-op.
+
+    Resuming after a crash redoes the steps after the last checkpoint. MLflow can neither
+    delete nor overwrite a metric point, so a metric is not sent again at a step the run (or
+    the spool) already holds for it: every step stays in MLflow once, with its first value.
     """
 
     def __init__(self, cfg: TrackingConfig, run_dir: str | Path, run_id: str | None = None,
@@ -46,6 +50,7 @@ class MlflowTracker:
         self._monitor = None
         self._closed = False
         self._known_keys: set[str] = set()
+        self._already_logged: dict[str, int] = {}  # resumed run: metric -> last step it holds
         if not cfg.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +76,7 @@ class MlflowTracker:
                               degraded=not reachable)
         self._sender.start()
         if run_id is not None:  # resumed: the run is live again, and may get new tags
+            self._note_spooled_steps(run_id, reachable)
             self._sender.put({"kind": "status", "status": "RUNNING"})
             if tags:
                 self.set_tags(tags)
@@ -86,7 +92,16 @@ class MlflowTracker:
             self._run_id = create_run(self._client, self.tracking_uri, self.cfg.experiment,
                                       self.cfg.run_name, tags)
         else:
-            self._client.get_run(run_id)  # fails for an unknown id
+            run = self._client.get_run(run_id)  # fails for an unknown id
+            # MLflow keeps each metric's point of highest step as its latest value.
+            self._already_logged = {m.key: int(m.step) for m in run.data.to_proto().metrics}
+
+    def _note_spooled_steps(self, run_id: str, reachable: bool) -> None:
+        for key, step in spool.logged_steps(self.spool_file, run_id).items():
+            self._already_logged[key] = max(step, self._already_logged.get(key, step))
+        if not reachable:
+            log.warning("tracking: cannot ask MLflow which steps run %s already holds; steps redone "
+                        "after the checkpoint may show twice in it", run_id)
 
     def _with_retries(self, attempt_fn) -> bool:
         """Runs ``attempt_fn`` with the configured retries. False when MLflow stays unreachable;
@@ -139,9 +154,14 @@ class MlflowTracker:
             return
         now_ms = int(time.time() * 1000)
         rows = []
+        held = self._already_logged
         for key, value in metrics.items():
             if key not in self._known_keys:
                 self._known_keys.add(records.check_key(key, "metric"))
+            if held and key in held:
+                if step <= held[key]:
+                    continue  # redone after a resume: the run already holds this step
+                del held[key]
             rows.append([key, float(value), now_ms, int(step)])
         if rows:
             self._put({"kind": "metrics", "metrics": rows})

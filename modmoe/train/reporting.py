@@ -11,18 +11,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modmoe.parallel.dims import ParallelDims
 from modmoe.tracking import MlflowTracker, default_tags, depth_routing_map, expert_load_heatmap, flatten_config
 from modmoe.train.router_stats import RouterStats
 
 
+def layout_tag(dims: ParallelDims) -> str:
+    """Compact layout name for the ``parallel_layout`` tag: ``dp2-ddp``, ``dp4-deepspeed-zero2-ep2``, ..."""
+    parts = [f"dp{dims.dp}", dims.dp_backend]
+    if dims.dp_backend == "deepspeed":
+        parts.append(f"zero{dims.zero_stage}")
+    parts += [f"{name}{size}" for name, size in (("ep", dims.ep), ("tp", dims.tp)) if size > 1]
+    return "-".join(parts)
+
+
 class RunReporter:
-    def __init__(self, cfg, run_dir: Path, world_size: int, run_id: str | None = None) -> None:
-        layout = f"dp{world_size}-{cfg.parallel.dp_backend}"
+    def __init__(self, cfg, run_dir: Path, dims: ParallelDims, run_id: str | None = None) -> None:
+        """Opens the MLflow run, or continues ``run_id`` (taken from the checkpoint) on resume:
+        then params and the config artifact stay those of the run's first start."""
         self.run_dir = run_dir
         self.tracker = MlflowTracker(
             cfg.logging.mlflow, run_dir, run_id=run_id,
             params=None if run_id else flatten_config(cfg.model_dump(mode="json")),
-            tags=default_tags("native", layout),
+            tags=default_tags("native", layout_tag(dims)),
         )
         if run_id is None:
             self.tracker.log_artifact(run_dir / "config.yaml")

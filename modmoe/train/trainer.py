@@ -15,17 +15,19 @@ import torch
 from torch import nn
 
 from modmoe.checkpoint import CheckpointManager
+from modmoe.checkpoint.manifest import CheckpointError, read_manifest
 from modmoe.config import JobConfig, dump_config
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
 from modmoe.model import MoDETransformer
 from modmoe.model.moe import MoE
 from modmoe.model.flops import count_flops, parameter_counts
 from modmoe.parallel.dims import ParallelDims
-from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from modmoe.parallel.engine import build_engine
+from modmoe.train import memory, throughput
 from modmoe.train.metrics_log import MetricsLog, ProgressReporter
 from modmoe.train.reporting import RunReporter, routing_sample
-from modmoe.train.router_stats import RouterStats
+from modmoe.train.router_stats import RouterStats, expert_bias_summary
 from modmoe.train.stop import COMPLETED_FILE, STOP_FILE, StopRequests
 
 
@@ -100,7 +102,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
         self.reporter: RunReporter | None = None
         if self.env.is_main and cfg.logging.mlflow.enabled:
-            self.reporter = RunReporter(cfg, self.run_dir, self.env.world_size, run_id=mlflow_run_id)
+            self.reporter = RunReporter(cfg, self.run_dir, self.dims, run_id=mlflow_run_id)
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, resume: str) -> str | None:
@@ -112,13 +114,37 @@ class Trainer:
             return None
         if resume != "auto" and not path.is_dir():
             raise ValueError(f"--resume {resume}: no checkpoint directory there")
+        self._check_same_model(path)
         meta = self.ckpt.load(path, self.app_state)
         self.step = int(meta["step"])
-        self.sampler.load_state_dict(meta["sampler"])
+        if "sampler" in meta:
+            self.sampler.load_state_dict(meta["sampler"])
+        else:
+            # A converted checkpoint (checkpoints_tools convert) records no data position:
+            # continue after the samples ``step`` optimizer steps would have drawn.
+            drawn, per_epoch = self.step * self.cfg.trainer.global_batch_size, self.sampler.samples_per_epoch
+            self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": drawn // per_epoch, "consumed": drawn % per_epoch})
+            self._log_main(f"{path} has no sampler position: starting the data stream at sample {drawn}")
         self._log_main(f"resumed from {path} at step {self.step}")
         if self.env.is_main:  # the record continues from the checkpoint: later steps are redone
             MetricsLog.truncate_after(self.run_dir / "metrics.jsonl", self.step)
         return meta.get("mlflow_run_id")
+
+    def _check_same_model(self, path: Path) -> None:
+        """A checkpoint resumes under any layout, but only into the same network: name the
+        first model field that differs rather than letting DCP fail on a tensor shape."""
+        try:
+            saved = (read_manifest(path).meta.get("config") or {}).get("model")
+        except CheckpointError:
+            return  # load() refuses it with the full list of problems
+        if saved is None:
+            return
+        ours = self.cfg.model.model_dump(mode="json")
+        for key, theirs, mine in _differences(saved, ours, "model"):
+            raise ValueError(
+                f"--resume {path}: {key} = {theirs!r} in the checkpoint but {mine!r} in the config; "
+                "a checkpoint resumes only into the same model (the layout may change)"
+            )
 
     def save_checkpoint(self) -> None:
         meta = {
@@ -154,9 +180,11 @@ class Trainer:
         """One optimizer step over ``accum_steps`` micro-batches; returns global metrics."""
         tc, t0 = self.cfg.trainer, time.perf_counter()
         self.model.train()
+        memory.start_step(self.env.device)
         stats, data_wait = RouterStats(), 0.0
-        sums = torch.zeros(2, dtype=torch.float64)  # (loss, aux_loss) summed over micro-batches
-        aux_sums: dict[str, float] = {}
+        # Loss sums stay on the device: no host sync per micro-batch.
+        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # (loss, aux_loss)
+        aux_sums: dict[str, torch.Tensor] = {}
         for micro in range(self.accum_steps):
             td = time.perf_counter()
             inputs, targets = self.sampler.next_batch()
@@ -166,47 +194,52 @@ class Trainer:
                 with self._autocast():
                     out = self.model(inputs, targets)
                 self.engine.backward((out.loss + out.aux_loss) / self.accum_steps)
-            sums += torch.tensor([out.loss.item(), out.aux_loss.item()], dtype=torch.float64)
+            sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
             for k, v in out.aux.items():
-                aux_sums[k] = aux_sums.get(k, 0.0) + float(v)
+                aux_sums[k] = aux_sums.get(k, 0.0) + v.detach().double().reshape(1)
             stats.add(out)
         lr = self.engine.lr()
         grad_norm = self.engine.step()
         stats.reduce(self.reduce_dp)
-        self._update_expert_biases(stats)
+        bias_metrics = self._update_expert_biases(stats)
         self.step += 1
 
         # Global means: every data-parallel rank holds accum_steps micro-batches of equal size.
         aux_keys = sorted(aux_sums)
-        packed = torch.cat([sums, torch.tensor([aux_sums[k] for k in aux_keys], dtype=torch.float64)])
-        packed = self.reduce_dp(packed) / (self.accum_steps * self.dims.dp)
+        packed = torch.cat([sums, *(aux_sums[k] for k in aux_keys)])  # on the device: NCCL needs it there
+        packed = (self.reduce_dp(packed) / (self.accum_steps * self.dims.dp)).tolist()
         step_time = time.perf_counter() - t0
-        tokens = tc.global_batch_size * self.cfg.data.seq_len
+        peak = throughput.peak_tflops_per_device(self.env.device, self.cfg.logging.peak_tflops_per_device)
         metrics = {
             "step": self.step,
-            "loss": float(packed[0]),
-            "aux_loss_total": float(packed[1]),
-            **{k: float(packed[2 + i]) for i, k in enumerate(aux_keys)},
+            "loss": packed[0],
+            "aux_loss_total": packed[1],
+            **{k: packed[2 + i] for i, k in enumerate(aux_keys)},
             "lr": lr,
             "step_time_s": step_time,
             "data_wait_s": data_wait,
-            "tokens_per_s": tokens / step_time,
-            "tokens_per_s_per_device": tokens / step_time / self.env.world_size,
-            "executed_tflops_per_s": self.flops.training_per_token * tokens / step_time / 1e12,
+            **throughput.throughput_metrics(tc.global_batch_size * self.cfg.data.seq_len, step_time,
+                                            self.flops.training_per_token, self.env.world_size, peak),
         }
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         metrics.update(self.engine.comm_metrics())
+        metrics.update(memory.step_memory(self.env.device))
         metrics.update(stats.summary())
+        metrics.update(bias_metrics)
         self.last_router_stats = stats
         return metrics
 
-    def _update_expert_biases(self, stats: RouterStats) -> None:
-        """Aux-loss-free balancing from the step's global expert loads (already reduced)."""
+    def _update_expert_biases(self, stats: RouterStats) -> dict[str, float]:
+        """Aux-loss-free balancing from the step's global expert loads (already reduced); returns
+        the norm and range of the updated biases."""
+        biases: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.model_core.layers):
             moe = block.mlp
             if isinstance(moe, MoE) and moe.expert_bias is not None:
                 moe.update_expert_bias(stats.sums[f"moe{i}.load"].to(moe.expert_bias))
+                biases[i] = moe.expert_bias
+        return expert_bias_summary(biases)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -272,6 +305,9 @@ class Trainer:
         try:
             while self.step < tc.max_steps:
                 metrics = self.train_step()
+                if self.ckpt.last_save_blocking_s is not None:  # the save after the previous step
+                    metrics["checkpoint/save_blocking_s"] = self.ckpt.last_save_blocking_s
+                    self.ckpt.last_save_blocking_s = None
                 last = self.step == tc.max_steps
                 if (tc.eval_every and self.step % tc.eval_every == 0) or last or first_eval is None and self.step == 1:
                     self.last_eval = self.evaluate()
@@ -316,13 +352,26 @@ class Trainer:
         return metrics
 
 
+def _differences(a, b, prefix: str):
+    """(key, a value, b value) for every leaf where two nested config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _differences(a.get(key), b.get(key), f"{prefix}.{key}")
+    elif a != b:
+        yield prefix, a, b
+
+
 def run_training(cfg: JobConfig, resume: str = "auto") -> dict[str, float]:
     trainer = Trainer(cfg, resume=resume)
     try:
-        return trainer.train()
+        metrics = trainer.train()
     finally:
         trainer.sampler.close()
         sys.stdout.flush()
+    # Every rank leaves the process group together; exiting with it alive can abort a rank
+    # in the communication library's teardown after the run has completed.
+    shutdown()
+    return metrics
 
 
 __all__ = ["Trainer", "run_training", "STOP_FILE", "COMPLETED_FILE"]
