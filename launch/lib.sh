@@ -46,12 +46,14 @@ modmoe_first_host() {
     scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
 }
 
-# A port that differs between jobs (several jobs may share a node) and between attempts of
-# one job (the previous attempt's socket may linger in TIME_WAIT).
+# The rendezvous port: MODMOE_RDZV_PORT, else a port that is free on this host right now. The
+# batch shell runs on the first node, which hosts the store, so the check is made where it
+# counts. A port derived from the job id is not enough: jobs of two clusters (or job ids
+# that agree modulo the range) would meet in one rendezvous on a shared node.
 modmoe_rdzv_port() {
     if [[ -n ${MODMOE_RDZV_PORT:-} ]]; then
         echo "$MODMOE_RDZV_PORT"
     else
-        echo $(( 20000 + (SLURM_JOB_ID % 5000) * 4 + ${SLURM_RESTART_COUNT:-0} % 4 ))
+        "${MODMOE_PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
     fi
 }

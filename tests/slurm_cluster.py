@@ -8,15 +8,22 @@ through ``SLURM_CONF``, which the fixture sets for the test session.
 Use it through the ``slurm_cluster`` fixture: ``from slurm_cluster import slurm_cluster``.
 The cluster is started once per pytest session (even when several test files import the
 fixture) and torn down at the end; tests are skipped, with the reason, where it cannot start.
+
+The second half reads what a training job left in its run directory and drives preemptions of a
+running job (``preempt_attempt``, ``check_finished_run``), for the tests and for
+benchmarks/slurm_preempt_stress.py, which starts a cluster with ``start_cluster``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -188,7 +195,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+# Slurm's default: SIGTERM'd ranks have this long to checkpoint before SIGKILL.
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 # Long: the paper node must not turn DOWN (and fail --test-only) during a session.
@@ -263,6 +271,264 @@ def _wait_for(predicate, what: str, cluster: SlurmCluster) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"timed out waiting for {what}\n{cluster.diagnostics()}")
+
+
+# ------------------------------------------------------------------------------------------
+# What a training job leaves in its run directory, and a driver that preempts a running job
+# and checks each attempt. Shared by tests/test_slurm_train.py and
+# benchmarks/slurm_preempt_stress.py.
+
+REPO = Path(__file__).resolve().parents[1]
+_FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+_ATTEMPT_LINE = re.compile(r"node rank 0/\d+: .*attempt (\d+)$", re.MULTILINE)
+_RESUMED_LINE = re.compile(r"resumed from \S+ at step (\d+)")
+
+
+def tiny_job_overrides(prepared_dir: Path, steps: int) -> list[str]:
+    """``--set`` items that shrink configs/tiny.yaml to a ~0.3M-parameter model on 1 MB of
+    stdlib text (a 2-rank step takes tens of milliseconds); runs that share ``prepared_dir``
+    see the same tokens."""
+    return [
+        f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.eval_batches=1",
+        "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+        "model.dim=64", "model.num_layers=2", "model.ffn_hidden=128", "model.moe.expert_hidden=64",
+        "model.max_seq_len=64", "model.vocab_size=512",
+        "data.seq_len=64", "data.vocab_size=512", "data.max_corpus_bytes=1000000", "data.val_fraction=0.1",
+        f"data.prepared_dir={prepared_dir}",
+    ]
+
+
+def training_records(run_dir: Path) -> list[dict]:
+    """The training-step records of ``metrics.jsonl`` (a line being written is left out)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line, half written
+        if "loss" in record:
+            records.append(record)
+    return records
+
+
+def last_step(run_dir: Path) -> int:
+    records = training_records(run_dir)
+    return records[-1]["step"] if records else 0
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoints/step_*/manifest.json"))
+
+
+def batch_log(run_dir: Path) -> str:
+    """The job's batch log (``modmoe submit`` puts it in ``<runs_root>/slurm-logs``)."""
+    log = run_dir.parent / "slurm-logs" / f"{run_dir.name}.out"
+    return log.read_text() if log.exists() else "(no batch log)"
+
+
+def node_logs(run_dir: Path, tail: int = 3000) -> str:
+    return "\n".join(p.read_text()[-tail:] for p in sorted((run_dir / "logs").glob("node*.log")))
+
+
+def resumed_steps(run_dir: Path) -> dict[int, int | None]:
+    """Attempt -> the step it resumed from (None: it started fresh or stopped before loading),
+    read from node 0's log, which launch/node.sh marks at each attempt's start."""
+    log_path = run_dir / "logs" / "node0.log"
+    text = log_path.read_text() if log_path.exists() else ""
+    marks = list(_ATTEMPT_LINE.finditer(text))
+    out: dict[int, int | None] = {}
+    for i, mark in enumerate(marks):
+        chunk = text[mark.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)]
+        found = _RESUMED_LINE.search(chunk)
+        out[int(mark.group(1))] = int(found.group(1)) if found else None
+    return out
+
+
+def mlflow_runs(run_dir: Path) -> list:
+    """Every run in the run directory's MLflow database (the embedded default)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+def mlflow_history(run_dir: Path, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def checkpoint_meta(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "manifest.json").read_text())["meta"]
+
+
+def validate_checkpoint(checkpoint: Path) -> subprocess.CompletedProcess:
+    """``python -m checkpoints_tools validate`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "checkpoints_tools", "validate", str(checkpoint)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@dataclass
+class Preemption:
+    """One preemption of a running attempt."""
+
+    how: str
+    """``usr1``: ``scancel --signal=USR1 --batch`` (what ``--signal=B:USR1`` does at the time
+    limit); ``requeue``: ``scontrol requeue`` (SIGTERM to every process of the job)."""
+
+    steps: int | None = 10
+    """Send it once the attempt has trained this many steps past its resume point."""
+
+    delay_s: float = 0.0
+    """With ``steps=None``: send it this long after the attempt starts running, whatever it is
+    doing then (starting up, loading, training)."""
+
+
+@dataclass
+class Attempt:
+    """What one preempted attempt did, and what the next one found."""
+
+    number: int
+    how: str
+    sent_at_step: int
+    """Last step in metrics.jsonl when the preemption was sent."""
+    sent_after_s: float
+    """Seconds between the attempt starting to run and the preemption."""
+    checkpoint: int | None
+    """Newest checkpoint once the attempt had ended."""
+    stopped_at: int
+    """Last step in metrics.jsonl once the attempt had ended."""
+    resumed_at: int | None = None
+    """Step the next attempt resumed from (filled in by :func:`check_finished_run`); None when it
+    started fresh, or was itself preempted while starting, before it loaded anything."""
+    problems: list[str] = field(default_factory=list)
+
+
+def preempt_attempt(cluster: SlurmCluster, job: str, run_dir: Path, number: int, plan: Preemption,
+                    timeout: float = 240.0) -> Attempt:
+    """Waits until attempt ``number`` of the job runs, preempts it as ``plan`` says, waits
+    until Slurm has requeued the job, lifts the requeue hold, and checks what the attempt
+    left: no COMPLETED, contiguous steps, a checkpoint at the step where it stopped."""
+    deadline = time.monotonic() + timeout
+
+    def alive() -> None:
+        state = cluster.job_field(job, "JobState")
+        if state in _FINISHED or (run_dir / "COMPLETED").exists():
+            raise AssertionError(f"job {job} ended ({state}) before preemption {number + 1}\n"
+                                 f"{batch_log(run_dir)}{node_logs(run_dir)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"attempt {number} of job {job}: nothing to preempt after {timeout:.0f}s "
+                               f"(state {state})\n{batch_log(run_dir)}{node_logs(run_dir)}")
+
+    while not (cluster.job_field(job, "Restarts") == str(number) and cluster.job_field(job, "JobState") == "RUNNING"):
+        alive()
+        time.sleep(0.1)
+    started = time.monotonic()
+    if plan.steps is None:
+        time.sleep(plan.delay_s)
+    else:
+        target = max(checkpoint_steps(run_dir), default=0) + plan.steps
+        while last_step(run_dir) < target:
+            alive()
+            time.sleep(0.05)
+    sent_at, sent_after = last_step(run_dir), time.monotonic() - started
+    if plan.how == "usr1":
+        cluster.run("scancel", "--signal=USR1", "--batch", job)
+    elif plan.how == "requeue":
+        cluster.run("scontrol", "requeue", job)
+    else:
+        raise ValueError(f"Preemption.how = {plan.how!r}: expected usr1 or requeue")
+    cluster.release_requeue_hold(job, restarts=number + 1, timeout=max(deadline - time.monotonic(), 60.0))
+
+    ckpts, steps = checkpoint_steps(run_dir), [r["step"] for r in training_records(run_dir)]
+    attempt = Attempt(number, plan.how, sent_at, sent_after, max(ckpts, default=None), steps[-1] if steps else 0)
+    if (run_dir / "COMPLETED").exists():
+        attempt.problems.append("COMPLETED after a preempted attempt")
+    if steps != list(range(1, len(steps) + 1)):
+        attempt.problems.append(f"metrics.jsonl steps not 1..{len(steps)}: {_ranges(steps)}")
+    if steps and attempt.checkpoint != attempt.stopped_at:
+        attempt.problems.append(f"stopped at step {attempt.stopped_at} but the newest checkpoint is {attempt.checkpoint}")
+    return attempt
+
+
+def check_finished_run(cluster: SlurmCluster, job: str, run_dir: Path, attempts: list[Attempt], steps: int,
+                       reference: dict[int, float] | None = None, timeout: float = 240.0) -> list[str]:
+    """Waits for the job to complete, fills in where each attempt's successor resumed, and
+    returns every broken invariant (an empty list when the run is sound): completion, each
+    resume from the newest checkpoint, steps 1..``steps`` once each, losses bit-identical to
+    ``reference``, one MLflow run holding each step's loss once and named in the checkpoint,
+    a checkpoint that ``checkpoints_tools validate`` accepts."""
+    state = cluster.wait_job(job, timeout=timeout)
+    problems = []
+    if state != "COMPLETED" or not (run_dir / "COMPLETED").exists():
+        return [f"job {job} ended {state}, COMPLETED file: {(run_dir / 'COMPLETED').exists()}\n"
+                f"{batch_log(run_dir)}{node_logs(run_dir)}"]
+    if cluster.job_field(job, "Restarts") != str(len(attempts)):
+        problems.append(f"Restarts = {cluster.job_field(job, 'Restarts')}, expected {len(attempts)}")
+    resumed = resumed_steps(run_dir)
+    for i, attempt in enumerate(attempts):
+        attempt.resumed_at = resumed.get(attempt.number + 1)
+        nxt = attempts[i + 1] if i + 1 < len(attempts) else None
+        if (attempt.resumed_at is None and nxt is not None
+                and (nxt.checkpoint, nxt.stopped_at) == (attempt.checkpoint, attempt.stopped_at)):
+            pass  # the next attempt was preempted while starting, before it loaded or trained anything
+        elif attempt.resumed_at != attempt.checkpoint:
+            attempt.problems.append(f"attempt {attempt.number + 1} resumed at {attempt.resumed_at}, "
+                                    f"not at the newest checkpoint {attempt.checkpoint}")
+        problems += [f"attempt {attempt.number}: {p}" for p in attempt.problems]
+
+    records = training_records(run_dir)
+    losses = {r["step"]: r["loss"] for r in records}
+    if [r["step"] for r in records] != list(range(1, steps + 1)):
+        problems.append(f"metrics.jsonl steps: {_ranges([r['step'] for r in records])}, expected 1..{steps}")
+    if reference is not None:
+        differ = [s for s in range(1, steps + 1) if losses.get(s) != reference.get(s)]
+        if differ:
+            s = differ[0]
+            problems.append(f"loss differs from the uninterrupted run at {len(differ)} step(s), first "
+                            f"step {s}: {losses.get(s)!r} vs {reference.get(s)!r}")
+
+    ckpts = sorted(run_dir.glob("checkpoints/step_*"))
+    if not ckpts:
+        return problems + ["no checkpoint"]
+    newest = ckpts[-1]
+    check = validate_checkpoint(newest)
+    if check.returncode != 0:
+        problems.append(f"checkpoints_tools validate {newest.name}: {check.stdout.strip()} {check.stderr.strip()}")
+    runs = mlflow_runs(run_dir)
+    if len(runs) != 1:
+        return problems + [f"{len(runs)} MLflow runs in {run_dir / 'mlflow.db'}, expected 1"]
+    run_id = runs[0].info.run_id
+    if checkpoint_meta(newest).get("mlflow_run_id") != run_id:
+        problems.append(f"checkpoint names MLflow run {checkpoint_meta(newest).get('mlflow_run_id')}, the run is {run_id}")
+    if runs[0].info.status != "FINISHED":
+        problems.append(f"MLflow run status {runs[0].info.status}")
+    history = mlflow_history(run_dir, run_id)
+    logged = [s for s, _ in history]
+    if logged != list(range(1, steps + 1)):
+        twice = sorted({s for s in logged if logged.count(s) > 1})
+        problems.append(f"MLflow loss history has steps {_ranges(logged)} (logged twice: {twice[:20]}), "
+                        f"expected 1..{steps} once each")
+    mismatch = [s for s, v in history if losses.get(s) != v]
+    if mismatch:
+        problems.append(f"MLflow loss differs from metrics.jsonl at steps {mismatch[:10]}")
+    return problems
+
+
+def _ranges(steps: list[int]) -> str:
+    """``[1, 2, 3, 7, 8]`` -> ``1-3,7-8`` (steps as they come, repeats shown)."""
+    parts: list[list[int]] = []
+    for s in steps:
+        if parts and s == parts[-1][1] + 1:
+            parts[-1][1] = s
+        else:
+            parts.append([s, s])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in parts) or "none"
 
 
 _CLUSTER: SlurmCluster | None = None

@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,22 @@ def test_failing_run_requeues_up_to_the_limit_then_fails(slurm_cluster: SlurmClu
         log + slurm_cluster.diagnostics(job))
     assert not (result.run_dir / "COMPLETED").exists()
 
+
+
+def test_cancelled_job_stays_cancelled(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    # scancel sends SIGTERM like `scontrol requeue` does; the batch shell must not requeue the job
+    # itself then (Slurm requeues when that is what was asked), or a cancel would be undone.
+    result = submit(TINY, procs_per_node=1, time="10", signal_grace_s=60, max_requeues=3, runs_root=tmp_path,
+                    overrides=[f"data.prepared_dir={tmp_path}/prepared"], echo=lambda _: None)
+    job = result.job_id
+    deadline = time.monotonic() + 60
+    while slurm_cluster.job_field(job, "JobState") != "RUNNING":
+        assert time.monotonic() < deadline, slurm_cluster.diagnostics(job)
+        time.sleep(0.2)
+    time.sleep(3.0)  # the batch shell is waiting for srun
+    slurm_cluster.run("scancel", job)
+    assert slurm_cluster.wait_job(job, timeout=90) == "CANCELLED"
+    time.sleep(3.0)  # a self-requeue would show by now
+    log = (tmp_path / "slurm-logs" / f"modmoe-tiny-{job}.out").read_text()
+    assert slurm_cluster.job_field(job, "JobState") == "CANCELLED" and slurm_cluster.job_field(job, "Restarts") == "0", log
+    assert "got SIGTERM" in log and "Slurm is ending this attempt" in log, log

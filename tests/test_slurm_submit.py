@@ -4,7 +4,9 @@ the shell helpers. (The ``slurm``-marked files run the scripts on a real cluster
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ from typer.testing import CliRunner
 
 from modmoe.config_base import ConfigError
 from modmoe.launch import submit
+from modmoe.config import load_config
 from modmoe.launch.cli import app
+from modmoe.launch.mlflow_link import run_link
 from modmoe.launch.render import MODMOE_HOME, render
 from modmoe.launch.config import SubmitConfig
 from modmoe.launch.slurm_time import parse_slurm_time
@@ -144,12 +148,42 @@ def test_lib_run_dir_is_keyed_by_job_id_not_attempt() -> None:
     assert first == again == "/sub/runs/exp-4242"
 
 
-def test_lib_rendezvous_port_differs_by_job_and_attempt() -> None:
-    ports = {_lib("modmoe_rdzv_port", SLURM_JOB_ID=j, SLURM_RESTART_COUNT=r) for j in ("10", "11") for r in ("0", "1")}
-    assert len(ports) == 4 and all(1024 < int(p) < 65536 for p in ports)
+def test_lib_rendezvous_port_is_free_here_unless_set() -> None:
+    # Free on the batch host (the first node) at the time of the attempt: jobs with the same id on
+    # two clusters sharing a host, or on one host at once, must not meet in one rendezvous.
+    ports = {int(_lib("modmoe_rdzv_port", MODMOE_PYTHON=sys.executable)) for _ in range(3)}
+    for port in ports:
+        assert 1024 < port < 65536
+        with socket.socket() as s:
+            s.bind(("", port))
+    assert _lib("modmoe_rdzv_port", MODMOE_RDZV_PORT="29400") == "29400"
 
 
 def test_lib_rejects_bad_device() -> None:
     proc = subprocess.run(["bash", "-c", f"source {REPO}/launch/lib.sh && modmoe_defaults"],
                           env={**os.environ, "SLURM_JOB_ID": "1", "MODMOE_DEVICE": "tpu"}, capture_output=True, text=True)
     assert proc.returncode == 2 and "MODMOE_DEVICE=tpu" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_link_of_the_embedded_default_names_database_and_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    line = run_link(load_config(TINY), tmp_path / "modmoe-tiny-7", "7")
+    assert line.startswith(f"sqlite:///{tmp_path / 'modmoe-tiny-7' / 'mlflow.db'} ")
+    assert "tags.slurm_job_id = '7'" in line and "mlflow ui --backend-store-uri sqlite:///" in line
+    assert run_link(load_config(TINY, ["logging.mlflow.enabled=false"]), tmp_path, "7").startswith("disabled")
+
+
+def test_mlflow_link_to_an_unreachable_server_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Nothing listens there: the job is queued anyway, the line says what is known.
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(var, os.environ.get(var, "0" if "RETRIES" in var else "5"))
+    uri = f"http://127.0.0.1:{_free_port()}"
+    line = run_link(load_config(TINY, [f"logging.mlflow.tracking_uri={uri}"]), tmp_path, "7")
+    assert line.startswith(f"{uri} (experiment 'modmoe' not reachable now: ") and "\n" not in line, line
+    assert line.endswith("filter tags.slurm_job_id = '7')")

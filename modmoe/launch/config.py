@@ -43,8 +43,10 @@ class SubmitConfig(ConfigModel):
     """Slurm job name; ``None`` = ``modmoe-<config file stem>``. Also names the run directory."""
 
     signal_grace_s: int = Field(default=300, ge=60, le=65535)
-    """Seconds before the time limit (or preemption) at which Slurm signals the batch shell,
-    which then asks the trainer to checkpoint and stop. Slurm may signal up to 60 s early."""
+    """Seconds before the time limit at which Slurm sends USR1 to the batch shell
+    (``--signal=B:USR1@...``), which then asks the trainer to checkpoint and stop. slurmctld
+    looks at time limits every 30 s, so the signal comes between this many and this many + 30
+    seconds before the limit; stopping at the next step and checkpointing must fit in it."""
 
     max_requeues: int = Field(default=3, ge=0, le=1000)
     """Requeues after which an unfinished job gives up instead of requeueing itself again."""

@@ -11,17 +11,20 @@ from typing import Any
 
 from modmoe.config_base import ConfigError, field_error, validate_config
 from modmoe.launch.config import SubmitConfig
+from modmoe.launch.mlflow_link import run_link, tracking_uri
 from modmoe.launch.render import render
 
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """What a submission produced (``job_id`` is None for a dry run)."""
+    """What a submission produced (``job_id`` and ``mlflow_run`` are None for a dry run)."""
 
     script: str
     job_id: str | None
     run_dir: Path
     tracking_uri: str | None
+    mlflow_run: str | None = None
+    """Where the job's MLflow run is: a UI link for a server (see :mod:`modmoe.launch.mlflow_link`)."""
 
 
 def _check_training_config(cfg: SubmitConfig) -> Any:
@@ -33,17 +36,6 @@ def _check_training_config(cfg: SubmitConfig) -> Any:
         if parse_override(item)[0] == ["trainer", "run_dir"]:
             raise field_error("overrides", item, "trainer.run_dir is set by the launcher (use --runs-root)")
     return load_config(cfg.config, cfg.overrides)
-
-
-def _tracking_uri(job_cfg: Any, run_dir: Path) -> str | None:
-    """Where the run's metrics go: the training config's tracking section when it has one,
-    else MLflow's environment default, else the SQLite database in the run directory."""
-    from modmoe.tracking.config import resolve_tracking_uri
-
-    tracking = getattr(job_cfg, "tracking", None)
-    if tracking is not None and not tracking.enabled:
-        return None
-    return resolve_tracking_uri(getattr(tracking, "tracking_uri", None), run_dir)
 
 
 def submit(
@@ -73,7 +65,7 @@ def submit(
     if dry_run:
         run_dir = runs_root / f"{cfg.resolved_job_name}-<JOBID>"
         echo(script.rstrip("\n"))
-        return SubmitResult(script, None, run_dir, _tracking_uri(job_cfg, run_dir))
+        return SubmitResult(script, None, run_dir, tracking_uri(job_cfg, run_dir))
 
     sbatch = shutil.which("sbatch")
     if sbatch is None:
@@ -86,9 +78,9 @@ def submit(
         raise ConfigError(f"launch error: sbatch refused the job: {reason}")
     job_id = proc.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
     run_dir = runs_root / f"{cfg.resolved_job_name}-{job_id}"
-    uri = _tracking_uri(job_cfg, run_dir)
     echo(f"submitted job {job_id}")
     echo(f"run directory: {run_dir}")
     echo(f"batch log: {runs_root / 'slurm-logs' / f'{cfg.resolved_job_name}-{job_id}.out'}")
-    echo(f"MLflow tracking: {uri or 'disabled (tracking.enabled = false)'}")
-    return SubmitResult(script, job_id, run_dir, uri)
+    link = run_link(job_cfg, run_dir, job_id)  # may ask the MLflow server: after the job id is out
+    echo(f"MLflow run: {link}")
+    return SubmitResult(script, job_id, run_dir, tracking_uri(job_cfg, run_dir), link)
