@@ -105,7 +105,7 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_checkpoint(tmp_path):
             assert first == (f"RESUMED {expected}" if expected is not None else "FRESH"), (trial, first)
             if trial % 3 != 0:  # kill while a save is being written
                 for _ in range(rng.randint(1, 2)):
-                    line = server.expect("SAVE-BEGIN")
+                    server.expect("SAVE-BEGIN")
                 threading.Event().wait(rng.uniform(0.0, 0.05))
                 kills_in_save += 1
             else:  # kill at an arbitrary moment
