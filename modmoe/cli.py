@@ -34,7 +34,12 @@ def train(
 
     try:
         cfg = load_config(config, set_ or [])
-        run_training(cfg, resume=resume)
+        if cfg.engine == "megatron":
+            from modmoe.engines.megatron.train import run_megatron_training
+
+            run_megatron_training(cfg, resume=resume)
+        else:
+            run_training(cfg, resume=resume)
     except (ConfigError, DataError, ValueError, CheckpointError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -11,6 +11,7 @@ from pydantic import Field
 from modmoe.checkpoint.config import CheckpointConfig
 from modmoe.config_base import ConfigError, ConfigModel, validate_config
 from modmoe.data.config import DataConfig
+from modmoe.engines.megatron.config import MegatronConfig
 from modmoe.model.config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 from modmoe.tracking.config import TrackingConfig
@@ -34,6 +35,15 @@ class LoggingConfig(ConfigModel):
 
 class JobConfig(ConfigModel):
     """Everything a training run needs."""
+
+    engine: Literal["native", "megatron"] = "native"
+    """Training engine: ``native`` (plain PyTorch, runs everywhere incl. CPU; parallelism from
+    ``parallel``) or ``megatron`` (Megatron-Core ``GPTModel`` hosting the MoDE layers; needs the
+    ``megatron`` extra, settings in ``megatron``; see docs/megatron.md)."""
+
+    megatron: MegatronConfig = MegatronConfig()
+    """Megatron-only settings (pp, cp, etp, sequence parallelism, dispatcher, FP8); used when
+    ``engine: megatron``."""
 
     model: ModelConfig = ModelConfig()
     """The network."""

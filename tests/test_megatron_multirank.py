@@ -256,3 +256,25 @@ def test_megatron_checkpoint_exports_to_a_native_model(runs):
 
 if __name__ == "__main__":
     _sp_worker(Path(sys.argv[1]), sys.argv[2])
+
+
+def test_modmoe_train_dispatches_to_the_megatron_engine(small_data_dir, tmp_path):
+    """``engine: megatron`` in the job config makes ``modmoe train`` run the Megatron trainer
+    (one CPU rank through the local-layer path); a second run resumes its checkpoint."""
+    from conftest import read_metrics, run_modmoe, small_overrides
+
+    overrides = small_overrides(small_data_dir, tmp_path, **{
+        "engine": "megatron", "megatron.dispatcher": "allgather", "megatron.distributed_optimizer": False,
+        "model.moe.score": "sigmoid", "model.moe.aux_loss_coef": 0.0, "trainer.max_steps": 4,
+        "optimizer.grad_clip": "null",  # Megatron clips with CUDA-only kernels
+        "trainer.device": "cpu", "logging.mlflow.enabled": False, "checkpoint.interval_steps": 2,
+    })
+    args = ["train", "configs/tiny.yaml", *sum((["--set", o] for o in overrides), [])]
+    run_modmoe(args)
+    assert (tmp_path / "COMPLETED").exists()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
+    (tmp_path / "COMPLETED").unlink()
+    resumed = run_modmoe([*args, "--set", "trainer.max_steps=6"])
+    assert "resumed" in (resumed.stdout + resumed.stderr) and "at step 4" in (resumed.stdout + resumed.stderr)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]

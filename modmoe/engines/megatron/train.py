@@ -514,7 +514,7 @@ def run_megatron_training(cfg: JobConfig, engine: MegatronConfig | None = None, 
     job config has that section, else to :class:`MegatronConfig` defaults)."""
     from modmoe.engines.megatron.cpu_emulation import megatron_on_cpu
 
-    engine = engine or getattr(cfg, "megatron", None) or MegatronConfig()
+    engine = engine or cfg.megatron
     device_is_cpu = cfg.trainer.device == "cpu" or (cfg.trainer.device == "auto" and not torch.cuda.is_available())
     with megatron_on_cpu() if device_is_cpu else contextlib.nullcontext():
         trainer = MegatronTrainer(cfg, engine, resume=resume)
