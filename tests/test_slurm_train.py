@@ -33,6 +33,16 @@ TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 150  # ~10 s of steps: room for three preemptions 15 steps apart
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_rank():
+    """Every job of this module runs its ranks with one intra-op thread (sbatch exports the
+    submitting environment). Runs compared bit for bit must use the same thread count: with
+    1 vs 2 threads the float sums round differently (seen as a 4e-8 drift from step 6)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Holds the prepared data shared by this module's runs (so they see the same tokens)."""
