@@ -274,6 +274,11 @@ def test_modmoe_train_dispatches_to_the_megatron_engine(small_data_dir, tmp_path
     assert (tmp_path / "COMPLETED").exists()
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
+    # The Megatron trainer wrote it: dist_checkpointing steps sealed by modmoe_meta.json, not
+    # the native engine's DCP steps with a manifest.
+    steps = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert [p.name for p in steps] == ["step_00000002", "step_00000004"]
+    assert all((p / "modmoe_meta.json").is_file() and not (p / "manifest.json").exists() for p in steps)
     (tmp_path / "COMPLETED").unlink()
     resumed = run_modmoe([*args, "--set", "trainer.max_steps=6"])
     assert "resumed" in (resumed.stdout + resumed.stderr) and "at step 4" in (resumed.stdout + resumed.stderr)

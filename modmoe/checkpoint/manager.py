@@ -113,8 +113,7 @@ class CheckpointManager:
         self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit") if rank == 0 else None
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
-        self.last_save_blocking_s: float | None = None
-        """Seconds the last ``save`` call blocked the caller (the trainer logs it and resets it)."""
+        self._save_blocking_s: float | None = None
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._clean_leftovers()
@@ -179,8 +178,13 @@ class CheckpointManager:
             self._barrier()
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
-        self.last_save_blocking_s = time.perf_counter() - t0
-        log.info("checkpoint step %d: save call blocked %.3fs (async=%s)", step, self.last_save_blocking_s, self.cfg.async_save)
+        self._save_blocking_s = time.perf_counter() - t0
+        log.info("checkpoint step %d: save call blocked %.3fs (async=%s)", step, self._save_blocking_s, self.cfg.async_save)
+
+    def pop_save_blocking_s(self) -> float | None:
+        """Seconds the last ``save`` call blocked its caller, once per save (None: no new save)."""
+        value, self._save_blocking_s = self._save_blocking_s, None
+        return value
 
     @property
     def in_flight(self) -> bool:

@@ -40,3 +40,17 @@ class StopRequests:
         local = self.signalled or (self.is_main and (self.run_dir / STOP_FILE).exists())
         flag = all_reduce_sum(torch.tensor([float(local)], device=self.device))  # all ranks, TP peers too
         return bool(flag.item() > 0)
+
+
+def open_run_dir(cfg, is_main: bool, device: torch.device) -> StopRequests:
+    """Creates the run directory with the resolved ``config.yaml`` (rank 0) and returns the
+    job's stop requests, with a STOP file left by a previous job removed."""
+    from modmoe.config import dump_config  # modmoe.config imports every section's config
+
+    run_dir = Path(cfg.trainer.run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    stop = StopRequests(run_dir, is_main, device)
+    stop.clear_stale()
+    return stop

@@ -16,7 +16,7 @@ from torch import nn
 
 from modmoe.checkpoint import CheckpointManager
 from modmoe.checkpoint.manifest import CheckpointError, read_manifest
-from modmoe.config import JobConfig, dump_config
+from modmoe.config import JobConfig
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
 from modmoe.model import MoDETransformer
 from modmoe.model.moe import MoE
@@ -28,7 +28,7 @@ from modmoe.train import memory, throughput
 from modmoe.train.metrics_log import MetricsLog, ProgressReporter
 from modmoe.train.reporting import RunReporter, routing_sample
 from modmoe.train.router_stats import RouterStats, expert_bias_summary
-from modmoe.train.stop import COMPLETED_FILE, STOP_FILE, StopRequests
+from modmoe.train.stop import COMPLETED_FILE, STOP_FILE, open_run_dir
 
 
 
@@ -49,11 +49,7 @@ class Trainer:
         self.dims = ParallelDims.build(cfg.parallel, cfg.model, self.env.world_size, self.env.device.type)
         self.reduce_dp = partial(all_reduce_sum, group=self.dims.dp_group)
         self.run_dir = Path(tc.run_dir)
-        self.stop = StopRequests(self.run_dir, self.env.is_main, self.env.device)
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
-        self.stop.clear_stale()  # a request left by a previous job
+        self.stop = open_run_dir(cfg, self.env.is_main, self.env.device)
         barrier()
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -305,9 +301,8 @@ class Trainer:
         try:
             while self.step < tc.max_steps:
                 metrics = self.train_step()
-                if self.ckpt.last_save_blocking_s is not None:  # the save after the previous step
-                    metrics["checkpoint/save_blocking_s"] = self.ckpt.last_save_blocking_s
-                    self.ckpt.last_save_blocking_s = None
+                if (blocked := self.ckpt.pop_save_blocking_s()) is not None:  # the save after the previous step
+                    metrics["checkpoint/save_blocking_s"] = blocked
                 last = self.step == tc.max_steps
                 if (tc.eval_every and self.step % tc.eval_every == 0) or last or first_eval is None and self.step == 1:
                     self.last_eval = self.evaluate()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from modmoe.config import JobConfig, dump_config
+from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError
 from modmoe.engines.megatron.compat import prepare_megatron, te_available
 from modmoe.engines.megatron.config import MegatronConfig
@@ -39,7 +39,7 @@ from modmoe.engines.megatron.translate import MegatronPlan, build_transformer_co
 from modmoe.model.flops import count_flops
 from modmoe.parallel.distributed import DistEnv, init_distributed
 from modmoe.train.metrics_log import MetricsLog
-from modmoe.train.stop import COMPLETED_FILE, StopRequests
+from modmoe.train.stop import COMPLETED_FILE, open_run_dir
 from modmoe.train.optim import lr_factor
 
 MOE_METRIC_NAMES = {  # Megatron tracker name -> native metric name (summed over MoE layers)
@@ -120,11 +120,7 @@ class MegatronTrainer:
         )
         self.run_dir = Path(tc.run_dir)
         self.ckpt_root = self.run_dir / cfg.checkpoint.dirname
-        self.stop = StopRequests(self.run_dir, self.env.is_main, self.env.device)
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
-        self.stop.clear_stale()  # a request left by a previous job
+        self.stop = open_run_dir(cfg, self.env.is_main, self.env.device)
         prepare_megatron()
         self.ps = parallel_state
         parallel_state.initialize_model_parallel(**self.plan.layout.parallel_state_kwargs())
