@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from checkpoints_tools.consolidate import consolidate as consolidate_ckpt
 from checkpoints_tools.convert import ConvertError, Target, convert as convert_ckpt
 from modmoe.checkpoint.reader import read_dcp_metadata
-from modmoe.checkpoint.manifest import CheckpointError, validate as validate_ckpt
+from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, CheckpointError, validate as validate_ckpt
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Inspect, validate, consolidate and convert modmoe checkpoints.")
 
@@ -52,7 +52,8 @@ def inspect(path: Path = typer.Argument(..., help="A step_XXXXXXXX checkpoint di
     typer.echo(f"checkpoint: {path}")
     typer.echo(f"step: {manifest.step}")
     typer.echo(f"world size: {manifest.world_size}")
-    typer.echo(f"layout: {manifest.layout} (torch.distributed.checkpoint), {len(manifest.files)} files, {_human(total)}")
+    kind = "Megatron-Core dist checkpointing" if manifest.layout == LAYOUT_MEGATRON else "torch.distributed.checkpoint"
+    typer.echo(f"layout: {manifest.layout} ({kind}), {len(manifest.files)} files, {_human(total)}")
     typer.echo(f"model prefix: {manifest.model_prefix}")
     tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     others = sorted(k for k in md.state_dict_metadata if k not in tensors)

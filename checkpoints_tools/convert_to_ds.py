@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from checkpoints_tools.convert_errors import ConvertError
 from checkpoints_tools.convert_paths import require_empty_dst, safe_child
 from modmoe.checkpoint.fsutil import fsync_dir, fsync_file
-from modmoe.checkpoint.manifest import MANIFEST_NAME, CheckpointError, Manifest, validate
+from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, MANIFEST_NAME, CheckpointError, Manifest, validate
 from modmoe.checkpoint.reader import TensorSpec, load_tensor_groups, model_tensors, read_dcp_metadata
 from modmoe.checkpoint.train_state import MODEL_KEY, OPTIM_KEY, OPTIM_STATE_KEY, SCHEDULER_KEY
 from modmoe.config_base import format_validation_error
@@ -113,6 +113,8 @@ def dcp_to_universal(src: Path, dst: Path, group_bytes: int = 256 << 20) -> dict
         manifest, md = read_dcp_metadata(src)
     except CheckpointError as err:
         raise ConvertError(str(err)) from None
+    if manifest.layout == LAYOUT_MEGATRON:
+        raise ConvertError(f"SRC {src}: a Megatron engine checkpoint; only native (dcp) checkpoints convert to DeepSpeed")
     if not manifest.model_prefix or not manifest.model_prefix.endswith(f".{MODEL_KEY}."):
         raise ConvertError(f"{src / MANIFEST_NAME}: field model_prefix = {manifest.model_prefix!r}: expected '<app>.{MODEL_KEY}.'")
     app_prefix = manifest.model_prefix[: -len(f"{MODEL_KEY}.")]

@@ -202,12 +202,39 @@ def test_pipeline_stages_take_their_slice_of_the_layers(megatron_cpu):
 
 
 def test_dist_checkpoint_exports_to_the_native_state_dict(megatron_cpu, tmp_path):
-    from megatron.core import dist_checkpointing
+    from modmoe.engines.megatron.checkpoint import save_checkpoint
 
     cfg = make_cfg(CONFIGS["mode_sigmoid_bias_shared_predictor"])
     native, meg = build_pair(cfg)
-    dist_checkpointing.save({"model": meg.sharded_state_dict()}, str(tmp_path))
-    exported = megatron_checkpoint_to_native(tmp_path, cfg)
+    path = save_checkpoint(tmp_path, 3, meg, None, meta={"engine": "megatron"})
+    exported = megatron_checkpoint_to_native(path, cfg)
     expected = native.state_dict()
     assert exported.keys() == expected.keys()
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+def test_unsealed_or_damaged_megatron_checkpoints_are_refused(megatron_cpu, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    from modmoe.checkpoint import validate
+    from modmoe.config_base import ConfigError
+    from modmoe.engines.megatron.checkpoint import latest_valid_checkpoint, save_checkpoint
+
+    cfg = make_cfg(CONFIGS["mode_sigmoid_bias_shared_predictor"])
+    _, meg = build_pair(cfg)
+    good = save_checkpoint(tmp_path, 2, meg, None, meta={})
+    assert validate(good) == [] and latest_valid_checkpoint(tmp_path) == good
+    # An interrupted save (shards written, no manifest) is skipped by --resume auto.
+    (tmp_path / "step_00000004").mkdir()
+    dist_checkpointing.save({"model": meg.sharded_state_dict()}, str(tmp_path / "step_00000004"))
+    assert latest_valid_checkpoint(tmp_path) == good
+    # A flipped byte in a shard is named by validate and refused by the exporter in one line.
+    shard = max((p for p in good.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert any("checksum" in problem for problem in validate(good))
+    assert latest_valid_checkpoint(tmp_path) is None
+    with pytest.raises(ConfigError, match=r"refusing to load .*step_00000002.*checksum") as err:
+        megatron_checkpoint_to_native(good, cfg)
+    assert "\n" not in str(err.value)

@@ -209,8 +209,8 @@ def test_checkpoint_resumes_under_another_layout(runs):
     assert [m["step"] for m in resumed] == [3, 4]
     for m in resumed:
         assert m["loss"] == pytest.approx(single[m["step"] - 1]["loss"], rel=1e-5)
-    saved = json.loads((runs["tp2_sp"] / "checkpoints" / "step_00000002" / "modmoe_meta.json").read_text())
-    meta = json.loads((runs["resumed"] / "checkpoints" / "step_00000004" / "modmoe_meta.json").read_text())
+    saved = json.loads((runs["tp2_sp"] / "checkpoints" / "step_00000002" / "manifest.json").read_text())["meta"]
+    meta = json.loads((runs["resumed"] / "checkpoints" / "step_00000004" / "manifest.json").read_text())["meta"]
     assert saved["layout"]["tp"] == 2 and meta["layout"]["tp"] == 1 and meta["sampler"]["consumed"] == 32
 
 
@@ -254,6 +254,38 @@ def test_megatron_checkpoint_exports_to_a_native_model(runs):
     assert loss == pytest.approx(_metrics(run)[-1]["eval/loss_topk"], rel=1e-5)
 
 
+@pytest.mark.multirank
+def test_modmoe_export_of_a_megatron_run_directory(runs, tmp_path):
+    """``modmoe export RUN_DIR`` of the TP=2 Megatron run: the newest sealed checkpoint is
+    converted and exported; the exported runtime scores the validation batches as the run did.
+    A damaged newest checkpoint makes it fall back to the previous one."""
+    from conftest import run_modmoe
+    from modmoe.inference.evaluate import evaluate, load_validation
+    from modmoe.inference.loading import load_exported
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["tp2_sp"], run)
+    proc = run_modmoe(["export", str(run), "--out", str(tmp_path / "export")])
+    assert "exported step 4" in proc.stdout, proc.stdout + proc.stderr
+    loaded = load_exported(tmp_path / "export")
+    assert loaded.record["source"]["step"] == 4 and loaded.record["source"]["world_size"] == 2
+    result = evaluate(loaded, load_validation(loaded))
+    assert result.loss_topk == pytest.approx(_metrics(run)[-1]["eval/loss_topk"], rel=1e-5)
+
+    # checkpoints_tools validate names the damage; the export takes step 2 instead.
+    shard = max((run / "checkpoints" / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    check = subprocess.run([sys.executable, "-m", "checkpoints_tools", "validate", str(shard.parent)], cwd=REPO,
+                           capture_output=True, text=True)
+    assert check.returncode != 0 and "truncated" in check.stdout + check.stderr, check.stdout + check.stderr
+    proc = run_modmoe(["export", str(run), "--out", str(tmp_path / "export2")])
+    assert "exported step 2" in proc.stdout and "skipping invalid checkpoint" in proc.stderr, proc.stdout + proc.stderr
+    # Megatron's tensor names and shards are not the native ones: consolidate points at export.
+    merged = subprocess.run([sys.executable, "-m", "checkpoints_tools", "consolidate", str(run / "checkpoints" / "step_00000002"),
+                             "--out", str(tmp_path / "m.safetensors")], cwd=REPO, capture_output=True, text=True)
+    assert merged.returncode != 0 and "modmoe export" in merged.stderr, merged.stdout + merged.stderr
+
+
 if __name__ == "__main__":
     _sp_worker(Path(sys.argv[1]), sys.argv[2])
 
@@ -274,12 +306,22 @@ def test_modmoe_train_dispatches_to_the_megatron_engine(small_data_dir, tmp_path
     assert (tmp_path / "COMPLETED").exists()
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
-    # The Megatron trainer wrote it: dist_checkpointing steps sealed by modmoe_meta.json, not
-    # the native engine's DCP steps with a manifest.
+    # Throughput and memory as the native trainer reports them (no MFU on CPU: no peak to divide by).
+    for r in records:
+        assert r["executed_tflops_per_s_per_device"] > 0 and 0.05 < r["memory/cpu_rss_gib"] < 16 and "mfu" not in r
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"])  # one rank
+    # The Megatron trainer wrote it: dist_checkpointing steps (Megatron's metadata.json) sealed
+    # by a manifest of layout megatron, not the native engine's DCP steps.
     steps = sorted((tmp_path / "checkpoints").glob("step_*"))
     assert [p.name for p in steps] == ["step_00000002", "step_00000004"]
-    assert all((p / "modmoe_meta.json").is_file() and not (p / "manifest.json").exists() for p in steps)
+    for p in steps:
+        assert (p / "metadata.json").is_file() and json.loads((p / "manifest.json").read_text())["layout"] == "megatron"
     (tmp_path / "COMPLETED").unlink()
+    # The native engine refuses the Megatron checkpoint in one line rather than misreading it.
+    native = subprocess.run([sys.executable, "-m", "modmoe", *args, "--set", "engine=native", "--set", "trainer.max_steps=6"],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert native.returncode != 0 and "resume it with engine: megatron" in native.stderr, native.stdout + native.stderr[-3000:]
+    assert "Traceback" not in native.stderr, native.stderr[-3000:]
     resumed = run_modmoe([*args, "--set", "trainer.max_steps=6"])
     assert "resumed" in (resumed.stdout + resumed.stderr) and "at step 4" in (resumed.stdout + resumed.stderr)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]

@@ -36,6 +36,7 @@ from modmoe.checkpoint.config import CheckpointConfig
 from modmoe.checkpoint.fsutil import fsync_dir, write_json_durable
 from modmoe.checkpoint.manifest import (
     DCP_METADATA,
+    LAYOUT_DCP,
     STEP_DIR_RE,
     CheckpointError,
     build_manifest,
@@ -260,6 +261,9 @@ class CheckpointManager:
             detail = "; ".join(problems) if problems else "rank 0 found it invalid (see rank 0's log)"
             raise CheckpointError(f"refusing to load {path}: {detail}")
         manifest = read_manifest(path)
+        if manifest.layout != LAYOUT_DCP:
+            raise CheckpointError(f"refusing to load {path}: it was written by the {manifest.layout} engine "
+                                  f"(manifest layout {manifest.layout!r}); resume it with engine: {manifest.layout}")
         verify_files(path, manifest, [DCP_METADATA])
         dcp.load(app_state, checkpoint_id=path, process_group=self._pg, no_dist=not self._dist)
         if restore_rng_state:

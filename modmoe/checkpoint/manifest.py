@@ -23,6 +23,8 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "modmoe-checkpoint"
 FORMAT_VERSION = 1
 LAYOUT_DCP = "dcp"
+LAYOUT_MEGATRON = "megatron"  # megatron.core.dist_checkpointing's torch_dist format (DCP files plus its own)
+LAYOUTS = (LAYOUT_DCP, LAYOUT_MEGATRON)
 DCP_METADATA = ".metadata"
 STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -54,7 +56,8 @@ class Manifest(BaseModel):
     world_size: int = Field(ge=1)
     """Number of ranks that wrote it."""
     layout: str
-    """Storage layout of the tensors (``dcp``: torch.distributed.checkpoint)."""
+    """Storage layout of the tensors: ``dcp`` (torch.distributed.checkpoint, native engine) or
+    ``megatron`` (Megatron-Core dist checkpointing, Megatron engine)."""
     model_prefix: str | None = None
     """Prefix of the model weights' keys in the DCP state dict (for consolidation)."""
     created_unix: float
@@ -70,7 +73,8 @@ class CheckpointError(RuntimeError):
 
 
 def build_manifest(
-    ckpt_dir: Path, *, step: int, world_size: int, meta: dict[str, Any], model_prefix: str | None, created: float
+    ckpt_dir: Path, *, step: int, world_size: int, meta: dict[str, Any], model_prefix: str | None, created: float,
+    layout: str = LAYOUT_DCP,
 ) -> Manifest:
     """Lists, fsyncs and hashes every file under ``ckpt_dir`` (written by all ranks)."""
     rel_paths = sorted(
@@ -91,7 +95,7 @@ def build_manifest(
         format_version=FORMAT_VERSION,
         step=step,
         world_size=world_size,
-        layout=LAYOUT_DCP,
+        layout=layout,
         model_prefix=model_prefix,
         created_unix=created,
         files=files,
@@ -123,8 +127,8 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
             f"{path}: format {manifest.format!r} version {manifest.format_version} "
             f"(this build reads {FORMAT_NAME!r} version {FORMAT_VERSION})"
         )
-    if manifest.layout != LAYOUT_DCP:
-        raise CheckpointError(f"{path}: field layout = {manifest.layout!r}: only {LAYOUT_DCP!r} is readable")
+    if manifest.layout not in LAYOUTS:
+        raise CheckpointError(f"{path}: field layout = {manifest.layout!r}: allowed {', '.join(map(repr, LAYOUTS))}")
     return manifest
 
 

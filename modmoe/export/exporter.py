@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from modmoe.checkpoint.fsutil import sha256_file
-from modmoe.checkpoint.reader import load_tensor_groups, pack_by_bytes
+from modmoe.checkpoint.reader import pack_by_bytes
 from modmoe.config_base import ConfigError, validate_config
 from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, PAD, load_tokenizer
@@ -164,7 +164,7 @@ def export_checkpoint(
         for i, shard in enumerate(shards, start=1):
             name = layout.WEIGHTS_NAME if len(shards) == 1 else layout.shard_name(i, len(shards))
             tensors: dict[str, torch.Tensor] = {}
-            for group in load_tensor_groups(src.path, shard, max_shard_bytes):
+            for group in src.read_groups(shard, max_shard_bytes):
                 tensors.update({k: v.to(dtypes[k]).contiguous() for k, v in group.items()})
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -6,20 +6,29 @@ the whole directory is validated (sizes and SHA-256 of every file), then DCP's `
 (a pickle) is re-checked right before it is read. Tensors are loaded by DCP into full-size
 plain CPU tensors, which reassembles them from whatever layout wrote them (data-, expert- or
 tensor-parallel shards), so the export does not depend on the training layout.
+
+A checkpoint of the Megatron engine (manifest layout ``megatron``) is read whole into a
+Megatron model on CPU and converted to the native tensor names (it needs the ``megatron``
+extra); its groups then come from memory.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from modmoe.checkpoint import find_latest_valid, validate
-from modmoe.checkpoint.manifest import MANIFEST_NAME, Manifest
-from modmoe.checkpoint.reader import TensorSpec, model_tensors, read_dcp_metadata
+from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, MANIFEST_NAME, Manifest, read_manifest
+from modmoe.checkpoint.reader import TensorSpec, load_tensor_groups, model_tensors, pack_by_bytes, read_dcp_metadata
+from modmoe.config_base import ConfigError, validate_config
+from modmoe.model.config import ModelConfig
 
 log = logging.getLogger("modmoe.export")
 
@@ -33,6 +42,8 @@ class CheckpointSource:
     path: Path
     manifest: Manifest
     tensors: list[TensorSpec]  # the model's tensors, in checkpoint key order
+    read_groups: Callable[[list[TensorSpec], int], Iterator[dict[str, torch.Tensor]]]
+    """Yields ``{name: tensor}`` for the given specs in order, in groups of at most the given bytes."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -82,6 +93,8 @@ def open_checkpoint(source: str | Path) -> CheckpointSource:
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ExportError(f"refusing to export {path}: {problems[0]}{more}")
+    if read_manifest(path).layout == LAYOUT_MEGATRON:
+        return _open_megatron(path)
     manifest, metadata = read_dcp_metadata(path)
     prefix = manifest.model_prefix
     if not prefix:
@@ -89,4 +102,29 @@ def open_checkpoint(source: str | Path) -> CheckpointSource:
     tensors = model_tensors(metadata, prefix)
     if not tensors:
         raise ExportError(f"{path}: no tensor key starts with the model prefix {prefix!r}")
-    return CheckpointSource(path, manifest, tensors)
+    return CheckpointSource(path, manifest, tensors, partial(load_tensor_groups, path))
+
+
+def _open_megatron(path: Path) -> CheckpointSource:
+    """A validated Megatron checkpoint, converted whole to the native state dict on CPU."""
+    manifest = read_manifest(path)
+    model = (manifest.meta.get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        raise ExportError(f"{path}/{MANIFEST_NAME}: meta has no config.model (not written by the modmoe trainer?)")
+    try:
+        model_cfg = validate_config(ModelConfig, model, prefix="model")
+    except (ConfigError, ValueError) as err:
+        raise ExportError(f"{path}/{MANIFEST_NAME}: {err}") from None
+    try:
+        from modmoe.engines.megatron.checkpoint import megatron_checkpoint_to_native
+    except ImportError as err:
+        raise ExportError(f"{path}: a Megatron engine checkpoint; reading it needs megatron-core "
+                          f"(pip install 'modmoe[megatron]'): {err}") from None
+    state = megatron_checkpoint_to_native(path, model_cfg, check=False)  # validated above
+    tensors = [TensorSpec(name, name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+
+    def read_groups(specs: list[TensorSpec], group_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+        for group in pack_by_bytes(specs, lambda s: s.nbytes, group_bytes):
+            yield {s.name: state[s.name] for s in group}
+
+    return CheckpointSource(path, manifest, tensors, read_groups)

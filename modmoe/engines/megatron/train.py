@@ -38,6 +38,7 @@ from modmoe.engines.megatron.config import MegatronConfig
 from modmoe.engines.megatron.translate import MegatronPlan, build_transformer_config, translate
 from modmoe.model.flops import count_flops
 from modmoe.parallel.distributed import DistEnv, init_distributed
+from modmoe.train import memory, throughput
 from modmoe.train.metrics_log import MetricsLog
 from modmoe.train.stop import COMPLETED_FILE, open_run_dir
 from modmoe.train.optim import lr_factor
@@ -249,16 +250,15 @@ class MegatronTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, resume: str) -> None:
-        from modmoe.engines.megatron.checkpoint import complete_checkpoints, load_checkpoint
+        from modmoe.engines.megatron.checkpoint import latest_valid_checkpoint, load_checkpoint
 
         self._resumed_meta: dict[str, Any] | None = None
         if resume == "none":
             return
         if resume == "auto":
-            found = complete_checkpoints(self.ckpt_root)
-            if not found:
+            path = latest_valid_checkpoint(self.ckpt_root)  # skips interrupted or damaged saves, with a warning
+            if path is None:
                 return
-            path = found[-1]
         else:
             path = Path(resume)
             if not path.is_dir():
@@ -284,11 +284,12 @@ class MegatronTrainer:
             "engine": "megatron",
             "mlflow_run_id": self.tracker.run_id if getattr(self, "tracker", None) is not None else None,
         }
-        with self._params_gathered():
-            path = save_checkpoint(self.ckpt_root, self.step, self.gpt, self.optimizer, meta, self.cfg.checkpoint.keep_last)
-        if self.deepspeed is not None:
+        def save_deepspeed(path: Path) -> None:
             self.deepspeed.save_checkpoint(str(path / "deepspeed"), tag="zero", save_latest=False)
-        return path
+
+        with self._params_gathered():
+            return save_checkpoint(self.ckpt_root, self.step, self.gpt, self.optimizer, meta, self.cfg.checkpoint.keep_last,
+                                   also_save=save_deepspeed if self.deepspeed is not None else None)
 
     # ------------------------------------------------------------------ steps
     def _log_main(self, msg: str) -> None:
@@ -356,6 +357,7 @@ class MegatronTrainer:
 
     def train_step(self) -> dict[str, float]:
         tc, t0 = self.cfg.trainer, time.perf_counter()
+        memory.start_step(self.env.device)
         self.model.train()
         lr = self._set_lr()
         batches = [self.sampler.next_batch() for _ in range(self.num_microbatches)]
@@ -380,14 +382,16 @@ class MegatronTrainer:
         self.step += 1
         loss = self._reduce_loss(reports)
         step_time = time.perf_counter() - t0
-        tokens = tc.global_batch_size * self.cfg.data.seq_len
+        peak = throughput.peak_tflops_per_device(self.env.device, self.cfg.logging.peak_tflops_per_device)
         metrics = {
             "step": self.step, "loss": loss, "lr": lr, "step_time_s": step_time, "data_wait_s": data_wait,
-            "tokens_per_s": tokens / step_time, "tokens_per_s_per_device": tokens / step_time / self.env.world_size,
-            "executed_tflops_per_s": self.flops.training_per_token * tokens / step_time / 1e12,
+            # The native model's FLOP count: the same network, skipped tokens not counted.
+            **throughput.throughput_metrics(tc.global_batch_size * self.cfg.data.seq_len, step_time,
+                                            self.flops.training_per_token, self.env.world_size, peak),
         }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        metrics.update(memory.step_memory(self.env.device))
         metrics.update(self._aux_metrics())
         return metrics
 
