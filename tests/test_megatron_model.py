@@ -238,3 +238,6 @@ def test_unsealed_or_damaged_megatron_checkpoints_are_refused(megatron_cpu, tmp_
     with pytest.raises(ConfigError, match=r"refusing to load .*step_00000002.*checksum") as err:
         megatron_checkpoint_to_native(good, cfg)
     assert "\n" not in str(err.value)
+    # The next save clears the older interrupted one (no resume would take it), not sealed ones.
+    save_checkpoint(tmp_path, 6, meg, None, meta={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000006"]

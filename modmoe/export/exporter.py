@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from modmoe.checkpoint.fsutil import sha256_file
 from modmoe.checkpoint.reader import pack_by_bytes
-from modmoe.config_base import ConfigError, validate_config
+from modmoe.config_base import ConfigError
 from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, PAD, load_tokenizer
 from modmoe.export import layout
@@ -54,12 +54,11 @@ def _out_dtype(spec: TensorSpec, target: torch.dtype) -> torch.dtype:
 
 
 def _model_config(source: CheckpointSource) -> tuple[ModelConfig, CoreConfig]:
-    where = f"{source.path}/manifest.json"
+    model = source.model_config()
     try:
-        model = validate_config(ModelConfig, source.config["model"], prefix="model")
         return model, CoreConfig.from_dict(model.model_dump(mode="json"))
     except (ConfigError, ValueError) as err:
-        raise ExportError(f"{where}: {err}") from None
+        raise ExportError(f"{source.path}/manifest.json: {err}") from None
 
 
 def _match_tensors(source: CheckpointSource, core: CoreConfig) -> tuple[list[TensorSpec], list[str]]:

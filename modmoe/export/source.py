@@ -48,10 +48,24 @@ class CheckpointSource:
     @property
     def config(self) -> dict[str, Any]:
         """The resolved job config the trainer recorded in the manifest."""
-        cfg = self.manifest.meta.get("config")
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
-            raise ExportError(f"{self.path}/{MANIFEST_NAME}: meta has no config.model (not written by the modmoe trainer?)")
-        return cfg
+        return _recorded_config(self.path, self.manifest)
+
+    def model_config(self) -> ModelConfig:
+        return _recorded_model_config(self.path, self.manifest)
+
+
+def _recorded_config(path: Path, manifest: Manifest) -> dict[str, Any]:
+    cfg = manifest.meta.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ExportError(f"{path}/{MANIFEST_NAME}: meta has no config.model (not written by the modmoe trainer?)")
+    return cfg
+
+
+def _recorded_model_config(path: Path, manifest: Manifest) -> ModelConfig:
+    try:
+        return validate_config(ModelConfig, _recorded_config(path, manifest)["model"], prefix="model")
+    except (ConfigError, ValueError) as err:
+        raise ExportError(f"{path}/{MANIFEST_NAME}: {err}") from None
 
 
 def _ckpt_dirname(run_dir: Path) -> str:
@@ -108,13 +122,7 @@ def open_checkpoint(source: str | Path) -> CheckpointSource:
 def _open_megatron(path: Path) -> CheckpointSource:
     """A validated Megatron checkpoint, converted whole to the native state dict on CPU."""
     manifest = read_manifest(path)
-    model = (manifest.meta.get("config") or {}).get("model")
-    if not isinstance(model, dict):
-        raise ExportError(f"{path}/{MANIFEST_NAME}: meta has no config.model (not written by the modmoe trainer?)")
-    try:
-        model_cfg = validate_config(ModelConfig, model, prefix="model")
-    except (ConfigError, ValueError) as err:
-        raise ExportError(f"{path}/{MANIFEST_NAME}: {err}") from None
+    model_cfg = _recorded_model_config(path, manifest)
     try:
         from modmoe.engines.megatron.checkpoint import megatron_checkpoint_to_native
     except ImportError as err:

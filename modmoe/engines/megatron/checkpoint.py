@@ -44,36 +44,38 @@ def step_dir(root: Path, step: int) -> Path:
     return root / step_dirname(step)
 
 
-def sealed_checkpoints(root: Path) -> list[Path]:
-    """Checkpoints under ``root`` with a manifest (checksums not checked), oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / MANIFEST_NAME).is_file())
-
-
 def latest_valid_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint under ``root`` that validates (each newer one that does not is
     skipped with a warning), refused in one line when the native engine wrote it."""
     path = find_latest_valid(root)
     if path is not None:
-        _require_megatron(path)
+        read_meta(path)
     return path
 
 
-def _require_megatron(path: Path) -> dict[str, Any]:
-    manifest = read_manifest(path)
+def read_meta(path: Path) -> dict[str, Any]:
+    """The step and the trainer's metadata of a sealed Megatron checkpoint; a native one, or an
+    unreadable manifest, is refused in one line."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint error: {err}") from None
     if manifest.layout != LAYOUT_MEGATRON:
         raise ConfigError(f"checkpoint error: {path} was written by the native engine (manifest layout "
                           f"{manifest.layout!r}); resume it with engine: native")
     return {"step": manifest.step, **manifest.meta}
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """The step and the trainer's metadata of a sealed Megatron checkpoint."""
-    try:
-        return _require_megatron(path)
-    except CheckpointError as err:
-        raise ConfigError(f"checkpoint error: {err}") from None
+def _apply_retention(root: Path, newest: Path, keep_last: int) -> None:
+    """Deletes all but the ``keep_last`` newest sealed checkpoints, and every unsealed (interrupted)
+    save older than ``newest``, which no resume would take."""
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    sealed = [p for p in steps if (p / MANIFEST_NAME).is_file()]
+    doomed = [p for p in steps if p < newest and not (p / MANIFEST_NAME).is_file()]
+    if keep_last:
+        doomed += sealed[:-keep_last]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _barrier() -> None:
@@ -106,9 +108,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, meta: di
         manifest = build_manifest(path, step=step, world_size=dist.get_world_size(), meta=meta, model_prefix=None,
                                   created=time.time(), layout=LAYOUT_MEGATRON)
         write_manifest(path, manifest)  # last: seals the checkpoint
-        if keep_last:
-            for old in sealed_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        _apply_retention(root, path, keep_last)
     _barrier()
     return path
 
@@ -190,6 +190,5 @@ __all__ = [
     "megatron_checkpoint_to_native",
     "read_meta",
     "save_checkpoint",
-    "sealed_checkpoints",
     "step_dir",
 ]
