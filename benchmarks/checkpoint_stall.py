@@ -33,11 +33,30 @@ MODES = {"sync": ["checkpoint.async_save=false"], "async": ["checkpoint.async_sa
 
 
 def run(config: str, mode: str, args, run_dir: Path) -> list[dict]:
-    overrides = [f"trainer.max_steps={args.steps}", f"trainer.run_dir={run_dir}", "trainer.eval_every=0",
-                 "trainer.progress_bar=false", "logging.mlflow.enabled=false", f"checkpoint.interval_steps={args.every}",
-                 "checkpoint.keep_last=2", *args.set, *MODES[mode]]
-    launcher = [sys.executable, "-m", "modmoe"] if args.nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "-m", "modmoe"]
+    overrides = [
+        f"trainer.max_steps={args.steps}",
+        f"trainer.run_dir={run_dir}",
+        "trainer.eval_every=0",
+        "trainer.progress_bar=false",
+        "logging.mlflow.enabled=false",
+        f"checkpoint.interval_steps={args.every}",
+        "checkpoint.keep_last=2",
+        *args.set,
+        *MODES[mode],
+    ]
+    launcher = (
+        [sys.executable, "-m", "modmoe"]
+        if args.nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            "-m",
+            "modmoe",
+        ]
+    )
     cmd = [*launcher, "train", config, "--resume", "none", *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ})
     if proc.returncode != 0:
@@ -70,8 +89,12 @@ def main() -> None:
         for rep in range(args.reps):
             for mode in MODES:
                 results[mode].append(run(args.config, mode, args, Path(tmp) / f"{mode}{rep}"))
-    print(f"{args.config}, {args.steps} steps, a save every {args.every} steps, {args.nproc} rank(s), {args.reps} rep(s)")
-    print(f"{'mode':>6} | {'saves':>5} | {'blocking/save s':>15} | {'step after save, extra s':>24} | {'stall/save s':>12}")
+    print(
+        f"{args.config}, {args.steps} steps, a save every {args.every} steps, {args.nproc} rank(s), {args.reps} rep(s)"
+    )
+    print(
+        f"{'mode':>6} | {'saves':>5} | {'blocking/save s':>15} | {'step after save, extra s':>24} | {'stall/save s':>12}"
+    )
     summary = {}
     for mode, reps in results.items():
         measured = [stall(records) for records in reps]
@@ -79,9 +102,13 @@ def main() -> None:
         block = statistics.median(blocking)
         slowdown = statistics.median(s for _, s in measured)
         summary[mode] = (block, block + slowdown)
-        print(f"{mode:>6} | {len(blocking) / len(reps):5.0f} | {block:15.3f} | {slowdown:24.3f} | {block + slowdown:12.3f}")
-    print(f"sync_blocking_s={summary['sync'][0]:.3f} async_blocking_s={summary['async'][0]:.3f} "
-          f"sync_stall_s={summary['sync'][1]:.3f} async_stall_s={summary['async'][1]:.3f}")
+        print(
+            f"{mode:>6} | {len(blocking) / len(reps):5.0f} | {block:15.3f} | {slowdown:24.3f} | {block + slowdown:12.3f}"
+        )
+    print(
+        f"sync_blocking_s={summary['sync'][0]:.3f} async_blocking_s={summary['async'][0]:.3f} "
+        f"sync_stall_s={summary['sync'][1]:.3f} async_stall_s={summary['async'][1]:.3f}"
+    )
 
 
 if __name__ == "__main__":

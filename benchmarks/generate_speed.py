@@ -60,7 +60,9 @@ def calibrate_entry(gen: Generator, prompt_len: int, new_tokens: int) -> None:
         if block.router is None:
             continue
         seen: list[torch.Tensor] = []
-        hook = block.router.register_forward_hook(lambda mod, args, out: seen.append(args[0]) if args[0].shape[1] == 1 else None)
+        hook = block.router.register_forward_hook(
+            lambda mod, args, out: seen.append(args[0]) if args[0].shape[1] == 1 else None
+        )
         prompts = torch.randint(2, vocab, (16, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
         for _ in gen.stream_ids(prompts, sampling(new_tokens, 1)):
             pass
@@ -84,8 +86,13 @@ def run_once(gen: Generator, batch: int, args, vocab: int, seed: int) -> dict[st
     for _ in gen.stream_ids(prompts, sampling(args.new_tokens, seed)):
         pass
     s = gen.stats
-    return {"prefill": s.prompt_tokens / s.prefill_s, "decode": s.decode_tokens / s.decode_s, "tokens": s.decode_tokens,
-            "flops": s.decode_flops, **{f"entered{layer}": n for layer, n in s.entered.items()}}
+    return {
+        "prefill": s.prompt_tokens / s.prefill_s,
+        "decode": s.decode_tokens / s.decode_s,
+        "tokens": s.decode_tokens,
+        "flops": s.decode_flops,
+        **{f"entered{layer}": n for layer, n in s.entered.items()},
+    }
 
 
 def speed(args) -> dict[str, float]:
@@ -105,11 +112,17 @@ def speed(args) -> dict[str, float]:
         for batch, runs in ((1, 4), (8, 2)):
             for i in range(runs):
                 for name, g in gens.items():
-                    samples.setdefault((name, batch), []).append(run_once(g, batch, args, cfg.vocab_size, 1000 * rep + i))
-    print(f"\nspeed: {args.config}; prompts of {args.prompt_len} random tokens, {args.new_tokens} sampled tokens each; "
-          f"{args.reps} reps (generations per rep: 4 at batch 1, 2 at batch 8); device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print("| model | batch | prefill tokens/s (median / best) | decode tokens/s (median / best) | decode MFLOP/token (executed) | decode entry per routed layer |")
+                    samples.setdefault((name, batch), []).append(
+                        run_once(g, batch, args, cfg.vocab_size, 1000 * rep + i)
+                    )
+    print(
+        f"\nspeed: {args.config}; prompts of {args.prompt_len} random tokens, {args.new_tokens} sampled tokens each; "
+        f"{args.reps} reps (generations per rep: 4 at batch 1, 2 at batch 8); device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        "| model | batch | prefill tokens/s (median / best) | decode tokens/s (median / best) | decode MFLOP/token (executed) | decode entry per routed layer |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     result: dict[str, float] = {}
     for batch in (1, 8):
@@ -123,13 +136,17 @@ def speed(args) -> dict[str, float]:
                 result[f"{name}/{batch}/{key}/best"] = max(r[key] for r in runs)
             result[f"{name}/{batch}/flops"] = flops
             entry_text = ", ".join(f"{i}: {f:.0%}" for i, f in entry.items()) or "-"
-            print(f"| {name} | {batch} | {result[f'{name}/{batch}/prefill']:,.0f} / {result[f'{name}/{batch}/prefill/best']:,.0f} | "
-                  f"{result[f'{name}/{batch}/decode']:,.1f} / {result[f'{name}/{batch}/decode/best']:,.1f} | {flops / 1e6:.1f} | {entry_text} |")
+            print(
+                f"| {name} | {batch} | {result[f'{name}/{batch}/prefill']:,.0f} / {result[f'{name}/{batch}/prefill/best']:,.0f} | "
+                f"{result[f'{name}/{batch}/decode']:,.1f} / {result[f'{name}/{batch}/decode/best']:,.1f} | {flops / 1e6:.1f} | {entry_text} |"
+            )
     for batch in (1, 8):
         ratio = lambda key: result[f"MoDE/{batch}/{key}"] / result[f"MoE-only/{batch}/{key}"]
         predicted = result[f"MoE-only/{batch}/flops"] / result[f"MoDE/{batch}/flops"]
-        print(f"batch {batch}: decode speedup {ratio('decode'):.2f}x median, {ratio('decode/best'):.2f}x best "
-              f"(executed FLOPs ratio {predicted:.2f}x); prefill speedup {ratio('prefill'):.2f}x median, {ratio('prefill/best'):.2f}x best")
+        print(
+            f"batch {batch}: decode speedup {ratio('decode'):.2f}x median, {ratio('decode/best'):.2f}x best "
+            f"(executed FLOPs ratio {predicted:.2f}x); prefill speedup {ratio('prefill'):.2f}x median, {ratio('prefill/best'):.2f}x best"
+        )
     result["decode_speedup"] = result["MoDE/1/decode"] / result["MoE-only/1/decode"]
     result["prefill_speedup"] = result["MoDE/1/prefill"] / result["MoE-only/1/prefill"]
     return result
@@ -141,8 +158,13 @@ def quality(args) -> dict[str, float]:
         from modmoe.train.trainer import run_training
 
         run_dir = Path(args.work_dir) / "tiny-run"
-        overrides = [f"trainer.run_dir={run_dir}", f"trainer.max_steps={args.train_steps}", "logging.mlflow.enabled=false",
-                     "trainer.progress_bar=false", *args.set]
+        overrides = [
+            f"trainer.run_dir={run_dir}",
+            f"trainer.max_steps={args.train_steps}",
+            "logging.mlflow.enabled=false",
+            "trainer.progress_bar=false",
+            *args.set,
+        ]
         t0 = time.perf_counter()
         run_training(load_config(REPO / "configs" / "tiny.yaml", overrides), resume="none")
         print(f"trained {run_dir} ({args.train_steps} steps) in {time.perf_counter() - t0:.0f}s")
@@ -150,8 +172,12 @@ def quality(args) -> dict[str, float]:
     export_checkpoint(run_dir, out, overwrite=True)
     loaded = load_exported(out)
     data = load_validation(loaded, batches=args.eval_batches)
-    print(f"\nquality: {run_dir}, {len(data)} validation batches x {data[0][0].shape[0]} x {data[0][0].shape[1]} tokens")
-    print("| causal router | loss top-k | loss causal | loss gap | agreement (mean) | agreement per routed layer | causal entry |")
+    print(
+        f"\nquality: {run_dir}, {len(data)} validation batches x {data[0][0].shape[0]} x {data[0][0].shape[1]} tokens"
+    )
+    print(
+        "| causal router | loss top-k | loss causal | loss gap | agreement (mean) | agreement per routed layer | causal entry |"
+    )
     print("|---|---:|---:|---:|---:|---|---|")
     rows = {}
     routers = ["aux_loss"] + (["predictor"] if loaded.config.depth.predictor else [])
@@ -160,7 +186,9 @@ def quality(args) -> dict[str, float]:
         rows[router] = r
         per_layer = ", ".join(f"{i}: {a:.3f}" for i, a in r.agreement.items())
         entry = ", ".join(f"{i}: {e:.3f}" for i, e in r.causal_entry.items())
-        print(f"| {router} | {r.loss_topk:.4f} | {r.loss_causal:.4f} | {r.loss_gap:+.2%} | {r.mean_agreement:.4f} | {per_layer} | {entry} |")
+        print(
+            f"| {router} | {r.loss_topk:.4f} | {r.loss_causal:.4f} | {r.loss_gap:+.2%} | {r.mean_agreement:.4f} | {per_layer} | {entry} |"
+        )
     trained_for = rows[loaded.config.depth.causal_router]
     return {"causal_agreement": trained_for.mean_agreement, "loss_gap": trained_for.loss_gap}
 
@@ -183,8 +211,10 @@ def main() -> None:
         args.work_dir = args.work_dir or tmp
         q = {"causal_agreement": float("nan"), "loss_gap": float("nan")} if args.skip_quality else quality(args)
         s = speed(args)
-    print(f"decode_speedup={s['decode_speedup']:.3f} prefill_speedup={s['prefill_speedup']:.3f} "
-          f"causal_agreement={q['causal_agreement']:.4f} loss_gap={q['loss_gap']:.4f}")
+    print(
+        f"decode_speedup={s['decode_speedup']:.3f} prefill_speedup={s['prefill_speedup']:.3f} "
+        f"causal_agreement={q['causal_agreement']:.4f} loss_gap={q['loss_gap']:.4f}"
+    )
 
 
 if __name__ == "__main__":

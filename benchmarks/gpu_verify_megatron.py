@@ -42,8 +42,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
-             ("B200", 2250e12), ("L40S", 362e12)]
+PEAK_BF16 = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("B200", 2250e12),
+    ("L40S", 362e12),
+]
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -54,21 +61,48 @@ def job_config(args, run_dir: Path, variant: str = "mode", steps: int | None = N
 
     quick = args.quick or args.device == "cpu"
     over = [
-        "data.corpus=stdlib", f"data.max_corpus_bytes={2_000_000 if quick else 8_000_000}",
-        f"data.prepared_dir={Path(args.work) / 'data'}", "data.val_fraction=0.05",
-        f"trainer.run_dir={run_dir}", f"trainer.micro_batch_size={args.micro_batch}",
-        f"trainer.global_batch_size={2 * args.micro_batch * args.dp}", f"trainer.max_steps={steps or args.train_steps}",
-        "trainer.eval_every=0", "trainer.eval_batches=2", "trainer.progress_bar=false", f"trainer.device={args.device}",
-        "logging.mlflow.enabled=false", f"checkpoint.interval_steps={max(1, (steps or args.train_steps) // 2)}",
-        "checkpoint.keep_last=0", "optimizer.warmup_steps=5", "optimizer.lr=0.001",
+        "data.corpus=stdlib",
+        f"data.max_corpus_bytes={2_000_000 if quick else 8_000_000}",
+        f"data.prepared_dir={Path(args.work) / 'data'}",
+        "data.val_fraction=0.05",
+        f"trainer.run_dir={run_dir}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.global_batch_size={2 * args.micro_batch * args.dp}",
+        f"trainer.max_steps={steps or args.train_steps}",
+        "trainer.eval_every=0",
+        "trainer.eval_batches=2",
+        "trainer.progress_bar=false",
+        f"trainer.device={args.device}",
+        "logging.mlflow.enabled=false",
+        f"checkpoint.interval_steps={max(1, (steps or args.train_steps) // 2)}",
+        "checkpoint.keep_last=0",
+        "optimizer.warmup_steps=5",
+        "optimizer.lr=0.001",
     ]
     if quick:
-        over += ["model.vocab_size=4096", "data.vocab_size=4096", "model.dim=256", "model.num_layers=4", "model.num_heads=4",
-                 "model.num_kv_heads=2", "model.ffn_hidden=512", "model.moe.num_experts=4", "model.moe.expert_hidden=256",
-                 "model.max_seq_len=512", "data.seq_len=512"]
+        over += [
+            "model.vocab_size=4096",
+            "data.vocab_size=4096",
+            "model.dim=256",
+            "model.num_layers=4",
+            "model.num_heads=4",
+            "model.num_kv_heads=2",
+            "model.ffn_hidden=512",
+            "model.moe.num_experts=4",
+            "model.moe.expert_hidden=256",
+            "model.max_seq_len=512",
+            "data.seq_len=512",
+        ]
     if args.device == "cpu":
-        over += ["model.dim=64", "model.ffn_hidden=128", "model.moe.expert_hidden=64", "model.max_seq_len=128",
-                 "data.seq_len=128", "trainer.precision=fp32", "optimizer.grad_clip=null"]
+        over += [
+            "model.dim=64",
+            "model.ffn_hidden=128",
+            "model.moe.expert_hidden=64",
+            "model.max_seq_len=128",
+            "data.seq_len=128",
+            "trainer.precision=fp32",
+            "optimizer.grad_clip=null",
+        ]
     if variant == "moe_only":
         over.append("model.depth.enabled=false")
     cfg = load_config(REPO / args.config, over + list(args.set) + list(extra))
@@ -128,7 +162,11 @@ def phase_logits(args) -> dict:
     prepare_megatron()
     parallel_state.initialize_model_parallel()
     impls = ["local"] + (["transformer_engine"] if te_available() and not cpu else [])
-    result: dict = {"seq_len": seq, "batch": batch, "params_M": sum(p.numel() for p in MoDETransformer(m).parameters()) / 1e6}
+    result: dict = {
+        "seq_len": seq,
+        "batch": batch,
+        "params_M": sum(p.numel() for p in MoDETransformer(m).parameters()) / 1e6,
+    }
     with megatron_on_cpu() if cpu else contextlib.nullcontext():
         if not cpu:
             tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -143,15 +181,24 @@ def phase_logits(args) -> dict:
         result["native_bf16_rel_err"] = (native_bf16 - ref).abs().max().item() / scale
         mask = ~torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None] if cpu else None
         for impl in impls:
-            for precision in (["fp32"] if cpu else ["fp32", "bf16"]):
+            for precision in ["fp32"] if cpu else ["fp32", "bf16"]:
                 eng = engine_config(args, transformer_impl=impl, fp8="none")
                 one_gpu = cfg.parallel.model_copy(update={"tp": 1, "ep": 1, "dp": -1, "dp_backend": "ddp"})
                 eng = eng.model_copy(update={"pp": 1, "cp": 1, "etp": None, "sequence_parallel": False})
-                plan = translate(m, one_gpu, eng, world_size=1, seq_len=seq, precision=precision,
-                                 te_available=impl == "transformer_engine")
+                plan = translate(
+                    m,
+                    one_gpu,
+                    eng,
+                    world_size=1,
+                    seq_len=seq,
+                    precision=precision,
+                    te_available=impl == "transformer_engine",
+                )
                 tc = build_transformer_config(plan, use_cpu_initialization=cpu, perform_initialization=False)
                 meg = build_gpt_model(plan, tc).to(device)
-                state = native_to_megatron(native.state_dict(), m, MegatronLayout.for_plan(plan.use_te, eng.grouped_gemm))
+                state = native_to_megatron(
+                    native.state_dict(), m, MegatronLayout.for_plan(plan.use_te, eng.grouped_gemm)
+                )
                 load_into_megatron(meg, state)  # copies cast to the model's dtype
                 meg.eval()
                 with torch.no_grad():
@@ -159,7 +206,12 @@ def phase_logits(args) -> dict:
                 err = (out - ref).abs().max().item() / scale
                 agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
                 limit = 1e-3 if precision == "fp32" else max(3 * result["native_bf16_rel_err"], 1e-2)
-                result[f"{impl}/{precision}"] = {"rel_err": err, "argmax_agreement": agree, "limit": limit, "ok": err <= limit}
+                result[f"{impl}/{precision}"] = {
+                    "rel_err": err,
+                    "argmax_agreement": agree,
+                    "limit": limit,
+                    "ok": err <= limit,
+                }
                 del meg
     result["ok"] = all(v["ok"] for v in result.values() if isinstance(v, dict))
     parallel_state.destroy_model_parallel()
@@ -187,9 +239,15 @@ def phase_train(args) -> dict:
     losses = [m["loss"] for m in rank0]
     k = max(1, min(5, len(losses) // 4))
     first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
-    return {"steps": len(losses), "first_loss": first, "last_loss": last, "eval_loss": rank0[-1].get("eval/loss_topk"),
-            "wall_s": time.time() - t0, "ok": all(math.isfinite(x) for x in losses) and last < first - 0.1,
-            "losses": losses}
+    return {
+        "steps": len(losses),
+        "first_loss": first,
+        "last_loss": last,
+        "eval_loss": rank0[-1].get("eval/loss_topk"),
+        "wall_s": time.time() - t0,
+        "ok": all(math.isfinite(x) for x in losses) and last < first - 0.1,
+        "losses": losses,
+    }
 
 
 def phase_resume(args) -> dict:
@@ -203,8 +261,12 @@ def phase_resume(args) -> dict:
         return {}
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # disk: only the metrics are needed
     diffs = [abs(r["loss"] - ref[r["step"] - 1]["loss"]) / ref[r["step"] - 1]["loss"] for r in resumed]
-    return {"resumed_from": half, "steps": f"{resumed[0]['step']}..{resumed[-1]['step']}", "max_rel_loss_diff": max(diffs),
-            "ok": resumed[0]["step"] == half + 1 and max(diffs) < 1e-2}
+    return {
+        "resumed_from": half,
+        "steps": f"{resumed[0]['step']}..{resumed[-1]['step']}",
+        "max_rel_loss_diff": max(diffs),
+        "ok": resumed[0]["step"] == half + 1 and max(diffs) < 1e-2,
+    }
 
 
 def phase_export(args) -> dict:
@@ -223,14 +285,26 @@ def phase_export(args) -> dict:
     model.load_state_dict(state)
     model.to(device).eval()
     data = prepare_data(cfg.data, log=lambda _: None)
-    batches = validation_batches(data.open("val"), cfg.data.seq_len, cfg.trainer.micro_batch_size * args.dp, cfg.trainer.eval_batches)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision != "fp32" and device.type == "cuda"):
+    batches = validation_batches(
+        data.open("val"), cfg.data.seq_len, cfg.trainer.micro_batch_size * args.dp, cfg.trainer.eval_batches
+    )
+    with (
+        torch.no_grad(),
+        torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision != "fp32" and device.type == "cuda"
+        ),
+    ):
         loss = statistics.mean(model(x.to(device), y.to(device)).loss.item() for x, y in batches)
     megatron_loss = metrics(run)[-1]["eval/loss_topk"]
     rel = abs(loss - megatron_loss) / megatron_loss
     tol = 1e-4 if cfg.trainer.precision == "fp32" else 1e-2
-    return {"native_eval_loss": loss, "megatron_eval_loss": megatron_loss, "rel_diff": rel, "convert_s": convert_s,
-            "ok": rel < tol}
+    return {
+        "native_eval_loss": loss,
+        "megatron_eval_loss": megatron_loss,
+        "rel_diff": rel,
+        "convert_s": convert_s,
+        "ok": rel < tol,
+    }
 
 
 def peak_bf16() -> float | None:
@@ -257,7 +331,7 @@ def phase_bench(args) -> dict:
         try:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            steps = [trainer.train_step() for _ in range(total)][args.warmup:]
+            steps = [trainer.train_step() for _ in range(total)][args.warmup :]
         finally:
             trainer.close()
     tps = statistics.median(s["tokens_per_s"] for s in steps)
@@ -265,32 +339,78 @@ def phase_bench(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     peak = peak_bf16()
     return {
-        "variant": variant, "precision": precision if args.device == "cuda" else "fp32 (cpu)", "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world,
-        "training_gflop_per_token": flops / 1e9, "executed_tflops_per_gpu": tps * flops / world / 1e12,
-        "mfu": tps * flops / world / peak if peak else None, "last_loss": steps[-1]["loss"],
+        "variant": variant,
+        "precision": precision if args.device == "cuda" else "fp32 (cpu)",
+        "tokens_per_s": tps,
+        "tokens_per_s_per_gpu": tps / world,
+        "training_gflop_per_token": flops / 1e9,
+        "executed_tflops_per_gpu": tps * flops / world / 1e12,
+        "mfu": tps * flops / world / peak if peak else None,
+        "last_loss": steps[-1]["loss"],
         "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "ok": all(math.isfinite(s["loss"]) for s in steps),
     }
 
 
-PHASES = {"logits": phase_logits, "train": phase_train, "resume": phase_resume, "export": phase_export, "bench": phase_bench}
+PHASES = {
+    "logits": phase_logits,
+    "train": phase_train,
+    "resume": phase_resume,
+    "export": phase_export,
+    "bench": phase_bench,
+}
 DISTRIBUTED = {"train", "resume", "bench"}  # run under torchrun when --nproc > 1
 
 
 # ---------------------------------------------------------------------------- orchestration
 def run_phase(args, phase: str, extra: list[str] = ()) -> tuple[dict, str]:
     me = [sys.executable, str(Path(__file__).resolve())]
-    passthrough = ["--phase", phase, "--work", args.work, "--config", args.config, "--device", args.device,
-                   "--train-steps", str(args.train_steps), "--bench-steps", str(args.bench_steps), "--warmup", str(args.warmup),
-                   "--micro-batch", str(args.micro_batch), "--dp", str(args.dp), "--train-layers", str(args.train_layers), *(["--quick"] if args.quick else []),
-                   *[x for s in args.set for x in ("--set", s)], *[x for s in args.megatron for x in ("--megatron", s)], *extra]
+    passthrough = [
+        "--phase",
+        phase,
+        "--work",
+        args.work,
+        "--config",
+        args.config,
+        "--device",
+        args.device,
+        "--train-steps",
+        str(args.train_steps),
+        "--bench-steps",
+        str(args.bench_steps),
+        "--warmup",
+        str(args.warmup),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--dp",
+        str(args.dp),
+        "--train-layers",
+        str(args.train_layers),
+        *(["--quick"] if args.quick else []),
+        *[x for s in args.set for x in ("--set", s)],
+        *[x for s in args.megatron for x in ("--megatron", s)],
+        *extra,
+    ]
     cmd = me + passthrough
     if args.nproc > 1 and phase in DISTRIBUTED:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(port)] + me + passthrough
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(args.nproc),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+            ]
+            + me
+            + passthrough
+        )
     name = phase + "".join(f"-{x}" for x in extra if not x.startswith("--"))
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.phase_timeout)
@@ -310,10 +430,18 @@ def environment(args) -> dict:
 
     from modmoe.engines.megatron.compat import apex_available, te_available
 
-    env = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-           "megatron_core": megatron.core.__version__, "transformer_engine": None, "apex": apex_available(),
-           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU emulation)",
-           "gpus": torch.cuda.device_count(), "peak_bf16_tflops": (peak_bf16() or 0) / 1e12 or None}
+    env = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "transformer_engine": None,
+        "apex": apex_available(),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU emulation)",
+        "gpus": torch.cuda.device_count(),
+        "peak_bf16_tflops": (peak_bf16() or 0) / 1e12 or None,
+    }
     if te_available():
         import transformer_engine
 
@@ -332,13 +460,31 @@ def fmt(v) -> str:
 
 
 def report(args, env: dict, results: dict, commands: list[str]) -> str:
-    lines = ["# GPU verification of the Megatron-Core engine", "",
-             f"Written by `benchmarks/gpu_verify_megatron.py` on {time.strftime('%Y-%m-%d %H:%M')} "
-             f"({'all checks passed' if all(r.get('ok') for r in results.values()) else 'SOME CHECKS FAILED'}).", "",
-             "## Environment", "", "| | |", "|---|---|"]
+    lines = [
+        "# GPU verification of the Megatron-Core engine",
+        "",
+        f"Written by `benchmarks/gpu_verify_megatron.py` on {time.strftime('%Y-%m-%d %H:%M')} "
+        f"({'all checks passed' if all(r.get('ok') for r in results.values()) else 'SOME CHECKS FAILED'}).",
+        "",
+        "## Environment",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {fmt(v)} |" for k, v in env.items()]
-    lines += ["", "## Command", "", "```bash", "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]), "```", "",
-              "## Checks", "", "| phase | ok | details |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Command",
+        "",
+        "```bash",
+        "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]),
+        "```",
+        "",
+        "## Checks",
+        "",
+        "| phase | ok | details |",
+        "|---|---|---|",
+    ]
     for name, r in results.items():
         if name.startswith("bench"):
             continue
@@ -350,27 +496,46 @@ def report(args, env: dict, results: dict, commands: list[str]) -> str:
                 details.update({f"{k}.{kk}": vv for kk, vv in v.items() if kk != "ok"})
             else:
                 details[k] = v
-        lines.append(f"| {name} | {fmt(r.get('ok'))} | " + ", ".join(f"{k}={fmt(v)}" for k, v in details.items()) + " |")
+        lines.append(
+            f"| {name} | {fmt(r.get('ok'))} | " + ", ".join(f"{k}={fmt(v)}" for k, v in details.items()) + " |"
+        )
     bench = [r for n, r in results.items() if n.startswith("bench")]
     if bench:
-        lines += ["", "## Throughput: MoDE vs MoE-only", "",
-                  f"Model `{args.config}`{' (--quick: small)' if args.quick else ''}, micro-batch {args.micro_batch}, "
-                  f"{args.warmup} warm-up + {args.bench_steps} timed steps (median), {args.nproc} process(es).", "",
-                  "| variant | precision | tokens/s | tokens/s/GPU | GFLOP/token (train) | TFLOP/s/GPU | MFU | max mem GiB | ok |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "## Throughput: MoDE vs MoE-only",
+            "",
+            f"Model `{args.config}`{' (--quick: small)' if args.quick else ''}, micro-batch {args.micro_batch}, "
+            f"{args.warmup} warm-up + {args.bench_steps} timed steps (median), {args.nproc} process(es).",
+            "",
+            "| variant | precision | tokens/s | tokens/s/GPU | GFLOP/token (train) | TFLOP/s/GPU | MFU | max mem GiB | ok |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in bench:
-            lines.append(f"| {r.get('variant', '?')} | {r.get('precision', '?')} | {fmt(r.get('tokens_per_s'))} | "
-                         f"{fmt(r.get('tokens_per_s_per_gpu'))} | {fmt(r.get('training_gflop_per_token'))} | "
-                         f"{fmt(r.get('executed_tflops_per_gpu'))} | {fmt(r.get('mfu'))} | {fmt(r.get('max_mem_gib'))} | "
-                         f"{fmt(r.get('ok'))}{' ' + r['error'] if 'error' in r else ''} |")
+            lines.append(
+                f"| {r.get('variant', '?')} | {r.get('precision', '?')} | {fmt(r.get('tokens_per_s'))} | "
+                f"{fmt(r.get('tokens_per_s_per_gpu'))} | {fmt(r.get('training_gflop_per_token'))} | "
+                f"{fmt(r.get('executed_tflops_per_gpu'))} | {fmt(r.get('mfu'))} | {fmt(r.get('max_mem_gib'))} | "
+                f"{fmt(r.get('ok'))}{' ' + r['error'] if 'error' in r else ''} |"
+            )
         by = {(r.get("variant"), r.get("precision")): r for r in bench if r.get("tokens_per_s")}
         for prec in ("bf16", "fp8"):
             a, b = by.get(("mode", prec)), by.get(("moe_only", prec))
             if a and b:
-                lines.append(f"\n{prec}: MoDE / MoE-only tokens/s = {a['tokens_per_s'] / b['tokens_per_s']:.3f} "
-                             f"(FLOPs predict {b['training_gflop_per_token'] / a['training_gflop_per_token']:.3f})")
-    lines += ["", "## Phase commands", "", "```bash", *commands, "```", "",
-              "Logs of every phase are in the work directory (`--work`)."]
+                lines.append(
+                    f"\n{prec}: MoDE / MoE-only tokens/s = {a['tokens_per_s'] / b['tokens_per_s']:.3f} "
+                    f"(FLOPs predict {b['training_gflop_per_token'] / a['training_gflop_per_token']:.3f})"
+                )
+    lines += [
+        "",
+        "## Phase commands",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+        "Logs of every phase are in the work directory (`--work`).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -386,9 +551,13 @@ def main() -> None:
     p.add_argument("--bench-steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--train-layers", type=int, default=8, help="layers of the model in train/resume/export (0 = the config's)")
+    p.add_argument(
+        "--train-layers", type=int, default=8, help="layers of the model in train/resume/export (0 = the config's)"
+    )
     p.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun) for train/resume/bench")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel degree the --set layout leaves (sizes the global batch)")
+    p.add_argument(
+        "--dp", type=int, default=1, help="data-parallel degree the --set layout leaves (sizes the global batch)"
+    )
     p.add_argument("--set", action="append", default=[], help="job override key=value (repeatable)")
     p.add_argument("--megatron", action="append", default=[], help="MegatronConfig override key=value (repeatable)")
     p.add_argument("--phase-timeout", type=int, default=1800)
@@ -423,7 +592,10 @@ def main() -> None:
         else:
             results[phase], cmd = run_phase(args, phase)
             commands.append(cmd)
-        print(f"[gpu-verify] {phase}: {'ok' if all(r.get('ok') for k, r in results.items() if k.startswith(phase)) else 'FAILED'}", flush=True)
+        print(
+            f"[gpu-verify] {phase}: {'ok' if all(r.get('ok') for k, r in results.items() if k.startswith(phase)) else 'FAILED'}",
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report(args, env, results, commands))
     print(f"[gpu-verify] wrote {args.out}")

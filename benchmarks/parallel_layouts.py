@@ -36,12 +36,32 @@ LAYOUTS = {
 
 
 def run_layout(config: str, layout: list[str], extra: list[str], steps: int, nproc: int, run_dir: Path) -> list[dict]:
-    overrides = [f"trainer.max_steps={steps}", f"trainer.run_dir={run_dir}", "trainer.eval_every=0",
-                 "trainer.progress_bar=false", "logging.mlflow.enabled=false", "checkpoint.interval_steps=0",
-                 *extra, *layout]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "modmoe",
-           "train", config, *sum((["--set", o] for o in overrides), [])]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))}
+    overrides = [
+        f"trainer.max_steps={steps}",
+        f"trainer.run_dir={run_dir}",
+        "trainer.eval_every=0",
+        "trainer.progress_bar=false",
+        "logging.mlflow.enabled=false",
+        "checkpoint.interval_steps=0",
+        *extra,
+        *layout,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "modmoe",
+        "train",
+        config,
+        *sum((["--set", o] for o in overrides), []),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc))),
+    }
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"layout {layout} failed:\n{proc.stderr[-3000:]}")
@@ -55,8 +75,14 @@ def summarize(records: list[dict]) -> dict[str, float]:
         values = [r[key] for r in steady if key in r]
         return statistics.median(values) if values else float("nan")
 
-    return {"tokens_per_s": med("tokens_per_s"), "step_s": med("step_time_s"), "a2a_mb": med("ep/a2a_forward_mb"),
-            "a2a_s": med("ep/a2a_forward_time_s"), "remote": med("ep/a2a_remote_fraction"), "loss": records[-1]["loss"]}
+    return {
+        "tokens_per_s": med("tokens_per_s"),
+        "step_s": med("step_time_s"),
+        "a2a_mb": med("ep/a2a_forward_mb"),
+        "a2a_s": med("ep/a2a_forward_time_s"),
+        "remote": med("ep/a2a_remote_fraction"),
+        "loss": records[-1]["loss"],
+    }
 
 
 def main() -> None:
@@ -73,12 +99,18 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            rows[name] = summarize(run_layout(args.config, LAYOUTS[name], args.extra, args.steps, args.nproc, Path(tmp) / name))
+            rows[name] = summarize(
+                run_layout(args.config, LAYOUTS[name], args.extra, args.steps, args.nproc, Path(tmp) / name)
+            )
     base = rows.get("ddp", next(iter(rows.values())))["tokens_per_s"]
-    print(f"{'layout':<12} {'tokens/s':>10} {'vs ddp':>7} {'step s':>8} {'a2a MB/step':>12} {'a2a s/step':>11} {'remote':>7} {'loss':>8}")
+    print(
+        f"{'layout':<12} {'tokens/s':>10} {'vs ddp':>7} {'step s':>8} {'a2a MB/step':>12} {'a2a s/step':>11} {'remote':>7} {'loss':>8}"
+    )
     for name, r in rows.items():
-        print(f"{name:<12} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s'] / base:>7.2f} {r['step_s']:>8.3f} "
-              f"{r['a2a_mb']:>12.3f} {r['a2a_s']:>11.4f} {r['remote']:>7.2f} {r['loss']:>8.4f}")
+        print(
+            f"{name:<12} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s'] / base:>7.2f} {r['step_s']:>8.3f} "
+            f"{r['a2a_mb']:>12.3f} {r['a2a_s']:>11.4f} {r['remote']:>7.2f} {r['loss']:>8.4f}"
+        )
     print(" ".join(f"{name}_tokens_per_s={r['tokens_per_s']:.0f}" for name, r in rows.items()))
 
 

@@ -32,11 +32,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from modmoe.launch import submit  # noqa: E402
 from slurm_cluster import (  # noqa: E402
-    Attempt, Preemption, batch_log, check_finished_run, node_logs, preempt_attempt, skip_reason, start_cluster,
-    tiny_job_overrides, training_records,
+    Attempt,
+    Preemption,
+    batch_log,
+    check_finished_run,
+    node_logs,
+    preempt_attempt,
+    skip_reason,
+    start_cluster,
+    tiny_job_overrides,
+    training_records,
 )
+
+from modmoe.launch import submit  # noqa: E402
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -58,8 +67,10 @@ def plan_preemptions(k: int, steps: int, rng: random.Random) -> list[Preemption]
 
 
 def _row(a: Attempt) -> str:
-    return (f"{a.number:>7}  {a.how:<8}  {a.sent_after_s:>8.1f}  {a.sent_at_step:>9}  {str(a.checkpoint):>10}  "
-            f"{str(a.resumed_at):>10}  {'ok' if not a.problems else '; '.join(a.problems)}")
+    return (
+        f"{a.number:>7}  {a.how:<8}  {a.sent_after_s:>8.1f}  {a.sent_at_step:>9}  {str(a.checkpoint):>10}  "
+        f"{str(a.resumed_at):>10}  {'ok' if not a.problems else '; '.join(a.problems)}"
+    )
 
 
 def main() -> int:
@@ -83,8 +94,9 @@ def main() -> int:
     os.environ["SLURM_CONF"] = str(cluster.conf)
     try:
         overrides = tiny_job_overrides(root / "prepared", args.steps)
-        common = dict(gpus_per_node=0, procs_per_node=2, time="60", signal_grace_s=60, overrides=overrides,
-                      echo=lambda _: None)
+        common = dict(
+            gpus_per_node=0, procs_per_node=2, time="60", signal_grace_s=60, overrides=overrides, echo=lambda _: None
+        )
         ref = submit(TINY, runs_root=root / "reference", max_requeues=0, **common)
         state = cluster.wait_job(ref.job_id, timeout=900)
         if state != "COMPLETED":
@@ -96,7 +108,9 @@ def main() -> int:
         plans = plan_preemptions(args.preemptions, args.steps, random.Random(args.seed))
         job = submit(TINY, runs_root=root / "preempted", max_requeues=args.preemptions, **common)
         print(f"job {job.job_id}: {args.steps} steps, {args.preemptions} preemptions (seed {args.seed})")
-        print(f"{'attempt':>7}  {'how':<8}  {'after_s':>8}  {'sent_step':>9}  {'checkpoint':>10}  {'resumed_at':>10}  check")
+        print(
+            f"{'attempt':>7}  {'how':<8}  {'after_s':>8}  {'sent_step':>9}  {'checkpoint':>10}  {'resumed_at':>10}  check"
+        )
         attempts = []
         for number, plan in enumerate(plans):
             attempts.append(preempt_attempt(cluster, job.job_id, job.run_dir, number, plan, timeout=600))
@@ -108,15 +122,21 @@ def main() -> int:
         ok = sum(1 for a in attempts if not a.problems)
         for p in problems:
             print(f"PROBLEM: {p}")
-        kinds = (f"{sum(a.how == 'usr1' for a in attempts)} USR1, "
-                 f"{sum(a.how == 'requeue' for a in attempts)} scontrol requeue")
+        kinds = (
+            f"{sum(a.how == 'usr1' for a in attempts)} USR1, "
+            f"{sum(a.how == 'requeue' for a in attempts)} scontrol requeue"
+        )
         if problems:
-            print(f"preemptions: {ok}/{len(attempts)} attempts passed their own checks ({kinds}); "
-                  f"{len(problems)} problem(s) listed above; {time.monotonic() - t0:.0f} s")
+            print(
+                f"preemptions: {ok}/{len(attempts)} attempts passed their own checks ({kinds}); "
+                f"{len(problems)} problem(s) listed above; {time.monotonic() - t0:.0f} s"
+            )
         else:
-            print(f"preemptions: {ok}/{len(attempts)} checkpointed, requeued and resumed from the newest checkpoint "
-                  f"({kinds}); losses of all {args.steps} steps bit-identical to the uninterrupted run; one MLflow "
-                  f"run with each step once; {time.monotonic() - t0:.0f} s")
+            print(
+                f"preemptions: {ok}/{len(attempts)} checkpointed, requeued and resumed from the newest checkpoint "
+                f"({kinds}); losses of all {args.steps} steps bit-identical to the uninterrupted run; one MLflow "
+                f"run with each step once; {time.monotonic() - t0:.0f} s"
+            )
         return 0 if not problems else 1
     finally:
         cluster.stop()

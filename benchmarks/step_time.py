@@ -29,9 +29,12 @@ from modmoe.model.flops import count_flops
 
 def variants(m: ModelConfig) -> dict[str, ModelConfig]:
     moe_only = m.model_copy(update={"depth": m.depth.model_copy(update={"enabled": False})})
-    dense = moe_only.model_copy(update={
-        "moe": m.moe.model_copy(update={"enabled": False}), "ffn_hidden": m.moe.top_k * m.moe.expert_hidden,
-    })
+    dense = moe_only.model_copy(
+        update={
+            "moe": m.moe.model_copy(update={"enabled": False}),
+            "ffn_hidden": m.moe.top_k * m.moe.expert_hidden,
+        }
+    )
     return {"mode": m, "moe_only": moe_only, "dense": dense}
 
 
@@ -59,7 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/bench-cpu.yaml")
     parser.add_argument("--reps", type=int, default=6, help="timed repetitions per model (after 2 warm-up)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: trainer.micro_batch_size)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="sequences per step (default: trainer.micro_batch_size)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -78,23 +83,31 @@ def main() -> None:
     median = {name: statistics.median(v) for name, v in times.items()}
     shares = routing_shares(models["mode"], tokens)
 
-    print(f"config {args.config}: batch {B} x {T} tokens, {cfg.model.num_layers} blocks, "
-          f"{cfg.model.moe.num_experts} experts top-{cfg.model.moe.top_k}, MoD capacity {cfg.model.depth.capacity} "
-          f"every {cfg.model.depth.every}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"config {args.config}: batch {B} x {T} tokens, {cfg.model.num_layers} blocks, "
+        f"{cfg.model.moe.num_experts} experts top-{cfg.model.moe.top_k}, MoD capacity {cfg.model.depth.capacity} "
+        f"every {cfg.model.depth.every}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'model':<10} {'step ms':>9} {'min ms':>9} {'tokens/s':>10} {'MFLOP/token':>12} {'GFLOP/s':>9}")
     for name in models:
         tok_s = B * T / median[name]
-        print(f"{name:<10} {median[name] * 1e3:9.1f} {min(times[name]) * 1e3:9.1f} {tok_s:10.0f} "
-              f"{flops[name] / 1e6:12.2f} {flops[name] * tok_s / 1e9:9.1f}")
+        print(
+            f"{name:<10} {median[name] * 1e3:9.1f} {min(times[name]) * 1e3:9.1f} {tok_s:10.0f} "
+            f"{flops[name] / 1e6:12.2f} {flops[name] * tok_s / 1e9:9.1f}"
+        )
     measured = median["moe_only"] / median["mode"]
     predicted = flops["moe_only"] / flops["mode"]
     dense_ratio = median["dense"] / median["mode"]
     routing = shares.get("mod_router", 0.0) + shares.get("mod_gather_scatter", 0.0)
-    print(f"MoDE vs MoE-only: measured {measured:.3f}x, FLOPs-predicted {predicted:.3f}x, "
-          f"ratio {measured / predicted:.3f}; MoDE vs dense: {dense_ratio:.3f}x")
+    print(
+        f"MoDE vs MoE-only: measured {measured:.3f}x, FLOPs-predicted {predicted:.3f}x, "
+        f"ratio {measured / predicted:.3f}; MoDE vs dense: {dense_ratio:.3f}x"
+    )
     print("forward share of MoDE step: " + ", ".join(f"{k} {v:.2%}" for k, v in sorted(shares.items())))
-    print(f"speedup_measured={measured:.3f} speedup_predicted={predicted:.3f} "
-          f"ratio={measured / predicted:.3f} routing_overhead={routing:.4f}")
+    print(
+        f"speedup_measured={measured:.3f} speedup_predicted={predicted:.3f} "
+        f"ratio={measured / predicted:.3f} routing_overhead={routing:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -107,22 +107,30 @@ def main() -> None:
 
     median = {m: statistics.median(pooled(m, "step_s")) for m in results}
     # Mean over all timed steps, the flush at close spread over them.
-    mean = {m: (sum(pooled(m, "step_s")) + sum(b["close_s"] for b in results[m])) / len(pooled(m, "step_s"))
-            for m in results}
+    mean = {
+        m: (sum(pooled(m, "step_s")) + sum(b["close_s"] for b in results[m])) / len(pooled(m, "step_s"))
+        for m in results
+    }
     cpu = {m: sum(b["cpu_s"] for b in results[m]) / len(pooled(m, "step_s")) for m in results}
     last = json.loads((out / "rep0-mlflow" / "metrics.jsonl").read_text().splitlines()[-1])
-    print(f"config {args.config}: {args.reps} x {args.steps} timed steps per mode (after {args.warmup} warm-up), "
-          f"{len(last) - 1} metrics per step; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"run directories in {out}")
-    print("| mode | median step ms | mean step ms (incl. close) | min step ms | CPU ms per step (incl. close) "
-          "| log_step call µs (median) | flush at close ms (mean) |")
+    print(
+        f"config {args.config}: {args.reps} x {args.steps} timed steps per mode (after {args.warmup} warm-up), "
+        f"{len(last) - 1} metrics per step; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"run directories in {out}"
+    )
+    print(
+        "| mode | median step ms | mean step ms (incl. close) | min step ms | CPU ms per step (incl. close) "
+        "| log_step call µs (median) | flush at close ms (mean) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for m in ("off", "mlflow"):
         steps = pooled(m, "step_s")
         log_us = statistics.median(pooled(m, "log_s")) * 1e6
         close_ms = statistics.mean(b["close_s"] for b in results[m]) * 1e3
-        print(f"| {m} | {median[m] * 1e3:.1f} | {mean[m] * 1e3:.1f} | {min(steps) * 1e3:.1f} | {cpu[m] * 1e3:.1f} "
-              f"| {log_us:.0f} | {close_ms:.0f} |")
+        print(
+            f"| {m} | {median[m] * 1e3:.1f} | {mean[m] * 1e3:.1f} | {min(steps) * 1e3:.1f} | {cpu[m] * 1e3:.1f} "
+            f"| {log_us:.0f} | {close_ms:.0f} |"
+        )
     n_on = len(pooled("mlflow", "step_s"))
     sender_ms = sum(b["sender_cpu_s"] for b in results["mlflow"]) / n_on * 1e3
     log_ms = sum(pooled("mlflow", "log_s")) / n_on * 1e3
@@ -130,9 +138,11 @@ def main() -> None:
     # thread's CPU time. Even fully serialized with training it cannot cost more wall time.
     added = (sender_ms + log_ms) / (median["off"] * 1e3)
     print(f"sender thread CPU {sender_ms:.1f} ms/step, log_step {log_ms:.2f} ms/step")
-    print(f"overhead_median={median['mlflow'] / median['off'] - 1:+.2%} "
-          f"overhead_mean={mean['mlflow'] / mean['off'] - 1:+.2%} "
-          f"overhead_cpu={cpu['mlflow'] / cpu['off'] - 1:+.2%} added_work={added:.2%}")
+    print(
+        f"overhead_median={median['mlflow'] / median['off'] - 1:+.2%} "
+        f"overhead_mean={mean['mlflow'] / mean['off'] - 1:+.2%} "
+        f"overhead_cpu={cpu['mlflow'] / cpu['off'] - 1:+.2%} added_work={added:.2%}"
+    )
 
 
 if __name__ == "__main__":

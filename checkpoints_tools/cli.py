@@ -9,11 +9,15 @@ import typer
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from checkpoints_tools.consolidate import consolidate as consolidate_ckpt
-from checkpoints_tools.convert import ConvertError, Target, convert as convert_ckpt
+from checkpoints_tools.convert import ConvertError, Target
+from checkpoints_tools.convert import convert as convert_ckpt
+from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, CheckpointError
+from modmoe.checkpoint.manifest import validate as validate_ckpt
 from modmoe.checkpoint.reader import read_dcp_metadata
-from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, CheckpointError, validate as validate_ckpt
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Inspect, validate, consolidate and convert modmoe checkpoints.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Inspect, validate, consolidate and convert modmoe checkpoints."
+)
 
 
 def _human(n: int) -> str:
@@ -63,7 +67,9 @@ def inspect(path: Path = typer.Argument(..., help="A step_XXXXXXXX checkpoint di
         tm = tensors[name]
         nbytes = tm.size.numel() * tm.properties.dtype.itemsize
         dtype = str(tm.properties.dtype).removeprefix("torch.")
-        typer.echo(f"  {name:<{width}}  {dtype:<9} {list(tm.size)!s:<16} {_human(nbytes):>10}  {len(tm.chunks)} shard(s)")
+        typer.echo(
+            f"  {name:<{width}}  {dtype:<9} {list(tm.size)!s:<16} {_human(nbytes):>10}  {len(tm.chunks)} shard(s)"
+        )
     typer.echo(f"other items ({len(others)}): {', '.join(others)}")
     typer.echo("meta:")
     typer.echo(json.dumps(manifest.meta, indent=1, sort_keys=True))
@@ -90,10 +96,17 @@ def consolidate(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="--to dcp: a DeepSpeed checkpoint (dir with 'latest', or a tag dir); --to deepspeed: a step_XXXXXXXX checkpoint."),
+    src: Path = typer.Argument(
+        ...,
+        help="--to dcp: a DeepSpeed checkpoint (dir with 'latest', or a tag dir); --to deepspeed: a step_XXXXXXXX checkpoint.",
+    ),
     dst: Path = typer.Argument(..., help="Output directory (must be new or empty)."),
-    to: Target = typer.Option(..., "--to", help="dcp: DeepSpeed -> modmoe; deepspeed: modmoe -> DeepSpeed universal checkpoint."),
-    config: Path | None = typer.Option(None, help="--to dcp: a modmoe config; check the tensors against its model and record it."),
+    to: Target = typer.Option(
+        ..., "--to", help="dcp: DeepSpeed -> modmoe; deepspeed: modmoe -> DeepSpeed universal checkpoint."
+    ),
+    config: Path | None = typer.Option(
+        None, help="--to dcp: a modmoe config; check the tensors against its model and record it."
+    ),
     tag: str | None = typer.Option(None, help="--to dcp: the DeepSpeed tag to read (default: the 'latest' file)."),
     group_mb: int = typer.Option(256, min=1, help="--to deepspeed: load at most this many MiB of tensors at a time."),
 ) -> None:

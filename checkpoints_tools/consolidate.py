@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints_tools.safetensors_writer import SafetensorsStreamWriter
-from modmoe.checkpoint.reader import load_tensor_groups, model_tensors, read_dcp_metadata
 from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, CheckpointError, validate
+from modmoe.checkpoint.reader import load_tensor_groups, model_tensors, read_dcp_metadata
 
 
 def consolidate(ckpt_dir: Path, out: Path, prefix: str | None = None, group_bytes: int = 256 << 20) -> dict[str, Any]:
@@ -27,8 +27,10 @@ def consolidate(ckpt_dir: Path, out: Path, prefix: str | None = None, group_byte
         raise CheckpointError(f"refusing to consolidate {ckpt_dir}: {problems[0]}")
     manifest, md = read_dcp_metadata(ckpt_dir)
     if manifest.layout == LAYOUT_MEGATRON:
-        raise CheckpointError(f"{ckpt_dir}: a Megatron engine checkpoint (Megatron's tensor names and sharding); "
-                              "export it with `modmoe export`, which converts it to the native model")
+        raise CheckpointError(
+            f"{ckpt_dir}: a Megatron engine checkpoint (Megatron's tensor names and sharding); "
+            "export it with `modmoe export`, which converts it to the native model"
+        )
     prefix = prefix if prefix is not None else manifest.model_prefix
     if prefix is None:
         raise CheckpointError(f"{ckpt_dir}: manifest records no model_prefix; pass --prefix (e.g. 'train.model.')")

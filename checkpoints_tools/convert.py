@@ -15,13 +15,19 @@ from typing import Any
 from checkpoints_tools.convert_errors import ConvertError
 
 
-class Target(str, enum.Enum):
+class Target(str, enum.Enum):  # noqa: UP042 (typer renders plain str enums)
     dcp = "dcp"
     deepspeed = "deepspeed"
 
 
 def convert(
-    src: Path, dst: Path, to: Target, *, config: Path | None = None, tag: str | None = None, group_bytes: int = 256 << 20
+    src: Path,
+    dst: Path,
+    to: Target,
+    *,
+    config: Path | None = None,
+    tag: str | None = None,
+    group_bytes: int = 256 << 20,
 ) -> dict[str, Any]:
     """Converts ``src`` into ``dst`` (new or empty); raises :class:`ConvertError` (one line)."""
     if to == Target.dcp:

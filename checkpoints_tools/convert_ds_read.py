@@ -103,21 +103,29 @@ def _optim_files(tag_dir: Path) -> list[Path]:
         if m is None:
             continue
         if m.group(2) != "00":
-            raise ConvertError(f"{p}: mp_rank {m.group(2)}: tensor/pipeline-parallel checkpoints are not supported (only mp_rank_00)")
+            raise ConvertError(
+                f"{p}: mp_rank {m.group(2)}: tensor/pipeline-parallel checkpoints are not supported (only mp_rank_00)"
+            )
         by_rank[int(m.group(1))] = p
     if by_rank and sorted(by_rank) != list(range(len(by_rank))):
         missing = min(set(range(max(by_rank) + 1)) - set(by_rank))
-        raise ConvertError(f"{tag_dir}: the optimizer file of data-parallel rank {missing} is missing (found ranks {sorted(by_rank)})")
+        raise ConvertError(
+            f"{tag_dir}: the optimizer file of data-parallel rank {missing} is missing (found ranks {sorted(by_rank)})"
+        )
     return [by_rank[r] for r in range(len(by_rank))]
 
 
 def _check_layout(tag_dir: Path) -> None:
     for p in tag_dir.iterdir():
         if p.name.startswith(("layer_", "expp_rank_")) and p.name.endswith(".pt"):
-            raise ConvertError(f"{p}: DeepSpeed MoE expert/pipeline files are not supported (only dense ZeRO checkpoints)")
+            raise ConvertError(
+                f"{p}: DeepSpeed MoE expert/pipeline files are not supported (only dense ZeRO checkpoints)"
+            )
         m = _MODEL_RE.match(p.name)
         if m and m.group(2) != "00":
-            raise ConvertError(f"{p}: mp_rank {m.group(2)}: tensor/pipeline-parallel checkpoints are not supported (only mp_rank_00)")
+            raise ConvertError(
+                f"{p}: mp_rank {m.group(2)}: tensor/pipeline-parallel checkpoints are not supported (only mp_rank_00)"
+            )
 
 
 # ---------------------------------------------------------------------------- common fields
@@ -135,7 +143,9 @@ def _adam_state(st: Any, where: str) -> dict[str, Any]:
         raise ConvertError(f"{where}: no optimizer state (saved before the first optimizer step?)")
     unknown = sorted(set(st) - set(ALLOWED_STATE_KEYS))
     if unknown:
-        raise ConvertError(f"{where}: unknown optimizer state key {unknown[0]!r} (allowed: {', '.join(ALLOWED_STATE_KEYS)}: Adam/AdamW)")
+        raise ConvertError(
+            f"{where}: unknown optimizer state key {unknown[0]!r} (allowed: {', '.join(ALLOWED_STATE_KEYS)}: Adam/AdamW)"
+        )
     for key in ADAM_KEYS:
         if not torch.is_tensor(st.get(key)):
             raise ConvertError(f"{where}: optimizer state {key!r} is missing")
@@ -178,7 +188,9 @@ def _check_all_trained(module: dict, path: Path, state: DeepSpeedState) -> None:
     known = set(state.params) | set(state.aliases) | set(state.buffers)
     for name in module:
         if _strip(name) not in known:
-            raise ConvertError(f"{path}: module entry {name!r} has no optimizer state (frozen parameters are not supported)")
+            raise ConvertError(
+                f"{path}: module entry {name!r} has no optimizer state (frozen parameters are not supported)"
+            )
 
 
 # ---------------------------------------------------------------------------- ranges
@@ -247,7 +259,9 @@ def _read_stage0(path: Path, model_sd: dict, state: DeepSpeedState) -> None:
             raise ConvertError(f"{path}: optimizer param_names has {name!r}, which the module does not have")
         weight = module[name]
         if weight.dtype != torch.float32:
-            raise ConvertError(f"{path}: module.{name} is {weight.dtype}: without ZeRO only fp32 training keeps the master weights here")
+            raise ConvertError(
+                f"{path}: module.{name} is {weight.dtype}: without ZeRO only fp32 training keeps the master weights here"
+            )
         st = _adam_state(optim["state"].get(idx), f"{path}: optimizer state {idx} ({name})")
         for key in ADAM_KEYS:
             if st[key].shape != weight.shape:
@@ -255,7 +269,9 @@ def _read_stage0(path: Path, model_sd: dict, state: DeepSpeedState) -> None:
                     f"{path}: optimizer state {idx} {key} has shape {list(st[key].shape)}, parameter {name!r} has "
                     f"{list(weight.shape)} (optimizer order differs from module order)"
                 )
-        state.params[_strip(name)] = ParamState(weight, st["exp_avg"], st["exp_avg_sq"], _step_tensor(st.get("step"), f"{path}: state {idx}"))
+        state.params[_strip(name)] = ParamState(
+            weight, st["exp_avg"], st["exp_avg_sq"], _step_tensor(st.get("step"), f"{path}: state {idx}")
+        )
     _check_all_trained(module, path, state)
 
 
@@ -283,7 +299,9 @@ def _read_stage12(path: Path, model_sd: dict, files: list[Path], state: DeepSpee
         counts = osd.get("partition_count")
         counts = counts if isinstance(counts, list) else [counts]
         if any(c != world for c in counts):
-            raise ConvertError(f"{f}: field 'partition_count' = {osd.get('partition_count')}: expected {world} (one optimizer file per data-parallel rank)")
+            raise ConvertError(
+                f"{f}: field 'partition_count' = {osd.get('partition_count')}: expected {world} (one optimizer file per data-parallel rank)"
+            )
         n_groups = len(_field(osd, "single_partition_of_fp32_groups", f, list))
         if n_groups != len(shapes):
             raise ConvertError(f"{f}: {n_groups} flat fp32 groups, but {path} param_shapes has {len(shapes)} groups")
@@ -293,7 +311,9 @@ def _read_stage12(path: Path, model_sd: dict, files: list[Path], state: DeepSpee
         numels = [math.prod(group_shapes[n]) for n in names]
         pads = list(paddings[g]) if g < len(paddings) else []
         if len(pads) != len(names):
-            raise ConvertError(f"{files[0]}: param_alignment_paddings of group {g} has {len(pads)} entries for {len(names)} parameters")
+            raise ConvertError(
+                f"{files[0]}: param_alignment_paddings of group {g} has {len(pads)} entries for {len(names)} parameters"
+            )
         total = sum(numels) + sum(pads)
         flats = [osd["single_partition_of_fp32_groups"][g].reshape(-1) for osd in osds]
         tails = [int(_field(osd, "group_paddings", f, list)[g]) for osd, f in zip(osds, files)]
@@ -314,12 +334,16 @@ def _read_stage12(path: Path, model_sd: dict, files: list[Path], state: DeepSpee
             for r, st in enumerate(group_states):
                 t = st[key].reshape(-1)
                 if t.numel() not in (real[r], real[r] + tails[r]):
-                    raise ConvertError(f"{files[r]}: param group {g} {key} has {t.numel()} elements, its fp32 slice {real[r]} (mismatched partitions)")
+                    raise ConvertError(
+                        f"{files[r]}: param group {g} {key} has {t.numel()} elements, its fp32 slice {real[r]} (mismatched partitions)"
+                    )
                 pieces.append(t.narrow(0, 0, real[r]))
             moments[key] = _Slices(pieces)
         steps = [_step_tensor(st.get("step"), f"{f}: param group {g}") for st, f in zip(group_states, files)]
         if any(not torch.equal(s, steps[0]) for s in steps):
-            raise ConvertError(f"{tag_dir}: param group {g}: ranks disagree on the Adam step ({[float(s) for s in steps]})")
+            raise ConvertError(
+                f"{tag_dir}: param group {g}: ranks disagree on the Adam step ({[float(s) for s in steps]})"
+            )
         fp32 = _Slices([t.narrow(0, 0, n) for t, n in zip(flats, real)])
         offset = 0
         for name, numel, pad in zip(names, numels, pads):
@@ -347,7 +371,9 @@ def _read_stage3(path: Path, model_sd: dict, files: list[Path], state: DeepSpeed
     tag_dir, world = state.tag_dir, len(files)
     for p in (tag_dir / ZERO3_MODEL_FILE.format(rank=r) for r in range(world)):
         if not p.is_file():
-            raise ConvertError(f"{p}: missing (ZeRO-3 writes one model-states file per rank; {world} optimizer files found)")
+            raise ConvertError(
+                f"{p}: missing (ZeRO-3 writes one model-states file per rank; {world} optimizer files found)"
+            )
     _model_common(model_sd, path, state)
     shapes = {n: tuple(s) for group in _field(model_sd, "param_shapes", path, list) for n, s in group.items()}
     flats: list[list[torch.Tensor]] = []  # [rank][sub-group] (partition numel,)
@@ -356,7 +382,9 @@ def _read_stage3(path: Path, model_sd: dict, files: list[Path], state: DeepSpeed
     for f in files:
         osd = _field(load_pt(f, mmap=True), "optimizer_state_dict", f, dict)
         if osd.get("partition_count") != world:
-            raise ConvertError(f"{f}: field 'partition_count' = {osd.get('partition_count')}: expected {world} (one optimizer file per data-parallel rank)")
+            raise ConvertError(
+                f"{f}: field 'partition_count' = {osd.get('partition_count')}: expected {world} (one optimizer file per data-parallel rank)"
+            )
         groups = [t.reshape(-1) for t in _field(osd, "fp32_flat_groups", f, list)]
         inner = _field(osd, "optimizer_state_dict", f, dict)
         sts = [_adam_state(inner.get("state", {}).get(i), f"{f}: sub-group {i}") for i in range(len(groups))]
@@ -369,7 +397,9 @@ def _read_stage3(path: Path, model_sd: dict, files: list[Path], state: DeepSpeed
             elif not torch.equal(s, step):
                 raise ConvertError(f"{tag_dir}: sub-groups disagree on the Adam step ({float(step)} vs {float(s)})")
         if flats and [t.numel() for t in groups] != [t.numel() for t in flats[0]]:
-            raise ConvertError(f"{f}: partition sizes {[t.numel() for t in groups]} differ from rank 0's {[t.numel() for t in flats[0]]} (mismatched partitions)")
+            raise ConvertError(
+                f"{f}: partition sizes {[t.numel() for t in groups]} differ from rank 0's {[t.numel() for t in flats[0]]} (mismatched partitions)"
+            )
         flats.append(groups)
         sub_states.append(sts)
     sizes = [t.numel() for t in flats[0]]
@@ -380,7 +410,9 @@ def _read_stage3(path: Path, model_sd: dict, files: list[Path], state: DeepSpeed
         while sub < len(sizes) and pos == sizes[sub] and part > 0:
             sub, pos = sub + 1, 0
         if sub >= len(sizes) or pos + part > sizes[sub]:
-            raise ConvertError(f"{tag_dir}: parameter {name!r} does not fit the saved partitions (mismatched partitions)")
+            raise ConvertError(
+                f"{tag_dir}: parameter {name!r} does not fit the saved partitions (mismatched partitions)"
+            )
         state.params[_strip(name)] = ParamState(
             _unpartition([flats[r][sub] for r in range(world)], pos, part, shape),
             _unpartition([sub_states[r][sub]["exp_avg"].reshape(-1) for r in range(world)], pos, part, shape),
@@ -391,7 +423,9 @@ def _read_stage3(path: Path, model_sd: dict, files: list[Path], state: DeepSpeed
     while sub < len(sizes) and pos == sizes[sub]:
         sub, pos = sub + 1, 0
     if sub < len(sizes):
-        raise ConvertError(f"{tag_dir}: the saved partitions hold more than param_shapes describes (mismatched partitions)")
+        raise ConvertError(
+            f"{tag_dir}: the saved partitions hold more than param_shapes describes (mismatched partitions)"
+        )
     _resolve_aliases(model_sd, path, state)
     _check_all_trained(model_sd["module"], path, state)
 
@@ -407,7 +441,9 @@ def read_deepspeed(src: Path, tag: str | None = None) -> DeepSpeedState:
     zero3 = "fp32_flat_groups" in osd0
     model_path = tag_dir / (ZERO3_MODEL_FILE.format(rank=0) if zero3 else MODEL_FILE)
     if not model_path.is_file():
-        raise ConvertError(f"{model_path}: missing (the model-states file of this {'ZeRO-3' if zero3 else 'ZeRO'} checkpoint)")
+        raise ConvertError(
+            f"{model_path}: missing (the model-states file of this {'ZeRO-3' if zero3 else 'ZeRO'} checkpoint)"
+        )
     model_sd = load_pt(model_path, mmap=True)
     steps = _field(model_sd, "global_steps", model_path, int)
     if not files:

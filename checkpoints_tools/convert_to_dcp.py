@@ -65,7 +65,9 @@ def check_against_model(model_tensors: dict[str, torch.Tensor], cfg: JobConfig, 
         expected = {k: tuple(v.shape) for k, v in MoDETransformer(cfg.model).state_dict().items()}
     for name, shape in expected.items():
         if name not in model_tensors:
-            raise ConvertError(f"--config {config_path}: tensor {name!r} of MoDETransformer(model) is not in the checkpoint")
+            raise ConvertError(
+                f"--config {config_path}: tensor {name!r} of MoDETransformer(model) is not in the checkpoint"
+            )
         if tuple(model_tensors[name].shape) != shape:
             raise ConvertError(
                 f"--config {config_path}: tensor {name!r} has shape {list(model_tensors[name].shape)} in the checkpoint, "

@@ -48,7 +48,9 @@ MODEL_STATE_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_mo
 LATEST = "latest_universal"
 
 
-def _classify(specs: list[TensorSpec], src: Path) -> tuple[dict[str, TensorSpec], dict[str, dict[str, TensorSpec]], TensorSpec | None]:
+def _classify(
+    specs: list[TensorSpec], src: Path
+) -> tuple[dict[str, TensorSpec], dict[str, dict[str, TensorSpec]], TensorSpec | None]:
     """Splits the app state's tensors into model weights, per-parameter optimizer state and the
     scheduler position; anything else is refused."""
     model: dict[str, TensorSpec] = {}
@@ -61,12 +63,16 @@ def _classify(specs: list[TensorSpec], src: Path) -> tuple[dict[str, TensorSpec]
         elif spec.name.startswith(optim_prefix):
             param, _, kind = spec.name.removeprefix(optim_prefix).rpartition(".")
             if kind not in STATE_KINDS:
-                raise ConvertError(f"{src}: tensor {spec.fqn!r}: unknown optimizer state {kind!r} (allowed: {', '.join(STATE_KINDS)}: Adam/AdamW)")
+                raise ConvertError(
+                    f"{src}: tensor {spec.fqn!r}: unknown optimizer state {kind!r} (allowed: {', '.join(STATE_KINDS)}: Adam/AdamW)"
+                )
             optim.setdefault(param, {})[kind] = spec
         elif spec.name == f"{SCHEDULER_KEY}.last_epoch":
             last_epoch = spec
         else:
-            raise ConvertError(f"{src}: tensor {spec.fqn!r}: not part of the train-state format (model., optim.state., lr_scheduler.last_epoch)")
+            raise ConvertError(
+                f"{src}: tensor {spec.fqn!r}: not part of the train-state format (model., optim.state., lr_scheduler.last_epoch)"
+            )
     if not optim:
         raise ConvertError(f"{src}: no optimizer state (optim.state.*): a universal checkpoint needs the Adam moments")
     for param, kinds in optim.items():
@@ -101,7 +107,9 @@ def dcp_to_universal(src: Path, dst: Path, group_bytes: int = 256 << 20) -> dict
     src, dst = Path(src), Path(dst)
     if not (src / MANIFEST_NAME).is_file():
         if (src / "latest").is_file() or any(src.glob("*_model_states.pt")) or any(src.glob("*/*_model_states.pt")):
-            raise ConvertError(f"SRC {src}: is a DeepSpeed checkpoint; --to deepspeed reads modmoe checkpoints (use --to dcp for this one)")
+            raise ConvertError(
+                f"SRC {src}: is a DeepSpeed checkpoint; --to deepspeed reads modmoe checkpoints (use --to dcp for this one)"
+            )
         if any(src.glob(f"step_*/{MANIFEST_NAME}")):
             raise ConvertError(f"SRC {src}: is a directory of checkpoints; pass one step_XXXXXXXX directory")
         raise ConvertError(f"SRC {src}: no {MANIFEST_NAME} (not a committed modmoe checkpoint)")
@@ -114,9 +122,13 @@ def dcp_to_universal(src: Path, dst: Path, group_bytes: int = 256 << 20) -> dict
     except CheckpointError as err:
         raise ConvertError(str(err)) from None
     if manifest.layout == LAYOUT_MEGATRON:
-        raise ConvertError(f"SRC {src}: a Megatron engine checkpoint; only native (dcp) checkpoints convert to DeepSpeed")
+        raise ConvertError(
+            f"SRC {src}: a Megatron engine checkpoint; only native (dcp) checkpoints convert to DeepSpeed"
+        )
     if not manifest.model_prefix or not manifest.model_prefix.endswith(f".{MODEL_KEY}."):
-        raise ConvertError(f"{src / MANIFEST_NAME}: field model_prefix = {manifest.model_prefix!r}: expected '<app>.{MODEL_KEY}.'")
+        raise ConvertError(
+            f"{src / MANIFEST_NAME}: field model_prefix = {manifest.model_prefix!r}: expected '<app>.{MODEL_KEY}.'"
+        )
     app_prefix = manifest.model_prefix[: -len(f"{MODEL_KEY}.")]
     model, optim, last_epoch_spec = _classify(model_tensors(md, app_prefix), src)
     buffers = [name for name in model if name not in optim]  # buffers, and tied weights' aliases
@@ -136,7 +148,13 @@ def dcp_to_universal(src: Path, dst: Path, group_bytes: int = 256 << 20) -> dict
     fsync_file(latest_tmp)
     os.replace(latest_tmp, dst / LATEST)
     fsync_dir(dst)
-    return {"source": str(src), "out": str(final), "step": manifest.step, "parameters": len(optim), "buffers": len(buffers)}
+    return {
+        "source": str(src),
+        "out": str(final),
+        "step": manifest.step,
+        "parameters": len(optim),
+        "buffers": len(buffers),
+    }
 
 
 def _write(
@@ -183,7 +201,9 @@ def _write(
         del group
     distinct = sorted({float(s) for s in steps.values()})
     if len(distinct) != 1:
-        raise ConvertError(f"{src}: parameters have different Adam step counts ({distinct}); DeepSpeed steps all parameters together")
+        raise ConvertError(
+            f"{src}: parameters have different Adam step counts ({distinct}); DeepSpeed steps all parameters together"
+        )
     step = next(iter(steps.values()))
 
     # Hyper-parameters: only the learning rate at the saved position (the target's own config

@@ -42,7 +42,9 @@ class SafetensorsStreamWriter:
     """Writes the header for ``specs`` (name -> (dtype, shape)) in the given order, then
     accepts the tensors in that same order through :meth:`write`."""
 
-    def __init__(self, f: BinaryIO, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+    def __init__(
+        self, f: BinaryIO, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+    ) -> None:
         if sys.byteorder != "little":
             raise RuntimeError("safetensors data is little-endian; this host is not")
         header: dict[str, object] = {"__metadata__": metadata}
@@ -50,7 +52,11 @@ class SafetensorsStreamWriter:
         self._expected: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         for name, (dtype, shape) in specs.items():
             nbytes = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": safetensors_dtype(dtype),
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._expected.append((name, dtype, tuple(shape), nbytes))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

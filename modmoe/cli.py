@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from modmoe.config_base import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train Mixture-of-Depths-and-Experts language models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train Mixture-of-Depths-and-Experts language models.",
+)
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set model.num_layers=4 (repeatable)")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set model.num_layers=4 (repeatable)")
+]
 
 
 def _fail(msg: str) -> None:
@@ -24,7 +30,9 @@ def _fail(msg: str) -> None:
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml")],
     set_: SetOption = None,
-    resume: Annotated[str, typer.Option(help="auto: newest valid checkpoint in the run directory; none; or a checkpoint path")] = "auto",
+    resume: Annotated[
+        str, typer.Option(help="auto: newest valid checkpoint in the run directory; none; or a checkpoint path")
+    ] = "auto",
 ) -> None:
     """Train (one process, or one rank per process under torchrun)."""
     from modmoe.checkpoint.manifest import CheckpointError
@@ -62,7 +70,9 @@ def flops(
     report = count_flops(m, T)
     for name, value in sorted(report.per_component.items(), key=lambda kv: -kv[1]):
         typer.echo(f"{name:>16}: {value / 1e6:10.3f} MFLOP/token (forward)")
-    typer.echo(f"{'total':>16}: {report.forward_per_token / 1e6:10.3f} forward, {report.training_per_token / 1e6:.3f} training")
+    typer.echo(
+        f"{'total':>16}: {report.forward_per_token / 1e6:10.3f} forward, {report.training_per_token / 1e6:.3f} training"
+    )
     counts = parameter_counts(m)
     typer.echo(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token")
     moe_only = m.model_copy(update={"depth": m.depth.model_copy(update={"enabled": False})})
@@ -93,8 +103,13 @@ def _mount_inference() -> None:
 
 # Sub-commands whose modules are slow to import (mlflow, transformers: seconds each) are mounted
 # only when named, so every rank of `modmoe train` starts without them.
-_MOUNTS = {"submit": _mount_launch, "tracking": _mount_tracking,
-           "export": _mount_inference, "generate": _mount_inference, "eval": _mount_inference}
+_MOUNTS = {
+    "submit": _mount_launch,
+    "tracking": _mount_tracking,
+    "export": _mount_inference,
+    "generate": _mount_inference,
+    "eval": _mount_inference,
+}
 _mounted: set = set()
 
 

@@ -163,7 +163,9 @@ class CheckpointManager:
             (tmp / RNG_DIR).mkdir(parents=True)
         self._barrier()
         write_json_durable(tmp / rng_filename(self.rank), capture_rng())
-        model_prefix = next((f"{k}.{MODEL_KEY}." for k, v in app_state.items() if getattr(v, "holds_model", False)), None)
+        model_prefix = next(
+            (f"{k}.{MODEL_KEY}." for k, v in app_state.items() if getattr(v, "holds_model", False)), None
+        )
         commit_args = (tmp, step, meta_copy, model_prefix, time.time())
         if self.cfg.async_save:
             future = dcp.async_save(app_state, checkpoint_id=tmp, process_group=self._pg, no_dist=not self._dist)
@@ -180,7 +182,9 @@ class CheckpointManager:
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         self._save_blocking_s = time.perf_counter() - t0
-        log.info("checkpoint step %d: save call blocked %.3fs (async=%s)", step, self._save_blocking_s, self.cfg.async_save)
+        log.info(
+            "checkpoint step %d: save call blocked %.3fs (async=%s)", step, self._save_blocking_s, self.cfg.async_save
+        )
 
     def pop_save_blocking_s(self) -> float | None:
         """Seconds the last ``save`` call blocked its caller, once per save (None: no new save)."""
@@ -248,7 +252,9 @@ class CheckpointManager:
         """See :func:`find_latest_valid`."""
         return find_latest_valid(self.dir)
 
-    def load(self, path: str | os.PathLike, app_state: dict[str, Stateful], restore_rng_state: bool = True) -> dict[str, Any]:
+    def load(
+        self, path: str | os.PathLike, app_state: dict[str, Stateful], restore_rng_state: bool = True
+    ) -> dict[str, Any]:
         """Collective. Loads checkpoint ``path`` into ``app_state`` (resharding to the current
         layout and world size) and restores this rank's RNG states; returns the saved ``meta``.
 
@@ -262,8 +268,10 @@ class CheckpointManager:
             raise CheckpointError(f"refusing to load {path}: {detail}")
         manifest = read_manifest(path)
         if manifest.layout != LAYOUT_DCP:
-            raise CheckpointError(f"refusing to load {path}: it was written by the {manifest.layout} engine "
-                                  f"(manifest layout {manifest.layout!r}); resume it with engine: {manifest.layout}")
+            raise CheckpointError(
+                f"refusing to load {path}: it was written by the {manifest.layout} engine "
+                f"(manifest layout {manifest.layout!r}); resume it with engine: {manifest.layout}"
+            )
         verify_files(path, manifest, [DCP_METADATA])
         dcp.load(app_state, checkpoint_id=path, process_group=self._pg, no_dist=not self._dist)
         if restore_rng_state:
@@ -275,7 +283,10 @@ class CheckpointManager:
                 seed = reseed_rng(manifest.step, self.rank)
                 log.warning(
                     "checkpoint %s was saved by %d rank(s) and has no RNG state for rank %d: reseeded with %d",
-                    path, manifest.world_size, self.rank, seed,
+                    path,
+                    manifest.world_size,
+                    self.rank,
+                    seed,
                 )
         self._last_saved_step = manifest.step
         self._barrier()

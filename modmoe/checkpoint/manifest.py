@@ -73,14 +73,18 @@ class CheckpointError(RuntimeError):
 
 
 def build_manifest(
-    ckpt_dir: Path, *, step: int, world_size: int, meta: dict[str, Any], model_prefix: str | None, created: float,
+    ckpt_dir: Path,
+    *,
+    step: int,
+    world_size: int,
+    meta: dict[str, Any],
+    model_prefix: str | None,
+    created: float,
     layout: str = LAYOUT_DCP,
 ) -> Manifest:
     """Lists, fsyncs and hashes every file under ``ckpt_dir`` (written by all ranks)."""
     rel_paths = sorted(
-        p.relative_to(ckpt_dir).as_posix()
-        for p in ckpt_dir.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME
+        p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
     )
 
     def entry(rel: str) -> FileEntry:

@@ -89,7 +89,10 @@ class TrainState(Stateful):
         optim_sd: dict[str, Any] = {}
         if self.optimizer is not None:
             # The param groups (hyper-parameters, FQN lists) are this layout's own.
-            optim_sd = {OPTIM_STATE_KEY: state_dict[OPTIM_KEY][OPTIM_STATE_KEY], "param_groups": self._get()[1]["param_groups"]}
+            optim_sd = {
+                OPTIM_STATE_KEY: state_dict[OPTIM_KEY][OPTIM_STATE_KEY],
+                "param_groups": self._get()[1]["param_groups"],
+            }
         set_state_dict(
             self.model,
             [self.optimizer] if self.optimizer is not None else [],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,11 +26,20 @@ def fail(msg: str) -> typer.Exit:
 
 
 def export_command(
-    source: Annotated[Path, typer.Argument(help="A run directory (its newest valid checkpoint) or a checkpoints/step_XXXXXXXX directory")],
+    source: Annotated[
+        Path,
+        typer.Argument(help="A run directory (its newest valid checkpoint) or a checkpoints/step_XXXXXXXX directory"),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Directory to write (must not exist unless --overwrite)")],
-    dtype: Annotated[str, typer.Option(help="Weight dtype: fp32, bf16 or fp16 (routers and expert_bias stay fp32)")] = "fp32",
-    max_shard_size: Annotated[str, typer.Option(help="Split weights into shards of at most this size, with an index")] = "2GB",
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json to ship (default: the run's, from data.prepared_dir)")] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Weight dtype: fp32, bf16 or fp16 (routers and expert_bias stay fp32)")
+    ] = "fp32",
+    max_shard_size: Annotated[
+        str, typer.Option(help="Split weights into shards of at most this size, with an index")
+    ] = "2GB",
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer.json to ship (default: the run's, from data.prepared_dir)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists")] = False,
 ) -> None:
     """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config,
@@ -39,8 +48,15 @@ def export_command(
     from modmoe.export import ExportError, export_checkpoint
 
     try:
-        summary = export_checkpoint(source, out, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
-                                    tokenizer=tokenizer, overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
+        summary = export_checkpoint(
+            source,
+            out,
+            dtype=dtype,
+            max_shard_bytes=parse_size(max_shard_size),
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            log=lambda m: typer.echo(m, err=True),
+        )
     except (ExportError, CheckpointError, ValueError) as err:
         raise fail(str(err).splitlines()[0]) from None
     shards = f"{summary.shards} shards + index" if summary.shards > 1 else "1 file"

@@ -70,9 +70,13 @@ def _match_tensors(source: CheckpointSource, core: CoreConfig) -> tuple[list[Ten
     for name, shape in expected.items():
         spec = available.get(name)
         if spec is None:
-            raise ExportError(f"{source.path}: has no tensor {name!r}, which config.model implies (config and weights do not match)")
+            raise ExportError(
+                f"{source.path}: has no tensor {name!r}, which config.model implies (config and weights do not match)"
+            )
         if spec.shape != shape:
-            raise ExportError(f"{source.path}: tensor {name!r} has shape {list(spec.shape)}, config.model implies {list(shape)}")
+            raise ExportError(
+                f"{source.path}: tensor {name!r} has shape {list(spec.shape)}, config.model implies {list(shape)}"
+            )
         specs.append(spec)
     return specs, sorted(set(available) - set(expected))
 
@@ -180,25 +184,46 @@ def export_checkpoint(
         prepared = tok_path.parent.resolve() if (tok_path.parent / "index.json").is_file() else None
         record = {
             "dtype": layout.DTYPES[dtype],
-            "source": {"checkpoint": str(src.path.resolve()), "step": src.manifest.step,
-                       "world_size": src.manifest.world_size, "created_unix": src.manifest.created_unix},
-            "data": {"prepared_dir": str(prepared) if prepared is not None else data.get("prepared_dir"),
-                     "seq_len": data.get("seq_len"), "tokenizer_sha256": sha256_file(tmp / layout.TOKENIZER_NAME)},
+            "source": {
+                "checkpoint": str(src.path.resolve()),
+                "step": src.manifest.step,
+                "world_size": src.manifest.world_size,
+                "created_unix": src.manifest.created_unix,
+            },
+            "data": {
+                "prepared_dir": str(prepared) if prepared is not None else data.get("prepared_dir"),
+                "seq_len": data.get("seq_len"),
+                "tokenizer_sha256": sha256_file(tmp / layout.TOKENIZER_NAME),
+            },
             "eval": {"batches": trainer.get("eval_batches", 4), "batch_size": trainer.get("micro_batch_size", 8)},
             "dropped_keys": dropped,
         }
         model_dict = model_cfg.model_dump(mode="json")
-        _write_json(tmp / layout.CONFIG_NAME, layout.config_json(model_dict, record, layout.DTYPES[dtype], eos_id, pad_id))
+        _write_json(
+            tmp / layout.CONFIG_NAME, layout.config_json(model_dict, record, layout.DTYPES[dtype], eos_id, pad_id)
+        )
         _write_json(tmp / layout.GENERATION_CONFIG_NAME, layout.generation_config_json(eos_id, pad_id))
-        _write_json(tmp / layout.TOKENIZER_CONFIG_NAME, layout.tokenizer_config_json(EOT, PAD if pad_id is not None else None, model_cfg.max_seq_len))
-        _write_json(tmp / layout.SPECIAL_TOKENS_NAME, {"eos_token": EOT, **({"pad_token": PAD} if pad_id is not None else {})})
+        _write_json(
+            tmp / layout.TOKENIZER_CONFIG_NAME,
+            layout.tokenizer_config_json(EOT, PAD if pad_id is not None else None, model_cfg.max_seq_len),
+        )
+        _write_json(
+            tmp / layout.SPECIAL_TOKENS_NAME, {"eos_token": EOT, **({"pad_token": PAD} if pad_id is not None else {})}
+        )
         for name in layout.TEMPLATE_FILES:
             shutil.copyfile(layout.TEMPLATE_DIR / name, tmp / name)
         shutil.copyfile(Path(__file__).parents[1] / "inference" / "core.py", tmp / layout.CORE_NAME)
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / layout.RECORD_NAME, {"format": layout.EXPORT_FORMAT, "format_version": layout.EXPORT_VERSION, "files": files})
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        _write_json(
+            tmp / layout.RECORD_NAME,
+            {"format": layout.EXPORT_FORMAT, "format_version": layout.EXPORT_VERSION, "files": files},
+        )
         _install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportSummary(out, src.path, src.manifest.step, layout.DTYPES[dtype], len(specs), total, len(shards), dropped)
+    return ExportSummary(
+        out, src.path, src.manifest.step, layout.DTYPES[dtype], len(specs), total, len(shards), dropped
+    )

@@ -44,7 +44,9 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
-def config_json(model: dict[str, Any], record: dict[str, Any], dtype: str, eos_id: int, pad_id: int | None) -> dict[str, Any]:
+def config_json(
+    model: dict[str, Any], record: dict[str, Any], dtype: str, eos_id: int, pad_id: int | None
+) -> dict[str, Any]:
     """``config.json``: transformers keys plus the ``modmoe`` record (architecture, source
     checkpoint, validation data)."""
     return {

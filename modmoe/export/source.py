@@ -92,7 +92,9 @@ def resolve_checkpoint(source: str | Path) -> tuple[Path, bool]:
         return path, False
     ckpt_dir = path / _ckpt_dirname(path)
     if not ckpt_dir.is_dir():
-        raise ExportError(f"{path}: neither a checkpoint (no {MANIFEST_NAME}) nor a run directory (no {ckpt_dir.name}/)")
+        raise ExportError(
+            f"{path}: neither a checkpoint (no {MANIFEST_NAME}) nor a run directory (no {ckpt_dir.name}/)"
+        )
     latest = find_latest_valid(ckpt_dir)
     if latest is None:
         raise ExportError(f"{ckpt_dir}: no valid checkpoint (every step_* directory is missing or fails validation)")
@@ -112,7 +114,9 @@ def open_checkpoint(source: str | Path) -> CheckpointSource:
     manifest, metadata = read_dcp_metadata(path)
     prefix = manifest.model_prefix
     if not prefix:
-        raise ExportError(f"{path}/{MANIFEST_NAME}: records no model_prefix, so the model's weights cannot be told apart")
+        raise ExportError(
+            f"{path}/{MANIFEST_NAME}: records no model_prefix, so the model's weights cannot be told apart"
+        )
     tensors = model_tensors(metadata, prefix)
     if not tensors:
         raise ExportError(f"{path}: no tensor key starts with the model prefix {prefix!r}")
@@ -126,8 +130,10 @@ def _open_megatron(path: Path) -> CheckpointSource:
     try:
         from modmoe.engines.megatron.checkpoint import megatron_checkpoint_to_native
     except ImportError as err:
-        raise ExportError(f"{path}: a Megatron engine checkpoint; reading it needs megatron-core "
-                          f"(pip install 'modmoe[megatron]'): {err}") from None
+        raise ExportError(
+            f"{path}: a Megatron engine checkpoint; reading it needs megatron-core "
+            f"(pip install 'modmoe[megatron]'): {err}"
+        ) from None
     state = megatron_checkpoint_to_native(path, model_cfg, check=False)  # validated above
     tensors = [TensorSpec(name, name, t.dtype, tuple(t.shape)) for name, t in state.items()]
 

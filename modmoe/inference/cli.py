@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 DirArg = Annotated[Path, typer.Argument(help="An export directory (written by `modmoe export`)")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available)")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="Compute dtype fp32, bf16 or fp16 (default: as exported)")]
-RouterOpt = Annotated[Optional[str], typer.Option(help="Causal decision: aux_loss (sigmoid(r) > 0.5) or predictor (default: as trained)")]
+DtypeOpt = Annotated[str | None, typer.Option(help="Compute dtype fp32, bf16 or fp16 (default: as exported)")]
+RouterOpt = Annotated[
+    str | None, typer.Option(help="Causal decision: aux_loss (sigmoid(r) > 0.5) or predictor (default: as trained)")
+]
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -33,8 +35,9 @@ def _load(directory: Path, device: str, dtype: str | None, need_tokenizer: bool 
         raise InferenceError("--device cuda: no CUDA device is available")
     if dtype is not None and dtype not in DTYPES:
         raise InferenceError(f"--dtype {dtype!r}: allowed {', '.join(DTYPES)}")
-    return load_exported(directory, device=device, dtype=getattr(torch, DTYPES[dtype]) if dtype else None,
-                         need_tokenizer=need_tokenizer)
+    return load_exported(
+        directory, device=device, dtype=getattr(torch, DTYPES[dtype]) if dtype else None, need_tokenizer=need_tokenizer
+    )
 
 
 def _errors():
@@ -48,12 +51,17 @@ def generate_command(
     directory: DirArg,
     prompt: Annotated[list[str], typer.Option("--prompt", help="Prompt text; repeat for a batch")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt at most")] = 64,
-    routing: Annotated[str, typer.Option(help="causal (KV cache, per-token decisions) or topk (recompute each step; the training routing)")] = "causal",
+    routing: Annotated[
+        str,
+        typer.Option(help="causal (KV cache, per-token decisions) or topk (recompute each step; the training routing)"),
+    ] = "causal",
     causal_router: RouterOpt = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Sample among the most likely tokens reaching probability p")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); the text ends before it")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Sample among the most likely tokens reaching probability p")
+    ] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); the text ends before it")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,
@@ -66,10 +74,17 @@ def generate_command(
     from modmoe.inference.sampling import SamplingConfig
 
     try:
-        params = validate_config(SamplingConfig, {
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-            "stop": stop or [], "seed": seed,
-        })
+        params = validate_config(
+            SamplingConfig,
+            {
+                "max_new_tokens": max_new_tokens,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "stop": stop or [],
+                "seed": seed,
+            },
+        )
         gen = Generator(_load(directory, device, dtype), routing=routing, causal_router=causal_router)
         texts = ["" for _ in prompt]
         reasons: list[str] = ["" for _ in prompt]
@@ -97,17 +112,26 @@ def generate_command(
         if s.decode_tokens:
             lines.append(f"decode: {s.decode_flops / s.decode_tokens / 1e6:.3f} MFLOP/token executed")
         if s.entered:
-            lines.append("decode entry per routed layer: " + ", ".join(f"layer {i} {f:.1%}" for i, f in s.entry_fraction().items()))
+            lines.append(
+                "decode entry per routed layer: "
+                + ", ".join(f"layer {i} {f:.1%}" for i, f in s.entry_fraction().items())
+            )
         for line in lines:
             typer.echo(line, err=True)
 
 
 def eval_command(
     directory: DirArg,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Prepared data directory (default: the one recorded at export)")] = None,
-    batches: Annotated[Optional[int], typer.Option(help="Validation batches (default: the run's trainer.eval_batches)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per batch (default: the run's micro_batch_size)")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default: the run's data.seq_len)")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Prepared data directory (default: the one recorded at export)")
+    ] = None,
+    batches: Annotated[
+        int | None, typer.Option(help="Validation batches (default: the run's trainer.eval_batches)")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Sequences per batch (default: the run's micro_batch_size)")
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default: the run's data.seq_len)")] = None,
     causal_router: RouterOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,

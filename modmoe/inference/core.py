@@ -81,7 +81,7 @@ class CoreConfig:
     moe: MoESpec
 
     @classmethod
-    def from_dict(cls, model: dict[str, Any]) -> "CoreConfig":
+    def from_dict(cls, model: dict[str, Any]) -> CoreConfig:
         """Raises ``ValueError`` naming the first missing or unsupported field."""
 
         def take(names: list[str], data: Any, prefix: str) -> dict[str, Any]:
@@ -96,13 +96,18 @@ class CoreConfig:
             return [f.name for f in fields(spec)]
 
         top = take([n for n in names(cls) if n not in ("depth", "moe")], model, "")
-        cfg = cls(**top, depth=DepthSpec(**take(names(DepthSpec), model.get("depth"), "depth.")),
-                  moe=MoESpec(**take(names(MoESpec), model.get("moe"), "moe.")))
+        cfg = cls(
+            **top,
+            depth=DepthSpec(**take(names(DepthSpec), model.get("depth"), "depth.")),
+            moe=MoESpec(**take(names(MoESpec), model.get("moe"), "moe.")),
+        )
         for name, allowed in _CHOICES.items():
             section, key = name.split(".")
             value = getattr(getattr(cfg, section), key)
             if value not in allowed:
-                raise ValueError(f"model config field {name} = {value!r} is not supported (allowed: {', '.join(allowed)})")
+                raise ValueError(
+                    f"model config field {name} = {value!r} is not supported (allowed: {', '.join(allowed)})"
+                )
         if cfg.depth.causal_router == "predictor" and not cfg.depth.predictor:
             raise ValueError("model config field depth.causal_router = 'predictor' needs depth.predictor = true")
         return cfg
@@ -154,7 +159,9 @@ class LayerKV:
             k[:, :cap], v[:, :cap] = self.k, self.v
         self.k, self.v = k, v
 
-    def append(self, rows: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    def append(
+        self, rows: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor
+    ) -> torch.Tensor:
         """Writes ``k, v`` (n, S, H_kv, hd) of ``rows`` (None = all) after each row's cached
         tokens; only the first ``n_valid`` (n,) of each row count. Returns the lengths before."""
         n, S = k.shape[:2]
@@ -324,7 +331,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, kv: LayerKV | None, rows: torch.Tensor | None, n_valid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, kv: LayerKV | None, rows: torch.Tensor | None, n_valid: torch.Tensor
+    ) -> torch.Tensor:
         """x: (n, S, D) new tokens of ``rows`` (valid ones first, in position order); with
         ``kv`` they attend to the row's cached tokens too and are appended to the cache."""
         n, S, _ = x.shape
@@ -333,7 +342,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(n, S, -1, self.head_dim)
         gqa = k.shape[2] != q.shape[2]
         if kv is None:  # a whole sequence: plain causal attention
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
+            )
         else:
             base = kv.append(rows, k, v, n_valid)  # (n,) cached tokens before these
             keys, values = kv.read(rows, int(base.max()) + S)  # (n, L, H_kv, hd)
@@ -442,7 +453,9 @@ class DecoderMixin:
         if choice not in ("aux_loss", "predictor"):
             raise ValueError(f"causal_router = {choice!r}: allowed aux_loss, predictor")
         if choice == "predictor" and not self.core_cfg.depth.predictor:
-            raise ValueError("causal_router = 'predictor': this model was trained without a predictor (depth.predictor = false)")
+            raise ValueError(
+                "causal_router = 'predictor': this model was trained without a predictor (depth.predictor = false)"
+            )
         return choice == "predictor"
 
     @torch.no_grad()
@@ -467,7 +480,9 @@ class DecoderMixin:
         positions = cache.positions[:, None] + torch.arange(S, device=device)  # (B, S)
         end = int((cache.positions + n_valid).max()) if B else 0
         if end > self.core_cfg.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens does not fit the context (model.max_seq_len = {self.core_cfg.max_seq_len})")
+            raise ValueError(
+                f"sequence of {end} tokens does not fit the context (model.max_seq_len = {self.core_cfg.max_seq_len})"
+            )
         use_predictor = self._use_predictor(causal_router)
         cos, sin = self.rotary_tables(positions)
         x = self.tok_embeddings(tokens)  # (B, S, D)
@@ -514,8 +529,9 @@ class DecoderMixin:
         cos_r, sin_r = (cos, sin) if all_rows else (cos[rows], sin[rows])
         chosen = logits[rows].gather(1, index)  # (n, W)
         weight = chosen.sigmoid() if self.core_cfg.depth.router_weight == "sigmoid" else chosen
-        update = block.update(x_sel, cos_r.gather(1, gather_r), sin_r.gather(1, gather_r), sel_valid, kv,
-                              None if all_rows else rows, lt)
+        update = block.update(
+            x_sel, cos_r.gather(1, gather_r), sin_r.gather(1, gather_r), sel_valid, kv, None if all_rows else rows, lt
+        )
         new_sel = x_sel + weight[..., None].to(x.dtype) * update
         new_sel = torch.where(sel_valid[..., None], new_sel, x_sel)
         out_rows = xr.scatter(1, gather_x, new_sel)
@@ -526,14 +542,18 @@ class DecoderMixin:
         return out
 
     @torch.no_grad()
-    def run_topk(self, tokens: torch.Tensor, *, causal_router: str | None = None, trace: Trace | None = None) -> torch.Tensor:
+    def run_topk(
+        self, tokens: torch.Tensor, *, causal_router: str | None = None, trace: Trace | None = None
+    ) -> torch.Tensor:
         """Whole sequences (B, T) under top-k routing (each routed block takes the
         k = ceil(capacity * T) tokens of each sequence with the largest router logits): the
         training forward, which looks at future tokens, so there is no cache. Returns (B, T, V).
         The trace records both the top-k choice and the causal decision of each routed block."""
         B, T = tokens.shape
-        if T > self.core_cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens does not fit the context (model.max_seq_len = {self.core_cfg.max_seq_len})")
+        if self.core_cfg.max_seq_len < T:
+            raise ValueError(
+                f"sequence of {T} tokens does not fit the context (model.max_seq_len = {self.core_cfg.max_seq_len})"
+            )
         use_predictor = self._use_predictor(causal_router)
         device = tokens.device
         cos, sin = self.rotary_tables(torch.arange(T, device=device).expand(B, T))

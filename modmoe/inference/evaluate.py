@@ -29,7 +29,9 @@ class EvalResult:
     loss_topk: float
     loss_causal: float
     agreement: dict[int, float] = field(default_factory=dict)  # routed layer -> causal == top-k, over tokens
-    causal_entry: dict[int, float] = field(default_factory=dict)  # routed layer -> causal entry fraction (top-k forward)
+    causal_entry: dict[int, float] = field(
+        default_factory=dict
+    )  # routed layer -> causal entry fraction (top-k forward)
     tokens: int = 0
 
     @property
@@ -42,8 +44,13 @@ class EvalResult:
         return sum(self.agreement.values()) / len(self.agreement) if self.agreement else float("nan")
 
 
-def load_validation(loaded: LoadedModel, data_dir: str | Path | None = None, batches: int | None = None,
-                    batch_size: int | None = None, seq_len: int | None = None) -> list[Batch]:
+def load_validation(
+    loaded: LoadedModel,
+    data_dir: str | Path | None = None,
+    batches: int | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+) -> list[Batch]:
     """Validation batches for ``loaded``: ``data_dir`` or the prepared directory recorded at export."""
     record_data = loaded.record.get("data") or {}
     evals = loaded.record.get("eval") or {}
@@ -60,12 +67,18 @@ def load_validation(loaded: LoadedModel, data_dir: str | Path | None = None, bat
         raise InferenceError(str(err)) from None
     ours = loaded.dir / layout.TOKENIZER_NAME
     if ours.is_file() and sha256_file(data.tokenizer_path) != sha256_file(ours):
-        raise InferenceError(f"data directory {directory}: its tokenizer.json differs from {ours} (tokenized for another model)")
+        raise InferenceError(
+            f"data directory {directory}: its tokenizer.json differs from {ours} (tokenized for another model)"
+        )
     seq_len = seq_len or record_data.get("seq_len") or loaded.config.max_seq_len
     if seq_len > loaded.config.max_seq_len:
-        raise InferenceError(f"--seq-len {seq_len}: longer than the context (model.max_seq_len = {loaded.config.max_seq_len})")
+        raise InferenceError(
+            f"--seq-len {seq_len}: longer than the context (model.max_seq_len = {loaded.config.max_seq_len})"
+        )
     try:
-        return validation_batches(data.open("val"), seq_len, batch_size or evals.get("batch_size", 8), batches or evals.get("batches", 4))
+        return validation_batches(
+            data.open("val"), seq_len, batch_size or evals.get("batch_size", 8), batches or evals.get("batches", 4)
+        )
     except DataError as err:
         raise InferenceError(str(err)) from None
 

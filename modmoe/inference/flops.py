@@ -30,7 +30,7 @@ class UnitCosts:
     moe_router: dict[int, float]  # per token, by layer (no-op experts widen the gate)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "UnitCosts":
+    def from_config(cls, cfg: ModelConfig) -> UnitCosts:
         D, hd, m, d = cfg.dim, cfg.head_dim, cfg.moe, cfg.depth
         return cls(
             attn_proj=2 * D * hd * (2 * cfg.num_heads + 2 * cfg.kv_heads),
@@ -41,7 +41,9 @@ class UnitCosts:
             depth_router=2 * D,
             predictor=2 * D * d.predictor_hidden + 2 * d.predictor_hidden,
             lm_head=2 * D * cfg.vocab_size,
-            moe_router={i: 2 * D * (m.num_experts + cfg.noop_experts_at(i)) for i in range(cfg.num_layers) if cfg.moe.is_moe(i)},
+            moe_router={
+                i: 2 * D * (m.num_experts + cfg.noop_experts_at(i)) for i in range(cfg.num_layers) if cfg.moe.is_moe(i)
+            },
         )
 
 

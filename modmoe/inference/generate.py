@@ -71,14 +71,21 @@ def _sync(device: torch.device) -> None:
 
 
 class Generator:
-    def __init__(self, loaded: LoadedModel, routing: Routing = "causal", causal_router: str | None = None,
-                 count_flops: bool = True) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        routing: Routing = "causal",
+        causal_router: str | None = None,
+        count_flops: bool = True,
+    ) -> None:
         if routing not in ("causal", "topk"):
             raise InferenceError(f"--routing {routing!r}: allowed causal, topk")
         if causal_router not in (None, "aux_loss", "predictor"):
             raise InferenceError(f"--causal-router {causal_router!r}: allowed aux_loss, predictor")
         if causal_router == "predictor" and not loaded.config.depth.predictor:
-            raise InferenceError("--causal-router predictor: this model was trained without a predictor (model.depth.predictor = false)")
+            raise InferenceError(
+                "--causal-router predictor: this model was trained without a predictor (model.depth.predictor = false)"
+            )
         self.loaded, self.model, self.routing, self.causal_router = loaded, loaded.model, routing, causal_router
         self.count_flops = count_flops
         self.stats = GenerationStats()
@@ -96,7 +103,9 @@ class Generator:
             if not ids:
                 raise InferenceError(f"prompt {i}: empty (give at least one token of text)")
             if len(ids) > limit:
-                raise InferenceError(f"prompt {i}: {len(ids)} tokens, longer than the context (model.max_seq_len = {limit})")
+                raise InferenceError(
+                    f"prompt {i}: {len(ids)} tokens, longer than the context (model.max_seq_len = {limit})"
+                )
 
     def _forward_causal(self, cache: RaggedKVCache, rows: list[list[int]], decode: bool) -> torch.Tensor:
         """Appends ``rows`` (token lists, one per cached sequence) and returns (n, V) logits
@@ -109,8 +118,9 @@ class Generator:
             tokens[i, : len(r)] = torch.tensor(r)
             valid[i, : len(r)] = True
         trace = Trace() if self.count_flops else None
-        logits = self.model.run_tokens(tokens.to(device), cache, valid.to(device), causal_router=self.causal_router,
-                                       last_only=True, trace=trace)
+        logits = self.model.run_tokens(
+            tokens.to(device), cache, valid.to(device), causal_router=self.causal_router, last_only=True, trace=trace
+        )
         if trace is not None:
             self._account(trace, decode)
         return logits[:, -1]

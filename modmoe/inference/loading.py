@@ -57,7 +57,9 @@ def read_config(directory: Path) -> tuple[ModelConfig, CoreConfig, dict[str, Any
     path = directory / layout.CONFIG_NAME
     data = _read_json(path)
     if not isinstance(data, dict) or data.get("model_type") != "modmoe":
-        raise InferenceError(f"{path}: model_type = {data.get('model_type') if isinstance(data, dict) else None!r}: expected 'modmoe'")
+        raise InferenceError(
+            f"{path}: model_type = {data.get('model_type') if isinstance(data, dict) else None!r}: expected 'modmoe'"
+        )
     record = data.get("modmoe")
     if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
         raise InferenceError(f"{path}: has no modmoe.model section (not written by `modmoe export`)")
@@ -83,7 +85,9 @@ def _check_record(directory: Path) -> None:
     for name, entry in files.items():
         f = directory / name
         if f.is_file() and f.stat().st_size != entry.get("size"):
-            raise InferenceError(f"{f}: {f.stat().st_size} bytes, the export recorded {entry.get('size')} (replaced or truncated)")
+            raise InferenceError(
+                f"{f}: {f.stat().st_size} bytes, the export recorded {entry.get('size')} (replaced or truncated)"
+            )
 
 
 def _weight_files(directory: Path) -> dict[str, list[str] | None]:
@@ -103,7 +107,9 @@ def _weight_files(directory: Path) -> dict[str, list[str] | None]:
     return {layout.WEIGHTS_NAME: None}
 
 
-def read_weights(directory: Path, expected: dict[str, tuple[int, ...]], device: str | torch.device) -> dict[str, torch.Tensor]:
+def read_weights(
+    directory: Path, expected: dict[str, tuple[int, ...]], device: str | torch.device
+) -> dict[str, torch.Tensor]:
     """Every tensor of ``expected`` (name -> shape) from the safetensors files, checked."""
     tensors: dict[str, torch.Tensor] = {}
     for fname, listed in _weight_files(directory).items():
@@ -115,7 +121,9 @@ def read_weights(directory: Path, expected: dict[str, tuple[int, ...]], device: 
                 keys = list(f.keys())
                 if listed is not None and sorted(keys) != sorted(listed):
                     extra = sorted(set(keys) ^ set(listed))[0]
-                    raise InferenceError(f"{path}: tensor {extra!r} disagrees with {layout.INDEX_NAME} (mismatched shard)")
+                    raise InferenceError(
+                        f"{path}: tensor {extra!r} disagrees with {layout.INDEX_NAME} (mismatched shard)"
+                    )
                 for key in keys:
                     if key not in expected:
                         raise InferenceError(f"{path}: tensor {key!r} is not part of the model config.json describes")
@@ -126,7 +134,9 @@ def read_weights(directory: Path, expected: dict[str, tuple[int, ...]], device: 
         if key not in tensors:
             raise InferenceError(f"{directory}: tensor {key!r} is missing from the weights (config.json implies it)")
         if tuple(tensors[key].shape) != shape:
-            raise InferenceError(f"{directory}: tensor {key!r} has shape {list(tensors[key].shape)}, config.json implies {list(shape)}")
+            raise InferenceError(
+                f"{directory}: tensor {key!r} has shape {list(tensors[key].shape)}, config.json implies {list(shape)}"
+            )
     return tensors
 
 
@@ -148,7 +158,9 @@ def load_exported(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = read_weights(directory, expected, device)
     if dtype is not None:
-        tensors = {k: v if layout.keeps_fp32(k) or not v.is_floating_point() else v.to(dtype) for k, v in tensors.items()}
+        tensors = {
+            k: v if layout.keeps_fp32(k) or not v.is_floating_point() else v.to(dtype) for k, v in tensors.items()
+        }
     model.load_state_dict(tensors, assign=True)
     model.eval()
 
@@ -161,6 +173,8 @@ def load_exported(
             raise InferenceError(str(err)) from None
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         if size > model_cfg.vocab_size:
-            raise InferenceError(f"{tok_path}: {size} tokens, more than config.json's vocab_size {model_cfg.vocab_size} (mismatched tokenizer)")
+            raise InferenceError(
+                f"{tok_path}: {size} tokens, more than config.json's vocab_size {model_cfg.vocab_size} (mismatched tokenizer)"
+            )
         eos_id = tokenizer.token_to_id(EOT)
     return LoadedModel(directory, model, model_cfg, record, tokenizer, eos_id)

@@ -95,12 +95,18 @@ class SubmitConfig(ConfigModel):
     def check(self) -> SubmitConfig:
         """Checks that span fields (kept out of pydantic so the error stays one plain line)."""
         if self.gpus_per_node > 0 and self.procs_per_node not in (None, self.gpus_per_node):
-            raise field_error("procs_per_node", self.procs_per_node,
-                              f"GPU mode runs one rank per GPU ({self.gpus_per_node}); leave it unset")
+            raise field_error(
+                "procs_per_node",
+                self.procs_per_node,
+                f"GPU mode runs one rank per GPU ({self.gpus_per_node}); leave it unset",
+            )
         limit_s = parse_slurm_time(self.time)
         if self.signal_grace_s >= limit_s:
-            raise field_error("signal_grace_s", self.signal_grace_s,
-                              f"must be shorter than the time limit ({self.time} = {limit_s} s)")
+            raise field_error(
+                "signal_grace_s",
+                self.signal_grace_s,
+                f"must be shorter than the time limit ({self.time} = {limit_s} s)",
+            )
         return self
 
     @property

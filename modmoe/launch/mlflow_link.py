@@ -39,14 +39,18 @@ def run_link(job_cfg: Any, run_dir: Path, job_id: str) -> str:
         return "disabled (logging.mlflow.enabled = false)"
     experiment = job_cfg.logging.mlflow.experiment
     if not uri.startswith(("http://", "https://")):
-        return (f"{uri} (experiment {experiment!r}, filter {job_filter(job_id)}; "
-                f"browse with: mlflow ui --backend-store-uri {uri})")
+        return (
+            f"{uri} (experiment {experiment!r}, filter {job_filter(job_id)}; "
+            f"browse with: mlflow ui --backend-store-uri {uri})"
+        )
     try:
         exp_id = _experiment_id(uri, experiment, job_cfg.logging.mlflow.http_timeout_s)
     except Exception as err:  # noqa: BLE001 - the job is queued either way; say why there is no link
         from modmoe.tracking.client import short_error
 
-        return f"{uri} (experiment {experiment!r} not reachable now: {short_error(err, 120)}; filter {job_filter(job_id)})"
+        return (
+            f"{uri} (experiment {experiment!r} not reachable now: {short_error(err, 120)}; filter {job_filter(job_id)})"
+        )
     return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs?searchFilter={quote(job_filter(job_id), safe='')}"
 
 

@@ -84,5 +84,7 @@ def render(cfg: SubmitConfig, workdir: Path, template: Path = TEMPLATE) -> str:
         if skipping is None:
             out.append(line)
     if replacements or skipping:
-        raise ConfigError(f"launch error: template {template} lacks the marked block(s) {sorted(replacements) or [skipping]}")
+        raise ConfigError(
+            f"launch error: template {template} lacks the marked block(s) {sorted(replacements) or [skipping]}"
+        )
     return "\n".join(out) + "\n"

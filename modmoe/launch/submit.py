@@ -54,10 +54,18 @@ def submit(
     prints it when ``dry_run``). ``options`` are the other :class:`SubmitConfig` fields
     (``procs_per_node``, ``runs_root``, ``signal_grace_s``, ``max_requeues`` ...). Raises
     :class:`ConfigError` with one line for any bad argument or a failed submission."""
-    cfg = validate_config(SubmitConfig, {
-        "config": str(config_path), "nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition,
-        "time": time, "overrides": list(overrides), **options,
-    }).check()
+    cfg = validate_config(
+        SubmitConfig,
+        {
+            "config": str(config_path),
+            "nodes": nodes,
+            "gpus_per_node": gpus_per_node,
+            "partition": partition,
+            "time": time,
+            "overrides": list(overrides),
+            **options,
+        },
+    ).check()
     job_cfg = _check_training_config(cfg)
     workdir = Path.cwd()
     script = render(cfg, workdir)
@@ -69,7 +77,9 @@ def submit(
 
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise ConfigError("launch error: sbatch not found on PATH (is this a Slurm login node? --dry-run only prints the script)")
+        raise ConfigError(
+            "launch error: sbatch not found on PATH (is this a Slurm login node? --dry-run only prints the script)"
+        )
     (runs_root / "slurm-logs").mkdir(parents=True, exist_ok=True)
     # The script goes in on stdin: Slurm keeps its own copy, which requeued attempts rerun.
     proc = subprocess.run([sbatch, "--parsable"], input=script, capture_output=True, text=True, cwd=workdir)

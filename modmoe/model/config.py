@@ -57,7 +57,7 @@ class DepthRoutingConfig(ConfigModel):
     num_experts / (num_experts + noop_experts)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "DepthRoutingConfig":
+    def _check(self) -> DepthRoutingConfig:
         if self.offset >= self.every:
             raise field_error("model.depth.offset", self.offset, f"must be < every ({self.every})")
         if self.causal_router == "predictor" and not self.predictor:
@@ -120,17 +120,13 @@ class MoEConfig(ConfigModel):
     """Number of leading blocks kept dense."""
 
     @model_validator(mode="after")
-    def _check(self) -> "MoEConfig":
+    def _check(self) -> MoEConfig:
         if self.top_k > self.num_experts:
             raise field_error("model.moe.top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
         return self
 
     def is_moe(self, layer_index: int) -> bool:
-        return (
-            self.enabled
-            and layer_index >= self.first_dense
-            and (layer_index - self.first_dense) % self.every == 0
-        )
+        return self.enabled and layer_index >= self.first_dense and (layer_index - self.first_dense) % self.every == 0
 
 
 class ModelConfig(ConfigModel):
@@ -176,7 +172,7 @@ class ModelConfig(ConfigModel):
     """Experts."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.dim % self.num_heads:
             raise field_error("model.num_heads", self.num_heads, f"must divide dim ({self.dim})")
         if (self.dim // self.num_heads) % 2:
@@ -184,9 +180,11 @@ class ModelConfig(ConfigModel):
         kv = self.kv_heads
         if self.num_heads % kv:
             raise field_error("model.num_kv_heads", kv, f"must divide num_heads ({self.num_heads})")
-        if self.depth.enabled and self.depth.variant == "integrated":
-            if not any(self.depth.is_routed(i) and self.moe.is_moe(i) for i in range(self.num_layers)):
-                raise field_error("model.depth.variant", "integrated", "needs routed blocks that also use experts (model.moe)")
+        integrated = self.depth.enabled and self.depth.variant == "integrated"
+        if integrated and not any(self.depth.is_routed(i) and self.moe.is_moe(i) for i in range(self.num_layers)):
+            raise field_error(
+                "model.depth.variant", "integrated", "needs routed blocks that also use experts (model.moe)"
+            )
         return self
 
     @property

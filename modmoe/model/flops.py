@@ -81,7 +81,9 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         routed, use_moe = cfg.layer_kind(i)
         common = D * hd * (2 * cfg.num_heads + 2 * cfg.kv_heads) + 2 * D
         if routed:
-            common += D + (D * cfg.depth.predictor_hidden + 2 * cfg.depth.predictor_hidden + 1 if cfg.depth.predictor else 0)
+            common += D + (
+                D * cfg.depth.predictor_hidden + 2 * cfg.depth.predictor_hidden + 1 if cfg.depth.predictor else 0
+            )
         total, active = total + common, active + common
         if use_moe:
             expert = 3 * D * m.expert_hidden

@@ -81,7 +81,11 @@ class MoDETransformer(nn.Module):
     def _aux_losses(self, layer_aux: list[BlockAux], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m, d = self.cfg.moe, self.cfg.depth
         terms: dict[str, list[torch.Tensor]] = {
-            "moe_aux_loss": [], "moe_seq_aux_loss": [], "moe_z_loss": [], "mod_bce_loss": [], "mod_predictor_loss": []
+            "moe_aux_loss": [],
+            "moe_seq_aux_loss": [],
+            "moe_z_loss": [],
+            "mod_bce_loss": [],
+            "mod_predictor_loss": [],
         }
         for a in layer_aux:
             if a.moe is not None:

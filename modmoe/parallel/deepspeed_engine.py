@@ -30,7 +30,12 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from modmoe.checkpoint.train_state import (
-    MODEL_KEY, OPTIM_KEY, OPTIM_STATE_KEY, SCHEDULER_KEY, load_schedule, schedule_state,
+    MODEL_KEY,
+    OPTIM_KEY,
+    OPTIM_STATE_KEY,
+    SCHEDULER_KEY,
+    load_schedule,
+    schedule_state,
 )
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError
@@ -43,8 +48,17 @@ from modmoe.train.optim import build_optimizer, build_scheduler
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Keys modmoe derives from its own config; setting them in deepspeed_extra would disagree.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping", "zero_optimization.stage", "bf16", "fp16", "optimizer", "scheduler")
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero_optimization.stage",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+)
 
 
 def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
@@ -102,16 +116,21 @@ class DeepSpeedEngine:
         self.grad_clip = cfg.optimizer.grad_clip
         self.a2a = apply_model_parallelism(model, dims, cfg.parallel)
         self.experts = detach_experts(model) if dims.ep > 1 else {}
-        self.expert_params = {f"{name}.{p_name}": p for name, mod in self.experts.items()
-                              for p_name, p in mod.named_parameters()}
+        self.expert_params = {
+            f"{name}.{p_name}": p for name, mod in self.experts.items() for p_name, p in mod.named_parameters()
+        }
         bf16 = cfg.trainer.precision == "bf16" or (
-            cfg.trainer.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+            cfg.trainer.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
         dense_optimizer = build_optimizer(model, cfg.optimizer)
         dense_scheduler = build_scheduler(dense_optimizer, cfg.optimizer, cfg.trainer.max_steps)
         os.environ.setdefault("LOCAL_RANK", "0")
         self.ds_config = deepspeed_config(cfg, dims, bf16)
         self.module, self.ds_optimizer, _, self.ds_scheduler = deepspeed.initialize(
-            model=model, optimizer=dense_optimizer, lr_scheduler=dense_scheduler, config=self.ds_config,
+            model=model,
+            optimizer=dense_optimizer,
+            lr_scheduler=dense_scheduler,
+            config=self.ds_config,
             dist_init_required=False,
         )
         self._lr = self.ds_scheduler.get_last_lr()[0]
@@ -204,8 +223,10 @@ class DeepSpeedTrainState(Stateful):
         model, optim = state_dict[MODEL_KEY], state_dict[OPTIM_KEY][OPTIM_STATE_KEY]
         steps = {int(optim[name]["step"]) for name in optim}
         if len(steps) != 1:
-            raise ValueError(f"checkpoint has different Adam step counts per parameter ({sorted(steps)}); "
-                             "the DeepSpeed backend steps all parameters together")
+            raise ValueError(
+                f"checkpoint has different Adam step counts per parameter ({sorted(steps)}); "
+                "the DeepSpeed backend steps all parameters together"
+            )
         step = steps.pop()
         for name, p in self._dense_params().items():
             value = model[name].to(p.device)
@@ -234,7 +255,10 @@ def _set_full_hp(p: nn.Parameter, value: torch.Tensor, optim_state_key: str | No
     Under ZeRO-3 the partition is cut here: DeepSpeed 0.19's full setter reads past the end of
     the value on the rank whose partition holds padding (numel not divisible by the ranks)."""
     from deepspeed.utils import (
-        safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
     )
 
     if not hasattr(p, "ds_id"):
@@ -278,7 +302,11 @@ def _ensure_adam_state(ds_optimizer) -> None:
         return
     for p in _fp32_partitions(ds_optimizer):
         if not base.state[p]:
-            base.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            base.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
     if hasattr(ds_optimizer, "_hp_optimizer_states_linked"):
         ds_optimizer._hp_optimizer_states_linked = False
         ds_optimizer._lazy_init_hp_params_optimizer_state()
@@ -288,9 +316,11 @@ def _fp32_partitions(ds_optimizer) -> list[torch.Tensor]:
     """The tensors the base optimizer keys its state by: ZeRO-1/2 and ZeRO-3 name their fp32
     partitions differently (ZeRO-3 swaps them into the groups only while stepping)."""
     base = getattr(ds_optimizer, "optimizer", ds_optimizer)
-    return list(getattr(ds_optimizer, "fp32_partitioned_groups_flat", None)
-                or getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
-                or [p for g in base.param_groups for p in g["params"]])
+    return list(
+        getattr(ds_optimizer, "fp32_partitioned_groups_flat", None)
+        or getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
+        or [p for g in base.param_groups for p in g["params"]]
+    )
 
 
 def _set_adam_step(ds_optimizer, step: int) -> None:

@@ -48,7 +48,9 @@ class ParallelDims:
             raise ConfigError(f"config error: parallel.ep = {cfg.ep}: must divide the data-parallel degree ({dp})")
         if cfg.ep > 1:
             if not model.moe.enabled:
-                raise ConfigError(f"config error: parallel.ep = {cfg.ep}: the model has no MoE layers (model.moe.enabled = false)")
+                raise ConfigError(
+                    f"config error: parallel.ep = {cfg.ep}: the model has no MoE layers (model.moe.enabled = false)"
+                )
             if model.moe.num_experts % cfg.ep:
                 raise ConfigError(
                     f"config error: parallel.ep = {cfg.ep}: must divide model.moe.num_experts ({model.moe.num_experts})"
@@ -61,7 +63,12 @@ class ParallelDims:
             if model.moe.enabled:
                 hidden += [("moe.expert_hidden", model.moe.expert_hidden)]
                 if model.moe.num_shared_experts:
-                    hidden += [("moe.num_shared_experts * moe.expert_hidden", model.moe.num_shared_experts * model.moe.expert_hidden)]
+                    hidden += [
+                        (
+                            "moe.num_shared_experts * moe.expert_hidden",
+                            model.moe.num_shared_experts * model.moe.expert_hidden,
+                        )
+                    ]
             for name, size in hidden:
                 if size % cfg.tp:
                     raise ConfigError(f"config error: parallel.tp = {cfg.tp}: must divide model.{name} ({size})")
@@ -81,7 +88,9 @@ class ParallelDims:
                 "(pip install 'modmoe[deepspeed]', with DS_BUILD_OPS=0 on machines without a CUDA toolkit)"
             )
         if cfg.dp_backend == "deepspeed" and cfg.tp > 1:
-            raise ConfigError("config error: parallel.dp_backend = 'deepspeed': not combinable with parallel.tp > 1 (use fsdp2)")
+            raise ConfigError(
+                "config error: parallel.dp_backend = 'deepspeed': not combinable with parallel.tp > 1 (use fsdp2)"
+            )
         return cls(dp, cfg.ep, cfg.tp, world_size, cfg.dp_backend, cfg.zero_stage, device_type)
 
     # ------------------------------------------------------------------ derived degrees
@@ -112,7 +121,9 @@ class ParallelDims:
         return global_rank // self.tp
 
     def describe(self) -> str:
-        parts = [f"dp {self.dp} ({self.dp_backend}{f' zero-{self.zero_stage}' if self.dp_backend == 'deepspeed' else ''})"]
+        parts = [
+            f"dp {self.dp} ({self.dp_backend}{f' zero-{self.zero_stage}' if self.dp_backend == 'deepspeed' else ''})"
+        ]
         if self.ep > 1:
             parts.append(f"ep {self.ep} (edp {self.edp})")
         if self.tp > 1:

@@ -46,7 +46,9 @@ def init_distributed(cfg: ParallelConfig, device_choice: str) -> DistEnv:
         backend = cfg.comm_backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None
+        )
     return DistEnv(rank, world, local_rank, device)
 
 

@@ -10,8 +10,9 @@ from modmoe.parallel.dims import ParallelDims
 from modmoe.parallel.parallelize import NativeEngine
 
 
-def build_engine(model: MoDETransformer, dims: ParallelDims, cfg: JobConfig, device: torch.device,
-                 autocast_dtype: torch.dtype | None):
+def build_engine(
+    model: MoDETransformer, dims: ParallelDims, cfg: JobConfig, device: torch.device, autocast_dtype: torch.dtype | None
+):
     """DDP/FSDP2 (:class:`NativeEngine`) or DeepSpeed ZeRO; both offer ``module``,
     ``micro_batch``, ``backward``, ``step``, ``lr``, ``comm_metrics`` and ``train_state``."""
     if cfg.parallel.dp_backend == "deepspeed":

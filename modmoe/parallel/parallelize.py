@@ -33,8 +33,12 @@ from modmoe.train.optim import build_optimizer, build_scheduler
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
-    return [f"{mod_name}.{p_name}" for mod_name, mod in model.named_modules() if isinstance(mod, GroupedExperts)
-            for p_name, _ in mod.named_parameters(recurse=False)]
+    return [
+        f"{mod_name}.{p_name}"
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, GroupedExperts)
+        for p_name, _ in mod.named_parameters(recurse=False)
+    ]
 
 
 def apply_model_parallelism(model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig) -> A2AStats | None:
@@ -53,7 +57,9 @@ def apply_model_parallelism(model: MoDETransformer, dims: ParallelDims, cfg: Par
     return a2a
 
 
-def apply_fsdp(model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig, param_dtype: torch.dtype | None) -> None:
+def apply_fsdp(
+    model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig, param_dtype: torch.dtype | None
+) -> None:
     """FSDP2: each block is one all-gather unit; expert weights are sharded separately over the
     expert-data-parallel ranks (EP already split them over ``ep``)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -73,8 +79,16 @@ def apply_fsdp(model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig, 
 class NativeEngine:
     """Forward/backward/step for DDP and FSDP2 layouts, with the optimizer and LR schedule."""
 
-    def __init__(self, model: MoDETransformer, dims: ParallelDims, cfg: ParallelConfig, optim_cfg: OptimizerConfig,
-                 max_steps: int, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: MoDETransformer,
+        dims: ParallelDims,
+        cfg: ParallelConfig,
+        optim_cfg: OptimizerConfig,
+        max_steps: int,
+        device: torch.device,
+        param_dtype: torch.dtype | None = None,
+    ) -> None:
         self.core, self.dims, self.grad_clip = model, dims, optim_cfg.grad_clip
         self.a2a = apply_model_parallelism(model, dims, cfg)
         self.module: nn.Module = model

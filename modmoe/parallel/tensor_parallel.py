@@ -69,8 +69,12 @@ def _shard_experts(moe: MoE, tp_mesh: DeviceMesh) -> None:
 
 def apply_tensor_parallel(model: MoDETransformer, tp_mesh: DeviceMesh) -> None:
     for block in model.layers:
-        plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
-                "attn.wo": RowwiseParallel()}
+        plan = {
+            "attn.wq": ColwiseParallel(),
+            "attn.wk": ColwiseParallel(),
+            "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(),
+        }
         if isinstance(block.mlp, SwiGLU):
             plan.update(_swiglu_plan("mlp"))
         elif isinstance(block.mlp, MoE):

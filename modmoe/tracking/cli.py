@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,8 +21,9 @@ def _group() -> None:
 @tracking_app.command("replay")
 def replay(
     run_dir: Annotated[Path, typer.Argument(help="Run directory holding mlflow_spool.jsonl.")],
-    tracking_uri: Annotated[Optional[str], typer.Option(
-        "--tracking-uri", help="Send to this URI instead of the one stored with each record.")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="Send to this URI instead of the one stored with each record.")
+    ] = None,
 ) -> None:
     """Re-send tracking records that could not be delivered during training."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -15,11 +15,20 @@ _USER_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ
 _USER_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT" in os.environ
 
 # Error codes that say "the request itself is wrong": retrying the same batch cannot help.
-_PERMANENT_CODES = frozenset({
-    "INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
-    "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED",
-    "ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED",
-})
+_PERMANENT_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "BAD_REQUEST",
+        "RESOURCE_DOES_NOT_EXIST",
+        "INVALID_STATE",
+        "RESOURCE_ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "FEATURE_DISABLED",
+        "ENDPOINT_NOT_FOUND",
+        "NOT_IMPLEMENTED",
+    }
+)
 
 
 def make_client(tracking_uri: str, http_timeout_s: int = 10) -> MlflowClient:
@@ -70,8 +79,9 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
         return found.experiment_id
 
 
-def create_run(client: MlflowClient, tracking_uri: str, experiment: str,
-               run_name: str | None, tags: dict[str, str]) -> str:
+def create_run(
+    client: MlflowClient, tracking_uri: str, experiment: str, run_name: str | None, tags: dict[str, str]
+) -> str:
     exp_id = experiment_id(client, experiment, tracking_uri)
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     return run.info.run_id

@@ -78,5 +78,5 @@ def local_artifact_root(tracking_uri: str) -> str | None:
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix) or ":memory:" in tracking_uri:
         return None
-    db_path = Path(tracking_uri[len(prefix):]).resolve()
+    db_path = Path(tracking_uri[len(prefix) :]).resolve()
     return (db_path.parent / "mlartifacts").as_uri()

@@ -65,8 +65,9 @@ def expert_load_heatmap(loads: np.ndarray, layer_names: list[str], path: str | P
     if layers * experts <= 512:
         mid = (np.nanmax(loads) + np.nanmin(loads)) / 2
         for (i, j), value in np.ndenumerate(loads):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if value > mid else "white")
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > mid else "white"
+            )
     return _save(fig, path)
 
 
@@ -83,8 +84,7 @@ def routing_map_size(routed_layers: int, tokens: int) -> tuple[float, float]:
     return 2.6 + 0.22 * tokens, 2.2 + 0.35 * routed_layers
 
 
-def depth_routing_map(tokens: list[str], chosen: np.ndarray, layer_names: list[str],
-                      path: str | Path) -> Path:
+def depth_routing_map(tokens: list[str], chosen: np.ndarray, layer_names: list[str], path: str | Path) -> Path:
     """Which tokens each routed layer let into its block: ``chosen`` (routed_layers, T) bool
     over the ``tokens`` of a sample text. Each row is annotated with the fraction chosen (the
     layer's effective capacity)."""
@@ -99,8 +99,7 @@ def depth_routing_map(tokens: list[str], chosen: np.ndarray, layer_names: list[s
     fig = _figure(routing_map_size(routed, seq))
     ax = fig.add_subplot()
     ax.imshow(chosen, aspect="auto", cmap="Blues", vmin=0, vmax=1.25, interpolation="nearest")  # (R, T)
-    ax.set_xticks(range(seq), [_token_label(t) for t in tokens], rotation=90, fontsize=7,
-                  fontfamily="monospace")
+    ax.set_xticks(range(seq), [_token_label(t) for t in tokens], rotation=90, fontsize=7, fontfamily="monospace")
     ax.set_yticks(range(routed), layer_names, fontsize=8)
     ax.set_xticks(np.arange(-0.5, seq), minor=True)
     ax.set_yticks(np.arange(-0.5, routed), minor=True)

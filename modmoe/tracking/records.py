@@ -46,8 +46,13 @@ _KEY_RE = re.compile(r"^[\w\-. :/]+$")
 def check_key(key: Any, what: str) -> str:
     """Raises a one-line ``ValueError`` for a key MLflow would refuse (late, on another thread)."""
     max_len = limits().MAX_ENTITY_KEY_LENGTH
-    if (not isinstance(key, str) or not _KEY_RE.match(key) or len(key) > max_len
-            or key.startswith("/") or ".." in key.split("/")):
+    if (
+        not isinstance(key, str)
+        or not _KEY_RE.match(key)
+        or len(key) > max_len
+        or key.startswith("/")
+        or ".." in key.split("/")
+    ):
         raise ValueError(
             f"{what} name {key!r} is not allowed: MLflow takes up to {max_len} "
             "letters, digits, '_', '-', '.', ' ', ':', '/' (not starting with '/')"
@@ -75,15 +80,14 @@ def send(client: MlflowClient, run_id: str, record: Record) -> None:
 
     kind = record["kind"]
     if kind == "metrics":
-        metrics = [Metric(k, math.nan if v is None else float(v), int(ts), int(step))
-                   for k, v, ts, step in record["metrics"]]
+        metrics = [
+            Metric(k, math.nan if v is None else float(v), int(ts), int(step)) for k, v, ts, step in record["metrics"]
+        ]
         client.log_batch(run_id, metrics=metrics, synchronous=True)
     elif kind == "params":
-        client.log_batch(run_id, params=[Param(k, v) for k, v in record["values"].items()],
-                         synchronous=True)
+        client.log_batch(run_id, params=[Param(k, v) for k, v in record["values"].items()], synchronous=True)
     elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["values"].items()],
-                         synchronous=True)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["values"].items()], synchronous=True)
     elif kind == "artifact":
         client.log_artifact(run_id, record["path"], record.get("artifact_path"))
     elif kind == "text":

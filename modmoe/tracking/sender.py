@@ -42,9 +42,18 @@ class PendingRun:
 
 
 class Sender(threading.Thread):
-    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str | None,
-                 pending: PendingRun | None, spool_file: Path, flush_interval_s: float,
-                 max_retries: int, retry_backoff_s: float, degraded: bool = False) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        tracking_uri: str,
+        run_id: str | None,
+        pending: PendingRun | None,
+        spool_file: Path,
+        flush_interval_s: float,
+        max_retries: int,
+        retry_backoff_s: float,
+        degraded: bool = False,
+    ) -> None:
         super().__init__(name="modmoe-mlflow-sender", daemon=True)
         self.client, self.uri, self.run_id, self.pending = client, tracking_uri, run_id, pending
         self.spool_file = spool_file
@@ -118,8 +127,9 @@ class Sender(threading.Thread):
                     records.discard_staged(rec)
                     if self._degraded:
                         self._degraded = False
-                        log.warning("MLflow at %s answers again; records sent meanwhile are in %s",
-                                    self.uri, self.spool_file)
+                        log.warning(
+                            "MLflow at %s answers again; records sent meanwhile are in %s", self.uri, self.spool_file
+                        )
                     return
         except Exception:  # noqa: BLE001 - the thread must survive anything a record does
             log.exception("tracking: unexpected error while sending a %s record", rec.get("kind"))
@@ -128,13 +138,15 @@ class Sender(threading.Thread):
         if self.pending is None:
             return False
         try:
-            run_id = create_run(self.client, self.uri, self.pending.experiment,
-                                self.pending.run_name, self.pending.tags)
+            run_id = create_run(
+                self.client, self.uri, self.pending.experiment, self.pending.run_name, self.pending.tags
+            )
         except Exception:  # noqa: BLE001 - still unreachable; stay offline
             return False
         # Records spooled under the spool-local id belong to this run from now on.
-        spool.append(self.spool_file, [{"kind": "bind", "local_run": self.pending.local_run,
-                                        "run_id": run_id, "uri": self.uri}])
+        spool.append(
+            self.spool_file, [{"kind": "bind", "local_run": self.pending.local_run, "run_id": run_id, "uri": self.uri}]
+        )
         log.warning("MLflow at %s answers again; created run %s", self.uri, run_id)
         self.run_id, self.pending, self._degraded = run_id, None, False
         return True
@@ -148,16 +160,18 @@ class Sender(threading.Thread):
         try:
             spool.append(self.spool_file, [stamped])
         except OSError as spool_err:
-            log.error("tracking: lost a %s record: cannot write %s: %s",
-                      rec["kind"], self.spool_file, spool_err)
+            log.error("tracking: lost a %s record: cannot write %s: %s", rec["kind"], self.spool_file, spool_err)
             return
         self.spooled += 1
         if err is not None and is_permanent(err):
-            log.error("MLflow refused a %s record (kept in %s): %s",
-                      rec["kind"], self.spool_file, short_error(err))
+            log.error("MLflow refused a %s record (kept in %s): %s", rec["kind"], self.spool_file, short_error(err))
         elif not self._degraded:
             self._degraded = True  # one warning per outage, and no more retries until it ends
-            log.warning("MLflow at %s is unreachable (%s); training continues and tracking records "
-                        "go to %s (replay them with `modmoe tracking replay %s`)",
-                        self.uri, short_error(err) if err else "run not created",
-                        self.spool_file, self.spool_file.parent)
+            log.warning(
+                "MLflow at %s is unreachable (%s); training continues and tracking records "
+                "go to %s (replay them with `modmoe tracking replay %s`)",
+                self.uri,
+                short_error(err) if err else "run not created",
+                self.spool_file,
+                self.spool_file.parent,
+            )

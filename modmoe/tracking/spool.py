@@ -127,7 +127,8 @@ def replay_spool(run_dir: str | Path, tracking_uri: str | None = None) -> int:
             try:
                 if rec["kind"] == "create_run":
                     bound[rec["local_run"]] = create_run(
-                        client, uri, rec["experiment"], rec.get("run_name"), rec.get("tags", {}))
+                        client, uri, rec["experiment"], rec.get("run_name"), rec.get("tags", {})
+                    )
                 else:
                     run_id = rec.get("run_id") or bound.get(rec.get("local_run"))
                     if run_id is None:
@@ -138,8 +139,7 @@ def replay_spool(run_dir: str | Path, tracking_uri: str | None = None) -> int:
             except Exception as err:  # noqa: BLE001 - every failure keeps the record
                 kept.append(rec)
                 if is_permanent(err):
-                    log.error("%s: %s record refused, kept in the spool: %s",
-                              path, rec["kind"], short_error(err))
+                    log.error("%s: %s record refused, kept in the spool: %s", path, rec["kind"], short_error(err))
                 else:
                     stalled = True
                     log.warning("%s: stopped replaying, %s unreachable: %s", path, uri, short_error(err))

@@ -15,7 +15,10 @@ def _git(repo_dir: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(repo_dir), *args],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -41,9 +44,7 @@ def default_tags(engine: str, parallel_layout: str, repo_dir: str | Path | None 
         "parallel_layout": parallel_layout,
         "hostname": socket.gethostname(),
     }
-    candidates = [Path(repo_dir)] if repo_dir is not None else [
-        Path(__file__).resolve().parents[2], Path.cwd()
-    ]
+    candidates = [Path(repo_dir)] if repo_dir is not None else [Path(__file__).resolve().parents[2], Path.cwd()]
     for candidate in candidates:
         state = git_state(candidate)
         if state is not None:

@@ -41,8 +41,14 @@ class MlflowTracker:
     the spool) already holds for it: every step stays in MLflow once, with its first value.
     """
 
-    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, run_id: str | None = None,
-                 params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: str | Path,
+        run_id: str | None = None,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self._run_id = run_id
@@ -67,13 +73,30 @@ class MlflowTracker:
             pending = PendingRun(uuid.uuid4().hex, cfg.experiment, cfg.run_name, tags)
             # The creation request goes first in the spool, so a replay can make the run even if
             # this process never reaches the server.
-            spool.append(self.spool_file, [{"kind": "create_run", "local_run": pending.local_run,
-                                            "experiment": pending.experiment,
-                                            "run_name": pending.run_name, "tags": tags,
-                                            "uri": self.tracking_uri}])
-        self._sender = Sender(self._client, self.tracking_uri, self._run_id, pending, self.spool_file,
-                              cfg.flush_interval_s, cfg.max_retries, cfg.retry_backoff_s,
-                              degraded=not reachable)
+            spool.append(
+                self.spool_file,
+                [
+                    {
+                        "kind": "create_run",
+                        "local_run": pending.local_run,
+                        "experiment": pending.experiment,
+                        "run_name": pending.run_name,
+                        "tags": tags,
+                        "uri": self.tracking_uri,
+                    }
+                ],
+            )
+        self._sender = Sender(
+            self._client,
+            self.tracking_uri,
+            self._run_id,
+            pending,
+            self.spool_file,
+            cfg.flush_interval_s,
+            cfg.max_retries,
+            cfg.retry_backoff_s,
+            degraded=not reachable,
+        )
         self._sender.start()
         if run_id is not None:  # resumed: the run is live again, and may get new tags
             self._note_spooled_steps(run_id, reachable)
@@ -89,8 +112,7 @@ class MlflowTracker:
     # --- opening -----------------------------------------------------------------------------
     def _open(self, run_id: str | None, tags: dict[str, str]) -> None:
         if run_id is None:
-            self._run_id = create_run(self._client, self.tracking_uri, self.cfg.experiment,
-                                      self.cfg.run_name, tags)
+            self._run_id = create_run(self._client, self.tracking_uri, self.cfg.experiment, self.cfg.run_name, tags)
         else:
             run = self._client.get_run(run_id)  # fails for an unknown id
             # MLflow keeps each metric's point of highest step as its latest value.
@@ -100,8 +122,11 @@ class MlflowTracker:
         for key, step in spool.logged_steps(self.spool_file, run_id).items():
             self._already_logged[key] = max(step, self._already_logged.get(key, step))
         if not reachable:
-            log.warning("tracking: cannot ask MLflow which steps run %s already holds; steps redone "
-                        "after the checkpoint may show twice in it", run_id)
+            log.warning(
+                "tracking: cannot ask MLflow which steps run %s already holds; steps redone "
+                "after the checkpoint may show twice in it",
+                run_id,
+            )
 
     def _with_retries(self, attempt_fn) -> bool:
         """Runs ``attempt_fn`` with the configured retries. False when MLflow stays unreachable;
@@ -113,13 +138,16 @@ class MlflowTracker:
             except Exception as err:  # noqa: BLE001
                 if is_permanent(err):
                     what = f"resume run {self._run_id}" if self._run_id else "create a run"
-                    raise RuntimeError(f"tracking: cannot {what} at {self.tracking_uri}: "
-                                       f"{short_error(err)}") from None
+                    raise RuntimeError(f"tracking: cannot {what} at {self.tracking_uri}: {short_error(err)}") from None
                 last = err
                 if attempt < self.cfg.max_retries:
                     time.sleep(self.cfg.retry_backoff_s * 2**attempt)
-        log.warning("MLflow at %s is unreachable (%s); training continues offline, tracking records "
-                    "go to %s", self.tracking_uri, short_error(last), self.spool_file)
+        log.warning(
+            "MLflow at %s is unreachable (%s); training continues offline, tracking records go to %s",
+            self.tracking_uri,
+            short_error(last),
+            self.spool_file,
+        )
         return False
 
     def _start_system_metrics(self, resumed: bool) -> None:
@@ -129,8 +157,11 @@ class MlflowTracker:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(
-            self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
-            resume_logging=resumed, tracking_uri=self.tracking_uri)
+            self.run_id,
+            sampling_interval=self.cfg.system_metrics_interval_s,
+            resume_logging=resumed,
+            tracking_uri=self.tracking_uri,
+        )
         self._monitor.start()
 
     # --- logging -----------------------------------------------------------------------------
@@ -196,8 +227,7 @@ class MlflowTracker:
             shutil.copytree(src, staged)
         else:
             shutil.copy2(src, staged)
-        self._put({"kind": "artifact", "path": str(staged), "artifact_path": artifact_path,
-                   "staged": True})
+        self._put({"kind": "artifact", "path": str(staged), "artifact_path": artifact_path, "staged": True})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self._sender is None:
@@ -229,15 +259,19 @@ class MlflowTracker:
             return
         if self._monitor is not None:
             self._monitor.finish()
-        status = ("FINISHED" if exc is None else
-                  "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        status = "FINISHED" if exc is None else "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         self._put({"kind": "terminate", "status": status, "end_time": int(time.time() * 1000)})
         self._closed = True
         self._sender.stop()
         atexit.unregister(self._close_at_exit)
         if self._sender.spooled:
-            log.warning("tracking: %d record(s) could not be delivered and wait in %s; send them "
-                        "with `modmoe tracking replay %s`", self._sender.spooled, self.spool_file, self.run_dir)
+            log.warning(
+                "tracking: %d record(s) could not be delivered and wait in %s; send them "
+                "with `modmoe tracking replay %s`",
+                self._sender.spooled,
+                self.spool_file,
+                self.run_dir,
+            )
 
     def _close_at_exit(self) -> None:
         # The trainer forgot close(): still deliver, and say FAILED if the process is dying of

@@ -83,10 +83,11 @@ class TrainerConfig(ConfigModel):
     """Use deterministic algorithms (exact resume and layout comparisons)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainerConfig":
+    def _check(self) -> TrainerConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise field_error(
-                "trainer.global_batch_size", self.global_batch_size,
+                "trainer.global_batch_size",
+                self.global_batch_size,
                 f"must be a multiple of trainer.micro_batch_size ({self.micro_batch_size})",
             )
         return self

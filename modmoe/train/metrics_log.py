@@ -50,7 +50,11 @@ class ProgressReporter:
     def __init__(self, total: int, start: int, enabled: bool, log=print) -> None:
         self.total, self.log, self.enabled = total, log, enabled
         force = os.environ.get("MODMOE_PROGRESS") == "1"
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if enabled and (force or sys.stderr.isatty()) else None
+        self.bar = (
+            tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            if enabled and (force or sys.stderr.isatty())
+            else None
+        )
         self.every = max(1, total // 10)
 
     def update(self, m: dict) -> None:

@@ -21,13 +21,19 @@ def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
         if not p.requires_grad:
             continue
         decay = p.dim() >= 2
-        layout = (p.device_mesh.mesh_dim_names, str(p.device_mesh.mesh.tolist()), str(p.placements)) if isinstance(p, DTensor) else ()
+        layout = (
+            (p.device_mesh.mesh_dim_names, str(p.device_mesh.mesh.tolist()), str(p.placements))
+            if isinstance(p, DTensor)
+            else ()
+        )
         group = groups.setdefault((decay, layout), {"params": [], "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(p)
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, params: Iterable[nn.Parameter] | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, params: Iterable[nn.Parameter] | None = None
+) -> torch.optim.AdamW:
     groups = param_groups(model.parameters() if params is None else params, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 

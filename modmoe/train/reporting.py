@@ -31,7 +31,9 @@ class RunReporter:
         then params and the config artifact stay those of the run's first start."""
         self.run_dir = run_dir
         self.tracker = MlflowTracker(
-            cfg.logging.mlflow, run_dir, run_id=run_id,
+            cfg.logging.mlflow,
+            run_dir,
+            run_id=run_id,
             params=None if run_id else flatten_config(cfg.model_dump(mode="json")),
             tags=default_tags("native", layout_tag(dims)),
         )

@@ -92,7 +92,12 @@ class RouterStats:
             share = load / load.sum().clamp_min(1)  # (E,) fraction of routed slots per expert
             put("moe", i, "max_over_mean_load", float(share.max() * share.numel()))
             put("moe", i, "dead_experts", float((share < 0.01).sum()))
-            put("moe", i, "dropped_fraction", float(self.sums[f"moe{i}.dropped"] / self.sums[f"moe{i}.slots"].clamp_min(1)))
+            put(
+                "moe",
+                i,
+                "dropped_fraction",
+                float(self.sums[f"moe{i}.dropped"] / self.sums[f"moe{i}.slots"].clamp_min(1)),
+            )
             for e, value in enumerate(share.tolist()):
                 put("moe", i, f"expert_load/{e}", value, aggregate=False)
             # Each layer's loss; their sum over layers is the top-level moe_aux_loss etc.
@@ -111,7 +116,12 @@ class RouterStats:
             rate = by_pos / by_pos.sum().clamp_min(1)
             nz = rate[rate > 0]
             # 1.0 = selections spread evenly over positions; low = the same positions always win.
-            put("mod", i, "selection_entropy", float(-(nz * nz.log()).sum() / math.log(rate.numel())) if rate.numel() > 1 else 1.0)
+            put(
+                "mod",
+                i,
+                "selection_entropy",
+                float(-(nz * nz.log()).sum() / math.log(rate.numel())) if rate.numel() > 1 else 1.0,
+            )
             decile = max(1, rate.numel() // 10)
             put("mod", i, "first_decile_share", float(rate[:decile].sum()))
             sequences = tokens / by_pos.numel()

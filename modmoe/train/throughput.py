@@ -45,8 +45,9 @@ def peak_tflops_per_device(device: torch.device, configured: float | None) -> fl
     return peak
 
 
-def throughput_metrics(tokens: int, step_time_s: float, flops_per_token: float, devices: int,
-                       peak_tflops: float | None) -> dict[str, float]:
+def throughput_metrics(
+    tokens: int, step_time_s: float, flops_per_token: float, devices: int, peak_tflops: float | None
+) -> dict[str, float]:
     """``tokens`` processed by all ``devices`` in ``step_time_s``, at ``flops_per_token``
     executed training FLOPs each."""
     tflops = flops_per_token * tokens / step_time_s / 1e12

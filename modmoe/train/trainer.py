@@ -19,8 +19,8 @@ from modmoe.checkpoint.manifest import CheckpointError, read_manifest
 from modmoe.config import JobConfig
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
 from modmoe.model import MoDETransformer
-from modmoe.model.moe import MoE
 from modmoe.model.flops import count_flops, parameter_counts
+from modmoe.model.moe import MoE
 from modmoe.parallel.dims import ParallelDims
 from modmoe.parallel.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from modmoe.parallel.engine import build_engine
@@ -29,7 +29,6 @@ from modmoe.train.metrics_log import MetricsLog, ProgressReporter
 from modmoe.train.reporting import RunReporter, routing_sample
 from modmoe.train.router_stats import RouterStats, expert_bias_summary
 from modmoe.train.stop import COMPLETED_FILE, STOP_FILE, open_run_dir
-
 
 
 def seed_everything(seed: int) -> None:
@@ -67,7 +66,9 @@ class Trainer:
                 f"vocabulary ({self.data.vocab_size}, {self.data.tokenizer_path})"
             )
         if cfg.data.seq_len > cfg.model.max_seq_len:
-            raise ValueError(f"config error: data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})")
+            raise ValueError(
+                f"config error: data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})"
+            )
         # Data is split over the data-parallel ranks only: tensor-parallel peers read the same batch.
         dp, dp_rank = self.dims.dp, self.dims.dp_rank(self.env.rank)
         if tc.global_batch_size % (tc.micro_batch_size * dp):
@@ -77,12 +78,21 @@ class Trainer:
             )
         self.accum_steps = tc.global_batch_size // (tc.micro_batch_size * dp)
         self.sampler = SequenceSampler(
-            self.data.open("train"), cfg.data.seq_len, tc.micro_batch_size * dp,
-            seed=tc.seed, rank=dp_rank, world=dp, num_workers=cfg.data.num_workers,
+            self.data.open("train"),
+            cfg.data.seq_len,
+            tc.micro_batch_size * dp,
+            seed=tc.seed,
+            rank=dp_rank,
+            world=dp,
+            num_workers=cfg.data.num_workers,
         )
         self.val_batches = validation_batches(
-            self.data.open("val"), cfg.data.seq_len, tc.micro_batch_size * dp, tc.eval_batches,
-            rank=dp_rank, world=dp,
+            self.data.open("val"),
+            cfg.data.seq_len,
+            tc.micro_batch_size * dp,
+            tc.eval_batches,
+            rank=dp_rank,
+            world=dp,
         )
 
         self.step = 0
@@ -92,7 +102,9 @@ class Trainer:
         self.model: nn.Module = self.engine.module
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
         self.last_eval: dict[str, float] = {}
-        self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, self.env.world_size)
+        self.ckpt = CheckpointManager(
+            self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, self.env.world_size
+        )
         self.app_state = {"train": self.engine.train_state()}
         mlflow_run_id = self._resume(resume)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
@@ -119,7 +131,9 @@ class Trainer:
             # A converted checkpoint (checkpoints_tools convert) records no data position:
             # continue after the samples ``step`` optimizer steps would have drawn.
             drawn, per_epoch = self.step * self.cfg.trainer.global_batch_size, self.sampler.samples_per_epoch
-            self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": drawn // per_epoch, "consumed": drawn % per_epoch})
+            self.sampler.load_state_dict(
+                {**self.sampler.state_dict(), "epoch": drawn // per_epoch, "consumed": drawn % per_epoch}
+            )
             self._log_main(f"{path} has no sampler position: starting the data stream at sample {drawn}")
         self._log_main(f"resumed from {path} at step {self.step}")
         if self.env.is_main:  # the record continues from the checkpoint: later steps are redone
@@ -214,8 +228,13 @@ class Trainer:
             "lr": lr,
             "step_time_s": step_time,
             "data_wait_s": data_wait,
-            **throughput.throughput_metrics(tc.global_batch_size * self.cfg.data.seq_len, step_time,
-                                            self.flops.training_per_token, self.env.world_size, peak),
+            **throughput.throughput_metrics(
+                tc.global_batch_size * self.cfg.data.seq_len,
+                step_time,
+                self.flops.training_per_token,
+                self.env.world_size,
+                peak,
+            ),
         }
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
@@ -292,7 +311,9 @@ class Trainer:
         tc = self.cfg.trainer
         self.stop.install_signal_handlers()
         self._log_main(self.describe())
-        progress = ProgressReporter(tc.max_steps, self.step, enabled=self.env.is_main and tc.progress_bar, log=self._log_main)
+        progress = ProgressReporter(
+            tc.max_steps, self.step, enabled=self.env.is_main and tc.progress_bar, log=self._log_main
+        )
         first_eval = None
         metrics: dict[str, float] = {}
         if self.step >= tc.max_steps:

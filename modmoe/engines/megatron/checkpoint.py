@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from modmoe.checkpoint import find_latest_valid, validate
 from modmoe.checkpoint.manifest import (
-    LAYOUT_MEGATRON, MANIFEST_NAME, CheckpointError, build_manifest, read_manifest, step_dirname, write_manifest,
+    LAYOUT_MEGATRON,
+    MANIFEST_NAME,
+    CheckpointError,
+    build_manifest,
+    read_manifest,
+    step_dirname,
+    write_manifest,
 )
 from modmoe.config_base import ConfigError
 from modmoe.engines.megatron.config import MegatronConfig
@@ -61,8 +67,10 @@ def read_meta(path: Path) -> dict[str, Any]:
     except CheckpointError as err:
         raise ConfigError(f"checkpoint error: {err}") from None
     if manifest.layout != LAYOUT_MEGATRON:
-        raise ConfigError(f"checkpoint error: {path} was written by the native engine (manifest layout "
-                          f"{manifest.layout!r}); resume it with engine: native")
+        raise ConfigError(
+            f"checkpoint error: {path} was written by the native engine (manifest layout "
+            f"{manifest.layout!r}); resume it with engine: native"
+        )
     return {"step": manifest.step, **manifest.meta}
 
 
@@ -90,8 +98,15 @@ def _sharded(model: nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
     return sd
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, meta: dict[str, Any], keep_last: int = 0,
-                    also_save: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    meta: dict[str, Any],
+    keep_last: int = 0,
+    also_save: Callable[[Path], None] | None = None,
+) -> Path:
     """model: the unwrapped GPTModel of this rank's stage; optimizer: a MegatronOptimizer or
     None (DeepSpeed saves its own, in ``also_save(path)``, before the seal). Every rank calls it."""
     path = step_dir(root, step)
@@ -105,8 +120,15 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, meta: di
         also_save(path)
     _barrier()
     if dist.get_rank() == 0:
-        manifest = build_manifest(path, step=step, world_size=dist.get_world_size(), meta=meta, model_prefix=None,
-                                  created=time.time(), layout=LAYOUT_MEGATRON)
+        manifest = build_manifest(
+            path,
+            step=step,
+            world_size=dist.get_world_size(),
+            meta=meta,
+            model_prefix=None,
+            created=time.time(),
+            layout=LAYOUT_MEGATRON,
+        )
         write_manifest(path, manifest)  # last: seals the checkpoint
         _apply_retention(root, path, keep_last)
     _barrier()
@@ -143,7 +165,9 @@ def single_process_megatron() -> Iterator[None]:
     existing single-process state is reused as it is."""
     if parallel_state.model_parallel_is_initialized():
         if dist.get_world_size() != 1:
-            raise RuntimeError("export: Megatron's parallel state spans several ranks (run the export in its own process)")
+            raise RuntimeError(
+                "export: Megatron's parallel state spans several ranks (run the export in its own process)"
+            )
         yield
         return
     created = not dist.is_initialized()
@@ -179,8 +203,10 @@ def megatron_checkpoint_to_native(path: str | Path, model_cfg: ModelConfig, chec
         model = build_gpt_model(plan, tconfig)
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
         model.load_state_dict(loaded["model"])
-        state = {k: v.detach().float() if isinstance(v, Tensor) and v.is_floating_point() else v
-                 for k, v in model.state_dict().items()}
+        state = {
+            k: v.detach().float() if isinstance(v, Tensor) and v.is_floating_point() else v
+            for k, v in model.state_dict().items()
+        }
     return megatron_to_native(state, model_cfg)
 
 

@@ -46,7 +46,7 @@ class MegatronLayout:
     grouped_experts: bool = False  # TEGroupedMLP (moe grouped GEMM with TE)
 
     @classmethod
-    def for_plan(cls, use_te: bool, grouped_gemm: bool) -> "MegatronLayout":
+    def for_plan(cls, use_te: bool, grouped_gemm: bool) -> MegatronLayout:
         return cls(fused_norms=use_te, grouped_experts=use_te and grouped_gemm)
 
 
@@ -85,8 +85,10 @@ def _qkv_rule(cfg: ModelConfig, native: str, megatron: str) -> _Rule:
 def _swiglu_rules(native: str, megatron: str) -> Iterator[_Rule]:
     """A native SwiGLU module (w1, w3, w2 Linear layers) <-> Megatron MLP (linear_fc1/2)."""
     yield _Rule(
-        (f"{native}.w1.weight", f"{native}.w3.weight"), (f"{megatron}.linear_fc1.weight",),
-        lambda w1, w3: (torch.cat([w1, w3], dim=0),), lambda fc1: tuple(fc1.chunk(2, dim=0)),
+        (f"{native}.w1.weight", f"{native}.w3.weight"),
+        (f"{megatron}.linear_fc1.weight",),
+        lambda w1, w3: (torch.cat([w1, w3], dim=0),),
+        lambda fc1: tuple(fc1.chunk(2, dim=0)),
     )
     yield _rename(f"{native}.w2.weight", f"{megatron}.linear_fc2.weight")
 
@@ -118,7 +120,9 @@ def _expert_rule(native: str, megatron: str, num_experts: int, layout: MegatronL
 def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[_Rule]:
     n, m = f"layers.{i}", f"decoder.layers.{i}"
     routed, use_moe = cfg.layer_kind(i)
-    attn_norm = f"{m}.self_attention.linear_qkv.layer_norm_weight" if layout.fused_norms else f"{m}.input_layernorm.weight"
+    attn_norm = (
+        f"{m}.self_attention.linear_qkv.layer_norm_weight" if layout.fused_norms else f"{m}.input_layernorm.weight"
+    )
     yield _rename(f"{n}.attn_norm.weight", attn_norm)
     yield _qkv_rule(cfg, f"{n}.attn", f"{m}.self_attention.linear_qkv.weight")
     yield _rename(f"{n}.attn.wo.weight", f"{m}.self_attention.linear_proj.weight")
@@ -157,7 +161,9 @@ def _check_supported(cfg: ModelConfig) -> None:
         raise ValueError("convert: integrated MoDE (no-op experts) has no Megatron counterpart")
 
 
-def _apply(state: dict[str, Tensor], rules: list[_Rule], forward: bool, what: str) -> tuple[dict[str, Tensor], set[str]]:
+def _apply(
+    state: dict[str, Tensor], rules: list[_Rule], forward: bool, what: str
+) -> tuple[dict[str, Tensor], set[str]]:
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for rule in rules:
@@ -172,14 +178,18 @@ def _apply(state: dict[str, Tensor], rules: list[_Rule], forward: bool, what: st
     return out, used
 
 
-def native_to_megatron(state: dict[str, Tensor], cfg: ModelConfig, layout: MegatronLayout | None = None) -> dict[str, Tensor]:
+def native_to_megatron(
+    state: dict[str, Tensor], cfg: ModelConfig, layout: MegatronLayout | None = None
+) -> dict[str, Tensor]:
     """A native ``MoDETransformer`` state dict -> the ``GPTModel`` state dict (no ``_extra_state``);
     ``layout`` defaults to local modules."""
     _check_supported(cfg)
     out, used = _apply(state, _rules(cfg, layout or MegatronLayout()), True, "native")
     if cfg.tie_embeddings:
         if "output.weight" in state and not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
-            raise ValueError("convert: model.tie_embeddings is set but output.weight differs from tok_embeddings.weight")
+            raise ValueError(
+                "convert: model.tie_embeddings is set but output.weight differs from tok_embeddings.weight"
+            )
         used.add("output.weight")
     extra = sorted(set(state) - used)
     if extra:
@@ -187,7 +197,9 @@ def native_to_megatron(state: dict[str, Tensor], cfg: ModelConfig, layout: Megat
     return out
 
 
-def megatron_to_native(state: dict[str, Tensor], cfg: ModelConfig, layout: MegatronLayout | None = None) -> dict[str, Tensor]:
+def megatron_to_native(
+    state: dict[str, Tensor], cfg: ModelConfig, layout: MegatronLayout | None = None
+) -> dict[str, Tensor]:
     """A ``GPTModel`` state dict -> the native ``MoDETransformer`` state dict."""
     _check_supported(cfg)
     weights = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
@@ -206,5 +218,7 @@ def load_into_megatron(model: torch.nn.Module, state: dict[str, Tensor]) -> None
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         first = (missing or result.unexpected_keys)[0]
-        raise KeyError(f"convert: Megatron model and state dict disagree on {first!r} "
-                       f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
+        raise KeyError(
+            f"convert: Megatron model and state dict disagree on {first!r} "
+            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected)"
+        )

@@ -69,7 +69,7 @@ class DepthRouter(nn.Module):
         for p in self.parameters():
             # Under sequence parallelism each TP rank sees different tokens: Megatron's
             # finalize_model_grads all-reduces the gradients of parameters marked like this.
-            setattr(p, "sequence_parallel", config.sequence_parallel)
+            p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [s, b, h] -> logits [s, b] fp32."""
@@ -119,7 +119,9 @@ class MoDETransformerLayer(TransformerLayer):
         """hidden_states: [s/W, b, h] (W = TP size under sequence parallelism, else 1)."""
         kwargs.pop("dynamic_inference_decode_only", None)
         if inference_context is not None or kwargs.get("inference_params") is not None:
-            raise NotImplementedError("MoDE layers: generation runs on the native model (export the Megatron checkpoint)")
+            raise NotImplementedError(
+                "MoDE layers: generation runs on the native model (export the Megatron checkpoint)"
+            )
         if packed_seq_params is not None or padding_mask is not None:
             raise NotImplementedError("MoDE layers: packed sequences and padding masks are not supported")
         if any(kwargs.get(n) is not None for n in ("rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin")):

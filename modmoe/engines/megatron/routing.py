@@ -122,7 +122,9 @@ def plan_slots(logits: Tensor, k: int, rank: int = 0, world: int = 1) -> RoutedS
     owner = index // s_local  # [k, b] rank holding each routed slot's token
     slot = torch.arange(k, device=dev)[:, None]
     source = owner * m + (slot - first_slot.gather(0, owner))  # [k, b] row in the gathered packs
-    return RoutedSlots(index, mask, pack, pack_valid, pack_slot, source[rank * k_local : (rank + 1) * k_local], rank, world)
+    return RoutedSlots(
+        index, mask, pack, pack_valid, pack_slot, source[rank * k_local : (rank + 1) * k_local], rank, world
+    )
 
 
 def gather_routed(x: Tensor, slots: RoutedSlots, group: dist.ProcessGroup | None = None) -> Tensor:

@@ -30,13 +30,15 @@ class LocalRMSNorm(torch.nn.RMSNorm):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 def layer_specs(plan: MegatronPlan, config: TransformerConfig) -> list[ModuleSpec]:
     """One spec per layer of the whole model (all pipeline stages)."""
     specs = []
-    for i, spec in enumerate(get_gpt_decoder_layer_specs(config, use_transformer_engine=plan.use_te, normalization="RMSNorm")):
+    for i, spec in enumerate(
+        get_gpt_decoder_layer_specs(config, use_transformer_engine=plan.use_te, normalization="RMSNorm")
+    ):
         sub = spec.submodules
         if not plan.use_te:
             sub = dataclasses.replace(sub, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)

@@ -40,8 +40,8 @@ from modmoe.model.flops import count_flops
 from modmoe.parallel.distributed import DistEnv, init_distributed
 from modmoe.train import memory, throughput
 from modmoe.train.metrics_log import MetricsLog
-from modmoe.train.stop import COMPLETED_FILE, open_run_dir
 from modmoe.train.optim import lr_factor
+from modmoe.train.stop import COMPLETED_FILE, open_run_dir
 
 MOE_METRIC_NAMES = {  # Megatron tracker name -> native metric name (summed over MoE layers)
     "load_balancing_loss": "moe_aux_loss",
@@ -116,8 +116,13 @@ class MegatronTrainer:
         self.cpu = self.env.device.type == "cpu"
         precision = "fp32" if self.cpu and tc.precision == "auto" else tc.precision
         self.plan: MegatronPlan = translate(
-            cfg.model, cfg.parallel, engine, world_size=self.env.world_size, seq_len=cfg.data.seq_len,
-            precision=precision, te_available=te_available() and not self.cpu,
+            cfg.model,
+            cfg.parallel,
+            engine,
+            world_size=self.env.world_size,
+            seq_len=cfg.data.seq_len,
+            precision=precision,
+            te_available=te_available() and not self.cpu,
         )
         self.run_dir = Path(tc.run_dir)
         self.ckpt_root = self.run_dir / cfg.checkpoint.dirname
@@ -130,8 +135,10 @@ class MegatronTrainer:
             tensor_parallel.model_parallel_cuda_manual_seed(tc.seed)
         self.dp, self.dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         if tc.global_batch_size % (tc.micro_batch_size * self.dp):
-            raise ConfigError(f"config error: trainer.global_batch_size = {tc.global_batch_size}: must be a multiple of "
-                              f"micro_batch_size * data-parallel ranks ({tc.micro_batch_size} * {self.dp})")
+            raise ConfigError(
+                f"config error: trainer.global_batch_size = {tc.global_batch_size}: must be a multiple of "
+                f"micro_batch_size * data-parallel ranks ({tc.micro_batch_size} * {self.dp})"
+            )
         self.num_microbatches = tc.global_batch_size // (tc.micro_batch_size * self.dp)
         # Megatron keeps both at module level: start from nothing left by an earlier model.
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
@@ -146,7 +153,11 @@ class MegatronTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _build_model(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.transformer.module import Float16Module
@@ -174,9 +185,17 @@ class MegatronTrainer:
         self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_cfg, module=module)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam", lr=opt.lr, weight_decay=opt.weight_decay, adam_beta1=opt.beta1, adam_beta2=opt.beta2,
-                adam_eps=opt.eps, clip_grad=opt.grad_clip or 0.0, bf16=self.bf16, params_dtype=self.tconfig.params_dtype,
-                use_distributed_optimizer=distributed, overlap_param_gather=ddp_cfg.overlap_param_gather,
+                optimizer="adam",
+                lr=opt.lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.beta1,
+                adam_beta2=opt.beta2,
+                adam_eps=opt.eps,
+                clip_grad=opt.grad_clip or 0.0,
+                bf16=self.bf16,
+                params_dtype=self.tconfig.params_dtype,
+                use_distributed_optimizer=distributed,
+                overlap_param_gather=ddp_cfg.overlap_param_gather,
             ),
             [self.model],
         )
@@ -198,13 +217,22 @@ class MegatronTrainer:
             "zero_optimization": {"stage": self.plan.zero_stage},
             "bf16": {"enabled": self.bf16},
             "gradient_clipping": opt.grad_clip or 0.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": opt.lr, "betas": [opt.beta1, opt.beta2], "eps": opt.eps,
-                                                      "weight_decay": opt.weight_decay}},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": opt.lr,
+                    "betas": [opt.beta1, opt.beta2],
+                    "eps": opt.eps,
+                    "weight_decay": opt.weight_decay,
+                },
+            },
             "steps_per_print": 10**9,
         }
         os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # DeepSpeed insists, even in a plain process
         groups = param_groups(module.parameters(), opt.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_cfg, mpu=DeepSpeedMpu(self.ps))
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=groups, config=ds_cfg, mpu=DeepSpeedMpu(self.ps)
+        )
         self.deepspeed = engine
         return engine
 
@@ -218,13 +246,23 @@ class MegatronTrainer:
         if not self.env.is_main:
             self.data = prepare_data(cfg.data, log=lambda _: None)
         if self.data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"config error: model.vocab_size = {cfg.model.vocab_size}: must be >= the tokenizer's "
-                              f"vocabulary ({self.data.vocab_size})")
+            raise ConfigError(
+                f"config error: model.vocab_size = {cfg.model.vocab_size}: must be >= the tokenizer's "
+                f"vocabulary ({self.data.vocab_size})"
+            )
         gmb = tc.micro_batch_size * self.dp
-        self.sampler = SequenceSampler(self.data.open("train"), cfg.data.seq_len, gmb, seed=tc.seed,
-                                       rank=self.dp_rank, world=self.dp, num_workers=cfg.data.num_workers)
-        self.val_batches = validation_batches(self.data.open("val"), cfg.data.seq_len, gmb, tc.eval_batches,
-                                              rank=self.dp_rank, world=self.dp)
+        self.sampler = SequenceSampler(
+            self.data.open("train"),
+            cfg.data.seq_len,
+            gmb,
+            seed=tc.seed,
+            rank=self.dp_rank,
+            world=self.dp,
+            num_workers=cfg.data.num_workers,
+        )
+        self.val_batches = validation_batches(
+            self.data.open("val"), cfg.data.seq_len, gmb, tc.eval_batches, rank=self.dp_rank, world=self.dp
+        )
         s = cfg.data.seq_len
         cp, cp_rank = self.ps.get_context_parallel_world_size(), self.ps.get_context_parallel_rank()
         self._cp = (cp_rank, cp)
@@ -241,9 +279,13 @@ class MegatronTrainer:
         layout = f"tp{lay.tp}-pp{lay.pp}-cp{lay.cp}-ep{lay.ep}-dp{lay.dp}-{self.plan.optimizer}"
         meta = self._resumed_meta or {}
         run_id = meta.get("mlflow_run_id")
-        tracker = MlflowTracker(self.cfg.logging.mlflow, self.run_dir, run_id=run_id,
-                                params=None if run_id else flatten_config(self.cfg.model_dump(mode="json")),
-                                tags=default_tags("megatron", layout))
+        tracker = MlflowTracker(
+            self.cfg.logging.mlflow,
+            self.run_dir,
+            run_id=run_id,
+            params=None if run_id else flatten_config(self.cfg.model_dump(mode="json")),
+            tags=default_tags("megatron", layout),
+        )
         if run_id is None:
             tracker.log_artifact(self.run_dir / "config.yaml")
         return tracker
@@ -265,8 +307,13 @@ class MegatronTrainer:
                 raise ConfigError(f"--resume {resume}: no checkpoint directory there")
         meta = load_checkpoint(path, self.gpt, self.optimizer)
         if self.deepspeed is not None:
-            self.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="zero", load_module_strict=False,
-                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+            self.deepspeed.load_checkpoint(
+                str(path / "deepspeed"),
+                tag="zero",
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         self.step = int(meta["step"])
         self.sampler.load_state_dict(meta["sampler"])
         self._resumed_meta = meta
@@ -284,12 +331,20 @@ class MegatronTrainer:
             "engine": "megatron",
             "mlflow_run_id": self.tracker.run_id if getattr(self, "tracker", None) is not None else None,
         }
+
         def save_deepspeed(path: Path) -> None:
             self.deepspeed.save_checkpoint(str(path / "deepspeed"), tag="zero", save_latest=False)
 
         with self._params_gathered():
-            return save_checkpoint(self.ckpt_root, self.step, self.gpt, self.optimizer, meta, self.cfg.checkpoint.keep_last,
-                                   also_save=save_deepspeed if self.deepspeed is not None else None)
+            return save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                self.gpt,
+                self.optimizer,
+                meta,
+                self.cfg.checkpoint.keep_last,
+                also_save=save_deepspeed if self.deepspeed is not None else None,
+            )
 
     # ------------------------------------------------------------------ steps
     def _log_main(self, msg: str) -> None:
@@ -299,11 +354,16 @@ class MegatronTrainer:
     def _batches(self, batches):
         cp_rank, cp = self._cp
         for inputs, targets in batches:
-            yield (cp_slice(inputs.to(self.env.device), cp_rank, cp), cp_slice(targets.to(self.env.device), cp_rank, cp))
+            yield (
+                cp_slice(inputs.to(self.env.device), cp_rank, cp),
+                cp_slice(targets.to(self.env.device), cp_rank, cp),
+            )
 
     def _forward_step(self, data_iterator, model):
         tokens, targets = next(data_iterator)
-        out = model(tokens, self.position_ids[: tokens.shape[0]], self.attention_mask, labels=targets)  # [b, s] per-token loss
+        out = model(
+            tokens, self.position_ids[: tokens.shape[0]], self.attention_mask, labels=targets
+        )  # [b, s] per-token loss
         return out, self._loss
 
     @staticmethod
@@ -338,11 +398,18 @@ class MegatronTrainer:
             MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 1.0 / len(batches), device=self.env.device))
         if self.deepspeed is not None:
             return self._deepspeed_microbatches(batches, forward_only)
-        return self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=self._batches(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=self.cfg.data.seq_len,
-            micro_batch_size=self.cfg.trainer.micro_batch_size, forward_only=forward_only,
-        ) or []
+        return (
+            self.forward_backward(
+                forward_step_func=self._forward_step,
+                data_iterator=self._batches(batches),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=self.cfg.data.seq_len,
+                micro_batch_size=self.cfg.trainer.micro_batch_size,
+                forward_only=forward_only,
+            )
+            or []
+        )
 
     def _deepspeed_microbatches(self, batches, forward_only: bool) -> list[dict]:
         reports = []
@@ -384,10 +451,19 @@ class MegatronTrainer:
         step_time = time.perf_counter() - t0
         peak = throughput.peak_tflops_per_device(self.env.device, self.cfg.logging.peak_tflops_per_device)
         metrics = {
-            "step": self.step, "loss": loss, "lr": lr, "step_time_s": step_time, "data_wait_s": data_wait,
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "step_time_s": step_time,
+            "data_wait_s": data_wait,
             # The native model's FLOP count: the same network, skipped tokens not counted.
-            **throughput.throughput_metrics(tc.global_batch_size * self.cfg.data.seq_len, step_time,
-                                            self.flops.training_per_token, self.env.world_size, peak),
+            **throughput.throughput_metrics(
+                tc.global_batch_size * self.cfg.data.seq_len,
+                step_time,
+                self.flops.training_per_token,
+                self.env.world_size,
+                peak,
+            ),
         }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -408,12 +484,25 @@ class MegatronTrainer:
             freq = self.tconfig.moe_layer_freq
             # Every rank must reduce the same names, even a pipeline stage without MoE layers.
             batch_scope = self.engine_cfg.aux_loss_scope == "micro_batch"
-            names = [n for n, on in (("load_balancing_loss", m.moe.aux_loss_coef > 0 and batch_scope),
-                                     ("global_load_balancing_loss", m.moe.aux_loss_coef > 0 and not batch_scope),
-                                     ("seq_load_balancing_loss", m.moe.seq_aux_loss_coef > 0),
-                                     ("z_loss", m.moe.z_loss_coef > 0)) if on]
-            track_moe_metrics(loss_scale=1.0 / self.num_microbatches, iteration=self.step, total_loss_dict=totals,
-                              num_layers=m.num_layers, moe_layer_freq=freq, force_initialize=True, track_names=names)
+            names = [
+                n
+                for n, on in (
+                    ("load_balancing_loss", m.moe.aux_loss_coef > 0 and batch_scope),
+                    ("global_load_balancing_loss", m.moe.aux_loss_coef > 0 and not batch_scope),
+                    ("seq_load_balancing_loss", m.moe.seq_aux_loss_coef > 0),
+                    ("z_loss", m.moe.z_loss_coef > 0),
+                )
+                if on
+            ]
+            track_moe_metrics(
+                loss_scale=1.0 / self.num_microbatches,
+                iteration=self.step,
+                total_loss_dict=totals,
+                num_layers=m.num_layers,
+                moe_layer_freq=freq,
+                force_initialize=True,
+                track_names=names,
+            )
             n_moe = sum(freq) if isinstance(freq, list) else m.num_layers
             if "z_loss" in totals:  # Megatron logs each rank's own z-loss: average it like the others
                 group = self.ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
@@ -423,10 +512,15 @@ class MegatronTrainer:
             for name, value in totals.items():
                 key = MOE_METRIC_NAMES.get(name, f"moe_{name}")
                 out[key] = out.get(key, 0.0) + float(value) * n_moe
-        out.update(collect_depth_metrics(
-            [self.gpt], self.tconfig.sequence_parallel, self.ps.get_tensor_model_parallel_group(),
-            self.ps.get_pipeline_model_parallel_group(), self.ps.get_data_parallel_group(),
-        ))
+        out.update(
+            collect_depth_metrics(
+                [self.gpt],
+                self.tconfig.sequence_parallel,
+                self.ps.get_tensor_model_parallel_group(),
+                self.ps.get_pipeline_model_parallel_group(),
+                self.ps.get_data_parallel_group(),
+            )
+        )
         return out
 
     @contextlib.contextmanager
@@ -458,10 +552,12 @@ class MegatronTrainer:
 
     def describe(self) -> str:
         lay, c = self.plan.layout, self.cfg
-        return (f"megatron engine: tp {lay.tp} pp {lay.pp} cp {lay.cp} ep {lay.ep} etp {lay.etp} dp {lay.dp}, "
-                f"{'TE' if self.plan.use_te else 'local'} layers, {self.plan.optimizer} optimizer, "
-                f"{'bf16' if self.bf16 else 'fp32'}; routed layers {list(self.plan.routed_layers)}; "
-                f"{self.num_microbatches} micro-batch(es) of {c.trainer.micro_batch_size} x {c.data.seq_len} per step")
+        return (
+            f"megatron engine: tp {lay.tp} pp {lay.pp} cp {lay.cp} ep {lay.ep} etp {lay.etp} dp {lay.dp}, "
+            f"{'TE' if self.plan.use_te else 'local'} layers, {self.plan.optimizer} optimizer, "
+            f"{'bf16' if self.bf16 else 'fp32'}; routed layers {list(self.plan.routed_layers)}; "
+            f"{self.num_microbatches} micro-batch(es) of {c.trainer.micro_batch_size} x {c.data.seq_len} per step"
+        )
 
     def train(self) -> dict[str, float]:
         tc = self.cfg.trainer
@@ -478,10 +574,14 @@ class MegatronTrainer:
                 if self.metrics is not None and (self.step % tc.log_every == 0 or last or "eval/loss_topk" in metrics):
                     self.metrics.write(metrics)
                     if self.tracker is not None:
-                        self.tracker.log_metrics({k: float(v) for k, v in metrics.items() if k != "step"}, step=self.step)
+                        self.tracker.log_metrics(
+                            {k: float(v) for k, v in metrics.items() if k != "step"}, step=self.step
+                        )
                 if self.env.is_main and (self.step % max(1, tc.max_steps // 10) == 0 or last):
-                    self.log(f"step {self.step}/{tc.max_steps}: loss {metrics['loss']:.4f} "
-                             f"{metrics['tokens_per_s']:,.0f} tok/s")
+                    self.log(
+                        f"step {self.step}/{tc.max_steps}: loss {metrics['loss']:.4f} "
+                        f"{metrics['tokens_per_s']:,.0f} tok/s"
+                    )
                 if last:
                     self.save_checkpoint()
                 elif self.stop_requested():
@@ -509,7 +609,9 @@ class MegatronTrainer:
             dist.destroy_process_group()
 
 
-def run_megatron_training(cfg: JobConfig, engine: MegatronConfig | None = None, resume: str = "auto") -> dict[str, float]:
+def run_megatron_training(
+    cfg: JobConfig, engine: MegatronConfig | None = None, resume: str = "auto"
+) -> dict[str, float]:
     """Trains ``cfg`` with the Megatron engine (``engine`` defaults to ``cfg.megatron`` when the
     job config has that section, else to :class:`MegatronConfig` defaults)."""
     from modmoe.engines.megatron.cpu_emulation import megatron_on_cpu

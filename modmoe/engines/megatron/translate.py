@@ -95,36 +95,57 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
 def _check_model(m: ModelConfig, g: MegatronConfig) -> None:
     d, e = m.depth, m.moe
     if d.enabled and d.variant == "integrated":
-        raise field_error("model.depth.variant", "integrated",
-                          "the megatron engine supports 'staged' only (Megatron's MoE router has no no-op experts)")
+        raise field_error(
+            "model.depth.variant",
+            "integrated",
+            "the megatron engine supports 'staged' only (Megatron's MoE router has no no-op experts)",
+        )
     if not e.enabled:
         return
     if e.capacity_factor is not None:
-        raise field_error("model.moe.capacity_factor", e.capacity_factor,
-                          "must be null (dropless) with the megatron engine: Megatron drops tokens per rank in [s, b] "
-                          "order or by probability, not as the native model does")
+        raise field_error(
+            "model.moe.capacity_factor",
+            e.capacity_factor,
+            "must be null (dropless) with the megatron engine: Megatron drops tokens per rank in [s, b] "
+            "order or by probability, not as the native model does",
+        )
     if e.top_k == 1 and e.score == "sigmoid":
-        raise field_error("model.moe.top_k", 1, "must be >= 2 with sigmoid scores on the megatron engine "
-                          "(native renormalizes a single weight to 1.0, Megatron keeps sigmoid(logit))")
+        raise field_error(
+            "model.moe.top_k",
+            1,
+            "must be >= 2 with sigmoid scores on the megatron engine "
+            "(native renormalizes a single weight to 1.0, Megatron keeps sigmoid(logit))",
+        )
     if e.top_k == 1 and e.normalize_top_k:
-        raise field_error("model.moe.normalize_top_k", True, "must be false with top_k = 1 on the megatron engine "
-                          "(Megatron weighs a top-1 token by its softmax probability)")
+        raise field_error(
+            "model.moe.normalize_top_k",
+            True,
+            "must be false with top_k = 1 on the megatron engine "
+            "(Megatron weighs a top-1 token by its softmax probability)",
+        )
     if e.bias_update_rate > 0 and e.score != "sigmoid":
-        raise field_error("model.moe.bias_update_rate", e.bias_update_rate,
-                          "needs model.moe.score = 'sigmoid' on the megatron engine (Megatron applies the expert bias "
-                          "to sigmoid scores only); or set it to 0")
+        raise field_error(
+            "model.moe.bias_update_rate",
+            e.bias_update_rate,
+            "needs model.moe.score = 'sigmoid' on the megatron engine (Megatron applies the expert bias "
+            "to sigmoid scores only); or set it to 0",
+        )
     balance = e.aux_loss_coef > 0 or e.seq_aux_loss_coef > 0
     if e.bias_update_rate > 0 and balance and g.aux_loss_with_expert_bias == "reject":
-        raise field_error("model.moe.bias_update_rate", e.bias_update_rate,
-                          "with a balance loss, Megatron counts expert loads without the bias (the native model with "
-                          "it): set megatron.aux_loss_with_expert_bias = 'megatron' to accept, or drop one of the two")
+        raise field_error(
+            "model.moe.bias_update_rate",
+            e.bias_update_rate,
+            "with a balance loss, Megatron counts expert loads without the bias (the native model with "
+            "it): set megatron.aux_loss_with_expert_bias = 'megatron' to accept, or drop one of the two",
+        )
 
 
 def _layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, world: int) -> Layout:
     model_ranks = p.tp * g.pp * g.cp
     if world < 1 or world % model_ranks:
-        raise field_error("parallel.tp", p.tp,
-                          f"tp * megatron.pp * megatron.cp = {model_ranks} must divide the world size ({world})")
+        raise field_error(
+            "parallel.tp", p.tp, f"tp * megatron.pp * megatron.cp = {model_ranks} must divide the world size ({world})"
+        )
     dp = world // model_ranks
     if p.dp not in (-1, dp):
         raise field_error("parallel.dp", p.dp, f"must be -1 or {dp} (world {world} / (tp * pp * cp) {model_ranks})")
@@ -134,8 +155,9 @@ def _layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, world: int) ->
             raise field_error("parallel.ep", p.ep, f"must divide model.moe.num_experts ({m.moe.num_experts})")
         expert_ranks = p.ep * etp * g.pp
         if world % expert_ranks:
-            raise field_error("parallel.ep", p.ep,
-                              f"ep * etp * pp = {expert_ranks} must divide the world size ({world})")
+            raise field_error(
+                "parallel.ep", p.ep, f"ep * etp * pp = {expert_ranks} must divide the world size ({world})"
+            )
     elif p.ep > 1:
         raise field_error("parallel.ep", p.ep, "must be 1 without experts (model.moe.enabled = false)")
     return Layout(world=world, tp=p.tp, pp=g.pp, cp=g.cp, dp=dp, ep=p.ep, etp=etp)
@@ -149,14 +171,19 @@ def _check_layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, lay: Lay
     if m.ffn_hidden % lay.tp:
         raise field_error("parallel.tp", lay.tp, f"must divide model.ffn_hidden ({m.ffn_hidden})")
     if m.vocab_size % lay.tp:
-        raise field_error("parallel.tp", lay.tp, f"must divide model.vocab_size ({m.vocab_size}) (vocab-parallel embedding)")
+        raise field_error(
+            "parallel.tp", lay.tp, f"must divide model.vocab_size ({m.vocab_size}) (vocab-parallel embedding)"
+        )
     if m.moe.enabled and m.moe.expert_hidden % lay.etp:
         raise field_error("megatron.etp", lay.etp, f"must divide model.moe.expert_hidden ({m.moe.expert_hidden})")
     if g.sequence_parallel and lay.tp == 1:
         raise field_error("megatron.sequence_parallel", True, "needs parallel.tp > 1")
     if m.moe.enabled and lay.tp > 1 and not g.sequence_parallel:
-        raise field_error("megatron.sequence_parallel", False,
-                          "must be true when parallel.tp > 1 with experts (Megatron's MoE layers require it)")
+        raise field_error(
+            "megatron.sequence_parallel",
+            False,
+            "must be true when parallel.tp > 1 with experts (Megatron's MoE layers require it)",
+        )
     if m.num_layers % lay.pp:
         raise field_error("megatron.pp", lay.pp, f"must divide model.num_layers ({m.num_layers})")
     if lay.cp > 1:
@@ -165,37 +192,64 @@ def _check_layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, lay: Lay
         if seq_len % (2 * lay.cp):
             raise field_error("megatron.cp", lay.cp, f"2 * cp must divide data.seq_len ({seq_len})")
     if seq_len % lay.tp and g.sequence_parallel:
-        raise field_error("data.seq_len", seq_len, f"must be a multiple of parallel.tp ({lay.tp}) under sequence parallelism")
+        raise field_error(
+            "data.seq_len", seq_len, f"must be a multiple of parallel.tp ({lay.tp}) under sequence parallelism"
+        )
     if m.depth.enabled and g.sequence_parallel:
         k = m.depth_capacity_tokens(seq_len)
         if k % lay.tp:
-            raise field_error("model.depth.capacity", m.depth.capacity,
-                              f"ceil(capacity * seq_len) = {k} tokens must be a multiple of parallel.tp ({lay.tp}) "
-                              "under sequence parallelism (the routed tokens are split evenly over TP ranks)")
+            raise field_error(
+                "model.depth.capacity",
+                m.depth.capacity,
+                f"ceil(capacity * seq_len) = {k} tokens must be a multiple of parallel.tp ({lay.tp}) "
+                "under sequence parallelism (the routed tokens are split evenly over TP ranks)",
+            )
     if p.activation_checkpointing == "unrouted":
-        raise field_error("parallel.activation_checkpointing", "unrouted",
-                          "the megatron engine recomputes by layer count: use 'none' or 'all'")
+        raise field_error(
+            "parallel.activation_checkpointing",
+            "unrouted",
+            "the megatron engine recomputes by layer count: use 'none' or 'all'",
+        )
 
 
 def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout) -> tuple[str, int | None]:
     if p.dp_backend == "fsdp2":
-        raise field_error("parallel.dp_backend", "fsdp2",
-                          "the megatron engine supports 'ddp' (+ megatron.distributed_optimizer) or 'deepspeed'")
+        raise field_error(
+            "parallel.dp_backend",
+            "fsdp2",
+            "the megatron engine supports 'ddp' (+ megatron.distributed_optimizer) or 'deepspeed'",
+        )
     if p.dp_backend == "deepspeed":
         if g.distributed_optimizer:
-            raise field_error("megatron.distributed_optimizer", True,
-                              "must be null/false with parallel.dp_backend = 'deepspeed' (DeepSpeed shards the state)")
+            raise field_error(
+                "megatron.distributed_optimizer",
+                True,
+                "must be null/false with parallel.dp_backend = 'deepspeed' (DeepSpeed shards the state)",
+            )
         if lay.pp > 1:
-            raise field_error("parallel.dp_backend", "deepspeed",
-                              "needs megatron.pp = 1 (use the distributed optimizer with pipelines)")
+            raise field_error(
+                "parallel.dp_backend",
+                "deepspeed",
+                "needs megatron.pp = 1 (use the distributed optimizer with pipelines)",
+            )
         if p.zero_stage not in (1, 2):
-            raise field_error("parallel.zero_stage", p.zero_stage, "must be 1 or 2 with DeepSpeed on the megatron engine")
+            raise field_error(
+                "parallel.zero_stage", p.zero_stage, "must be 1 or 2 with DeepSpeed on the megatron engine"
+            )
         if lay.ep > 1:
-            raise field_error("parallel.ep", lay.ep, "must be 1 with parallel.dp_backend = 'deepspeed' (DeepSpeed cannot "
-                              "reduce Megatron expert gradients over the expert-data-parallel group)")
+            raise field_error(
+                "parallel.ep",
+                lay.ep,
+                "must be 1 with parallel.dp_backend = 'deepspeed' (DeepSpeed cannot "
+                "reduce Megatron expert gradients over the expert-data-parallel group)",
+            )
         if g.sequence_parallel:
-            raise field_error("megatron.sequence_parallel", True, "must be false with parallel.dp_backend = 'deepspeed' "
-                              "(DeepSpeed does not all-reduce the sequence-parallel norm gradients over TP)")
+            raise field_error(
+                "megatron.sequence_parallel",
+                True,
+                "must be false with parallel.dp_backend = 'deepspeed' "
+                "(DeepSpeed does not all-reduce the sequence-parallel norm gradients over TP)",
+            )
         return "deepspeed", p.zero_stage
     return ("replicated" if g.distributed_optimizer is False else "distributed"), None
 
@@ -203,8 +257,11 @@ def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout) -> tuple[str, 
 def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bool) -> bool:
     """Returns whether Transformer Engine layers are used."""
     if g.transformer_impl == "transformer_engine" and not te_available:
-        raise field_error("megatron.transformer_impl", "transformer_engine",
-                          "Transformer Engine is not installed (use 'auto' or 'local')")
+        raise field_error(
+            "megatron.transformer_impl",
+            "transformer_engine",
+            "Transformer Engine is not installed (use 'auto' or 'local')",
+        )
     use_te = g.transformer_impl == "transformer_engine" or (g.transformer_impl == "auto" and te_available)
     if g.fp8 != "none":
         if not use_te:
@@ -212,8 +269,11 @@ def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bo
         if precision != "bf16":
             raise field_error("megatron.fp8", g.fp8, "needs trainer.precision = 'bf16'")
     if g.fp8 != "none" and moe and g.dispatcher == "allgather":
-        raise field_error("megatron.dispatcher", "allgather",
-                          "FP8 experts need 'alltoall' (Megatron pads each expert's tokens to the FP8 tile only there)")
+        raise field_error(
+            "megatron.dispatcher",
+            "allgather",
+            "FP8 experts need 'alltoall' (Megatron pads each expert's tokens to the FP8 tile only there)",
+        )
     if g.grouped_gemm and not use_te:
         raise field_error("megatron.grouped_gemm", True, "needs Transformer Engine layers (TEGroupedMLP)")
     return use_te

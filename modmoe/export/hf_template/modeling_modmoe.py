@@ -99,7 +99,9 @@ class ModMoEForCausalLM(DecoderMixin, PreTrainedModel, GenerationMixin):
         cache = None
         if self.config.routing == "topk":
             if past_key_values is not None or use_cache:
-                raise ValueError("routing='topk' looks at whole sequences and cannot use a KV cache: pass use_cache=False")
+                raise ValueError(
+                    "routing='topk' looks at whole sequences and cannot use a KV cache: pass use_cache=False"
+                )
             if not bool(real.all()):
                 raise ValueError("routing='topk' needs unpadded sequences of equal length (attention_mask all ones)")
             logits = self.run_topk(input_ids, causal_router=router)
@@ -114,7 +116,9 @@ class ModMoEForCausalLM(DecoderMixin, PreTrainedModel, GenerationMixin):
             else:
                 packed_logits = self.run_tokens(packed, cache.core, valid, causal_router=router)  # (B, S, V)
                 packed_logits = packed_logits * valid[..., None].to(packed_logits.dtype)  # padding: zeros
-                logits = torch.zeros_like(packed_logits).scatter(1, index[..., None].expand_as(packed_logits), packed_logits)
+                logits = torch.zeros_like(packed_logits).scatter(
+                    1, index[..., None].expand_as(packed_logits), packed_logits
+                )
             cache.columns += S
         else:
             raise ValueError(f"config.routing = {self.config.routing!r}: allowed causal, topk")
@@ -123,6 +127,8 @@ class ModMoEForCausalLM(DecoderMixin, PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted, ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted, ignore_index=-100
+            )
         out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
         return out if return_dict is not False else out.to_tuple()

@@ -1,0 +1,163 @@
+"""Depth routing (MoD) semantics of the native model."""
+
+import math
+
+import pytest
+import torch
+
+from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model.block import TransformerBlock
+
+
+def small_cfg(**depth) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=97,
+        dim=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden=48,
+        max_seq_len=64,
+        depth={"capacity": 0.25, "predictor": True, **depth},
+        moe={"num_experts": 4, "top_k": 2, "expert_hidden": 16},
+    )
+
+
+@pytest.fixture
+def model() -> MoDETransformer:
+    torch.manual_seed(0)
+    return MoDETransformer(small_cfg())
+
+
+def routed_blocks(model):
+    return [b for b in model.layers if b.router is not None]
+
+
+def test_exactly_k_tokens_enter_each_routed_block(model):
+    tokens = torch.randint(0, 97, (3, 40))
+    out = model(tokens)
+    k = math.ceil(0.25 * 40)
+    depth = [a.depth for a in out.layers if a.depth is not None]
+    assert len(depth) == 2  # blocks 1 and 3
+    for d in depth:
+        assert d.index.shape == (3, k)
+        assert d.topk_mask.sum(1).tolist() == [k, k, k]
+        assert (d.index.diff(dim=1) > 0).all()  # sorted positions: causal order preserved
+
+
+def _block_io(block: TransformerBlock, model, tokens, mode="topk"):
+    captured = {}
+
+    def hook(mod, args, output):
+        captured["x"], captured["out"], captured["aux"] = args[0], output[0], output[1]
+
+    handle = block.register_forward_hook(hook)
+    model(tokens, routing=mode)
+    handle.remove()
+    return captured["x"], captured["out"], captured["aux"]
+
+
+def test_skipped_tokens_pass_through_bit_identical(model):
+    tokens = torch.randint(0, 97, (2, 32))
+    for block in routed_blocks(model):
+        for mode in ("topk", "causal"):
+            x, out, aux = _block_io(block, model, tokens, mode)
+            entered = torch.zeros(2, 32, dtype=torch.bool).scatter_(
+                1, aux.depth.index, aux.depth.valid if aux.depth.valid is not None else True
+            )
+            assert torch.equal(out[~entered], x[~entered])
+            assert not torch.equal(out[entered], x[entered])
+
+
+def test_router_receives_gradient(model):
+    """The LM loss alone (no BCE term) trains the router, through the weight that scales the block output."""
+    tokens = torch.randint(0, 97, (2, 32))
+    out = model(tokens, targets=tokens)
+    out.loss.backward()
+    for block in routed_blocks(model):
+        grad = block.router.proj.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_routed_block_equals_dense_block_on_chosen_subsequence(model):
+    tokens = torch.randint(0, 97, (2, 32))
+    block = routed_blocks(model)[0]
+    x, out, aux = _block_io(block, model, tokens)
+    idx = aux.depth.index  # (B, k)
+    positions = idx  # original positions of the chosen tokens
+    cos, sin = model.rope(positions)
+    x_sel = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    # The same block without its router, run on just the chosen tokens at their positions.
+    router, block.router = block.router, None
+    try:
+        dense_out, _ = block(x_sel, cos, sin, k=0, mode="topk")
+    finally:
+        block.router = router
+    expected = x_sel + aux.depth.weight[..., None] * (dense_out - x_sel)
+    got = out.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chosen_tokens_attend_only_among_chosen(model):
+    """Perturbing a skipped token (without changing the selection) leaves chosen outputs alone."""
+    tokens = torch.randint(0, 97, (1, 32))
+    block = routed_blocks(model)[0]
+    x, out, aux = _block_io(block, model, tokens)
+    skipped = [p for p in range(32) if p not in aux.depth.index[0].tolist()]
+    x2 = x.clone()
+    x2[0, skipped[len(skipped) // 2]] += 1e-3 * torch.randn(x.shape[-1])
+    cos, sin = model.rope(torch.arange(32)[None])
+    out2, aux2 = block(x2, cos, sin, k=aux.depth.index.shape[1], mode="topk")
+    assert torch.equal(aux2.depth.index, aux.depth.index)
+    chosen = aux.depth.index[0]
+    torch.testing.assert_close(out2[0, chosen], out[0, chosen], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal_router", ["aux_loss", "predictor"])
+def test_causal_routing_ignores_future_tokens(causal_router):
+    torch.manual_seed(1)
+    model = MoDETransformer(small_cfg(causal_router=causal_router)).eval()
+    tokens = torch.randint(0, 97, (2, 48))
+    changed = tokens.clone()
+    t = 20
+    changed[:, t + 1 :] = torch.randint(0, 97, (2, 48 - t - 1))
+    with torch.no_grad():
+        a = model(tokens, routing="causal").logits
+        b = model(changed, routing="causal").logits
+        torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-5)
+        # Top-k routing does look ahead: the same edit moves earlier logits (the test can fail).
+        c = model(tokens, routing="topk").logits
+        d = model(changed, routing="topk").logits
+    assert not torch.allclose(c[:, : t + 1], d[:, : t + 1], atol=1e-5)
+
+
+def test_predictor_is_stop_gradient():
+    torch.manual_seed(2)
+    model = MoDETransformer(small_cfg(causal_router="predictor"))
+    tokens = torch.randint(0, 97, (2, 32))
+    out = model(tokens)
+    assert "mod_predictor_loss" in out.aux
+    predictor_loss = sum(a.depth.predictor_loss for a in out.layers if a.depth is not None)
+    predictor_loss.backward()
+    assert model.tok_embeddings.weight.grad is None or model.tok_embeddings.weight.grad.abs().sum() == 0
+    assert all(b.router.predictor[0].weight.grad.abs().sum() > 0 for b in routed_blocks(model))
+
+
+def test_sigmoid_router_weight_scales_by_sigmoid():
+    torch.manual_seed(3)
+    model = MoDETransformer(small_cfg(router_weight="sigmoid"))
+    out = model(torch.randint(0, 97, (2, 32)))
+    for d in (a.depth for a in out.layers if a.depth is not None):
+        torch.testing.assert_close(d.weight, d.logits.gather(1, d.index).sigmoid())
+
+
+def test_dense_and_moe_only_baselines_share_the_code():
+    dense = ModelConfig(
+        vocab_size=97, dim=32, num_layers=2, num_heads=4, depth={"enabled": False}, moe={"enabled": False}
+    )
+    moe_only = ModelConfig(vocab_size=97, dim=32, num_layers=2, num_heads=4, depth={"enabled": False})
+    for cfg in (dense, moe_only):
+        m = MoDETransformer(cfg)
+        out = m(torch.randint(0, 97, (1, 16)))
+        assert all(a.depth is None for a in out.layers)
+    assert all(a.moe is None for a in MoDETransformer(dense)(torch.randint(0, 97, (1, 16))).layers)
