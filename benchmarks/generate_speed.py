@@ -155,7 +155,7 @@ def speed(args) -> dict[str, float]:
 def quality(args) -> dict[str, float]:
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is None:
-        from modmoe.train.trainer import run_training
+        from modmoe.train.loop import run_training
 
         run_dir = Path(args.work_dir) / "tiny-run"
         overrides = [

@@ -11,7 +11,7 @@ Phases (each in its own process, so one failure does not hide the others; ``--ph
    Megatron's local layers) loaded with a native model's weights through the converter gives
    the native logits: fp32 to 1e-3 of the logit scale; bf16 within 3x the error of the native
    model's own bf16 autocast (both against native fp32), argmax agreement reported.
-2. ``train``: ``run_megatron_training`` for N steps on the config's model (stdlib corpus, so no
+2. ``train``: ``run_training`` (``engine: megatron``) for N steps on the config's model (stdlib corpus, so no
    data is needed): loss falls; checkpoints at N/2 and N.
 3. ``resume``: the N/2 checkpoint resumed to N follows the uninterrupted curve.
 4. ``export``: the final dist checkpoint -> native state dict -> native model; its validation
@@ -111,10 +111,9 @@ def job_config(args, run_dir: Path, variant: str = "mode", steps: int | None = N
     return cfg
 
 
-def engine_config(args, **extra):
+def engine_values(args, **extra) -> dict:
+    """The ``megatron:`` section of a phase, as a dict."""
     import yaml
-
-    from modmoe.engines.megatron import MegatronConfig
 
     values = {"aux_loss_with_expert_bias": "megatron"}  # configs/gpu-1b.yaml uses both (logits are unaffected)
     if args.device == "cpu":
@@ -123,7 +122,18 @@ def engine_config(args, **extra):
         key, value = item.split("=", 1)
         values[key] = yaml.safe_load(value)
     values.update(extra)
-    return MegatronConfig(**values)
+    return values
+
+
+def engine_config(args, **extra):
+    from modmoe.engines.megatron import MegatronConfig
+
+    return MegatronConfig(**engine_values(args, **extra))
+
+
+def engine_overrides(args, **extra) -> list[str]:
+    """``engine: megatron`` and its section, as ``--set`` overrides of the job config."""
+    return ["engine=megatron"] + [f"megatron.{k}={json.dumps(v)}" for k, v in engine_values(args, **extra).items()]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -222,10 +232,10 @@ def phase_logits(args) -> dict:
 def _train(args, run_dir: Path, steps: int, resume: str = "auto") -> None:
     """The train/resume/export phases use ``--train-layers`` layers of the config's model (each
     checkpoint of the 1B model with its optimizer state is ~14 GB)."""
-    from modmoe.engines.megatron.train import run_megatron_training
+    from modmoe.train.loop import run_training
 
     layers = [f"model.num_layers={args.train_layers}"] if args.train_layers else []
-    run_megatron_training(job_config(args, run_dir, steps=steps, extra=layers), engine_config(args), resume=resume)
+    run_training(job_config(args, run_dir, steps=steps, extra=layers + engine_overrides(args)), resume=resume)
 
 
 def phase_train(args) -> dict:
@@ -315,25 +325,24 @@ def peak_bf16() -> float | None:
 
 
 def phase_bench(args) -> dict:
-    """One variant/precision: warm-up steps, then timed steps through MegatronTrainer."""
-    from modmoe.engines.megatron.cpu_emulation import megatron_on_cpu
-    from modmoe.engines.megatron.train import MegatronTrainer
+    """One variant/precision: warm-up steps, then timed steps through the Trainer (megatron backend)."""
     from modmoe.model.flops import count_flops
+    from modmoe.train.loop import Trainer
+    from modmoe.train.resolve import resolve_job
 
     variant, precision = args.variant, args.precision
     run = Path(args.work) / f"bench-{variant}-{precision}"
     shutil.rmtree(run, ignore_errors=True)
     total = args.warmup + args.bench_steps
-    cfg = job_config(args, run, variant=variant, steps=total)
-    eng = engine_config(args, fp8="hybrid" if precision == "fp8" else "none")
-    with megatron_on_cpu() if args.device == "cpu" else contextlib.nullcontext():
-        trainer = MegatronTrainer(cfg, eng, resume="none", log=lambda _: None)
-        try:
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            steps = [trainer.train_step() for _ in range(total)][args.warmup :]
-        finally:
-            trainer.close()
+    engine = engine_overrides(args, fp8="hybrid" if precision == "fp8" else "none")
+    cfg = job_config(args, run, variant=variant, steps=total, extra=engine)
+    trainer = Trainer(resolve_job(cfg), resume="none", log=lambda _: None)
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        steps = [trainer.train_step() for _ in range(total)][args.warmup :]
+    finally:
+        trainer.close()
     tps = statistics.median(s["tokens_per_s"] for s in steps)
     flops = count_flops(cfg.model, cfg.data.seq_len).training_per_token
     world = int(os.environ.get("WORLD_SIZE", "1"))

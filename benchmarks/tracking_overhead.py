@@ -31,7 +31,7 @@ import psutil
 import torch
 
 from modmoe.config import load_config
-from modmoe.train.trainer import Trainer
+from modmoe.train.loop import Trainer
 
 
 def sender_cpu_seconds() -> float:

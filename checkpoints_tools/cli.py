@@ -14,6 +14,7 @@ from checkpoints_tools.convert import convert as convert_ckpt
 from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, CheckpointError
 from modmoe.checkpoint.manifest import validate as validate_ckpt
 from modmoe.checkpoint.reader import read_dcp_metadata
+from modmoe.errors import UserError
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Inspect, validate, consolidate and convert modmoe checkpoints."
@@ -89,7 +90,7 @@ def consolidate(
         raise _fail(f"--out = {str(out)!r}: must end with .safetensors")
     try:
         info = consolidate_ckpt(path, out, prefix=prefix, group_bytes=group_mb << 20)
-    except (CheckpointError, ValueError) as err:
+    except UserError as err:
         raise _fail(str(err)) from None
     typer.echo(f"wrote {out}: {info['tensors']} tensors, {_human(info['bytes'])}, step {info['step']}")
 

@@ -35,20 +35,17 @@ def train(
     ] = "auto",
 ) -> None:
     """Train (one process, or one rank per process under torchrun)."""
-    from modmoe.checkpoint.manifest import CheckpointError
     from modmoe.config import load_config
-    from modmoe.data import DataError
-    from modmoe.train.trainer import run_training
+    from modmoe.errors import UserError
+    from modmoe.train.loop import run_training
+    from modmoe.train.resolve import resolve_job
 
+    # Only the project's own errors (bad config, data, checkpoint, ...) become one line; any
+    # other exception is a bug and keeps its traceback.
     try:
-        cfg = load_config(config, set_ or [])
-        if cfg.engine == "megatron":
-            from modmoe.engines.megatron.train import run_megatron_training
-
-            run_megatron_training(cfg, resume=resume)
-        else:
-            run_training(cfg, resume=resume)
-    except (ConfigError, DataError, ValueError, CheckpointError) as err:
+        job = resolve_job(load_config(config, set_ or []))
+        run_training(job, resume=resume)
+    except UserError as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 

@@ -13,9 +13,12 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+from modmoe.errors import UserError
 
-class ConfigError(ValueError):
-    """A configuration problem, always reported as one line naming the field."""
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, always reported as one line naming the field. (A ValueError too:
+    pydantic turns a ValueError raised inside a validator into a validation error.)"""
 
 
 class ConfigModel(BaseModel):

@@ -25,7 +25,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from modmoe.checkpoint.fsutil import fsync_dir, write_json_durable
 from modmoe.checkpoint.manifest import (
     DCP_METADATA,
     LAYOUT_DCP,
+    LAYOUT_MEGATRON,
     STEP_DIR_RE,
     CheckpointError,
     build_manifest,
@@ -56,6 +57,56 @@ warnings.filterwarnings(
     "ignore", message=r"torch\.distributed is .*assuming the intent is to (save|load) in a single process"
 )
 TMP_PREFIX = ".tmp-"
+# Which engine writes each manifest layout, for the one-line "resume it with engine: ..." refusal.
+ENGINE_OF_LAYOUT = {LAYOUT_DCP: "native", LAYOUT_MEGATRON: "megatron"}
+
+
+class StateIO(Protocol):
+    """How a train state is written into a checkpoint directory and read back. The manager owns
+    everything around it: the temporary directory, RNG states, the manifest, the atomic commit,
+    retention and validation before any read."""
+
+    layout: str
+    """The manifest layout it writes (``dcp``, ``megatron``); a checkpoint of another is refused."""
+    model_prefix: str | None
+    """Prefix of the model weights' keys (recorded in the manifest, for consolidation)."""
+    can_save_async: bool
+
+    def save(self, path: Path, process_group, no_dist: bool, async_save: bool) -> Future | None:
+        """Collective. Writes the state into ``path``; with ``async_save`` returns a future that
+        resolves once it is all on disk (on rank 0: every rank's part)."""
+        ...
+
+    def load(self, path: Path, process_group, no_dist: bool) -> None:
+        """Collective. Reads the state of the validated checkpoint ``path``."""
+        ...
+
+
+class DcpStateIO:
+    """``app_state`` (name -> DCP ``Stateful``, e.g. ``{"train": TrainState}``) through
+    torch.distributed.checkpoint: sharded, resharded on load, optionally asynchronous."""
+
+    layout = LAYOUT_DCP
+    can_save_async = True
+
+    def __init__(self, app_state: dict[str, Stateful]) -> None:
+        self.app_state = app_state
+        self.model_prefix = next(
+            (f"{k}.{MODEL_KEY}." for k, v in app_state.items() if getattr(v, "holds_model", False)), None
+        )
+
+    def save(self, path: Path, process_group, no_dist: bool, async_save: bool) -> Future | None:
+        if async_save:
+            return dcp.async_save(self.app_state, checkpoint_id=path, process_group=process_group, no_dist=no_dist)
+        dcp.save(self.app_state, checkpoint_id=path, process_group=process_group, no_dist=no_dist)
+        return None
+
+    def load(self, path: Path, process_group, no_dist: bool) -> None:
+        dcp.load(self.app_state, checkpoint_id=path, process_group=process_group, no_dist=no_dist)
+
+
+def as_state_io(state: StateIO | dict[str, Stateful]) -> StateIO:
+    return DcpStateIO(state) if isinstance(state, dict) else state
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -146,11 +197,13 @@ class CheckpointManager:
         return bool(self._broadcast_int(int(elapsed)))
 
     # ---- save --------------------------------------------------------------------------
-    def save(self, step: int, app_state: dict[str, Stateful], meta: dict[str, Any] | None = None) -> None:
-        """Collective. Writes ``app_state``, the RNG states and ``meta`` (JSON) as checkpoint
-        ``step``. With ``async_save`` it returns once the state is copied to CPU memory; the
-        commit follows when the write completes (see :meth:`wait`)."""
+    def save(self, step: int, state: StateIO | dict[str, Stateful], meta: dict[str, Any] | None = None) -> None:
+        """Collective. Writes ``state`` (a :class:`StateIO`, or a DCP app-state dict), the RNG
+        states and ``meta`` (JSON) as checkpoint ``step``. With ``async_save`` (where the state
+        supports it) it returns once the state is copied to CPU memory; the commit follows when
+        the write completes (see :meth:`wait`)."""
         t0 = time.perf_counter()
+        io = as_state_io(state)
         self.wait()  # at most one save in flight; also commits the previous one
         try:
             meta_copy = json.loads(json.dumps(meta or {}))
@@ -160,21 +213,23 @@ class CheckpointManager:
         if self.rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            (tmp / RNG_DIR).mkdir(parents=True)
+            tmp.mkdir(parents=True)
         self._barrier()
-        write_json_durable(tmp / rng_filename(self.rank), capture_rng())
-        model_prefix = next(
-            (f"{k}.{MODEL_KEY}." for k, v in app_state.items() if getattr(v, "holds_model", False)), None
-        )
-        commit_args = (tmp, step, meta_copy, model_prefix, time.time())
-        if self.cfg.async_save:
-            future = dcp.async_save(app_state, checkpoint_id=tmp, process_group=self._pg, no_dist=not self._dist)
+        rng = capture_rng()  # before the state: what a resume must continue from
+        async_save = self.cfg.async_save and io.can_save_async
+        # Some writers (Megatron's dist_checkpointing) want an empty directory: state first.
+        future = io.save(tmp, self._pg, not self._dist, async_save)
+        if self.rank == 0:
+            (tmp / RNG_DIR).mkdir(exist_ok=True)
+        self._barrier()
+        write_json_durable(tmp / rng_filename(self.rank), rng)
+        commit_args = (tmp, step, meta_copy, io, time.time())
+        if future is not None:
             if self._commit_pool is not None:
                 self._pending = self._commit_pool.submit(self._finish_async, future, commit_args)
             else:
                 self._pending = future
         else:
-            dcp.save(app_state, checkpoint_id=tmp, process_group=self._pg, no_dist=not self._dist)
             self._barrier()  # every rank's shards are on disk
             if self.rank == 0:
                 self._commit(*commit_args)
@@ -182,9 +237,7 @@ class CheckpointManager:
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         self._save_blocking_s = time.perf_counter() - t0
-        log.info(
-            "checkpoint step %d: save call blocked %.3fs (async=%s)", step, self._save_blocking_s, self.cfg.async_save
-        )
+        log.info("checkpoint step %d: save call blocked %.3fs (async=%s)", step, self._save_blocking_s, async_save)
 
     def pop_save_blocking_s(self) -> float | None:
         """Seconds the last ``save`` call blocked its caller, once per save (None: no new save)."""
@@ -211,10 +264,16 @@ class CheckpointManager:
         future.result()
         self._commit(*commit_args)
 
-    def _commit(self, tmp: Path, step: int, meta: dict[str, Any], model_prefix: str | None, created: float) -> None:
+    def _commit(self, tmp: Path, step: int, meta: dict[str, Any], io: StateIO, created: float) -> None:
         """Rank 0: seal ``tmp`` with its manifest and rename it into place, then prune."""
         manifest = build_manifest(
-            tmp, step=step, world_size=self.world_size, meta=meta, model_prefix=model_prefix, created=created
+            tmp,
+            step=step,
+            world_size=self.world_size,
+            meta=meta,
+            model_prefix=io.model_prefix,
+            created=created,
+            layout=io.layout,
         )
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             fsync_dir(d)
@@ -253,27 +312,29 @@ class CheckpointManager:
         return find_latest_valid(self.dir)
 
     def load(
-        self, path: str | os.PathLike, app_state: dict[str, Stateful], restore_rng_state: bool = True
+        self, path: str | os.PathLike, state: StateIO | dict[str, Stateful], restore_rng_state: bool = True
     ) -> dict[str, Any]:
-        """Collective. Loads checkpoint ``path`` into ``app_state`` (resharding to the current
+        """Collective. Loads checkpoint ``path`` into ``state`` (resharding to the current
         layout and world size) and restores this rank's RNG states; returns the saved ``meta``.
 
         Refuses an invalid checkpoint: rank 0 checks every file's size and sha256 before any
         rank reads it, and each rank re-checks DCP's ``.metadata`` right before DCP unpickles it
         (DCP's index and its non-tensor items are pickles, so they must match the manifest)."""
-        path = Path(path)
+        path, io = Path(path), as_state_io(state)
         problems = validate(path) if self.rank == 0 else []
         if self._broadcast_int(len(problems)) > 0:
             detail = "; ".join(problems) if problems else "rank 0 found it invalid (see rank 0's log)"
             raise CheckpointError(f"refusing to load {path}: {detail}")
         manifest = read_manifest(path)
-        if manifest.layout != LAYOUT_DCP:
+        if manifest.layout != io.layout:
+            engine = ENGINE_OF_LAYOUT.get(manifest.layout, manifest.layout)
             raise CheckpointError(
-                f"refusing to load {path}: it was written by the {manifest.layout} engine "
-                f"(manifest layout {manifest.layout!r}); resume it with engine: {manifest.layout}"
+                f"refusing to load {path}: it was written by the {engine} engine "
+                f"(manifest layout {manifest.layout!r}); resume it with engine: {engine}"
             )
-        verify_files(path, manifest, [DCP_METADATA])
-        dcp.load(app_state, checkpoint_id=path, process_group=self._pg, no_dist=not self._dist)
+        if manifest.layout == LAYOUT_DCP:
+            verify_files(path, manifest, [DCP_METADATA])
+        io.load(path, self._pg, not self._dist)
         if restore_rng_state:
             rng_file = path / rng_filename(self.rank)
             if rng_file.is_file():

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modmoe.checkpoint.fsutil import fsync_file, sha256_file, write_json_durable
+from modmoe.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "modmoe-checkpoint"
@@ -68,7 +69,7 @@ class Manifest(BaseModel):
     """Caller's JSON metadata: sampler state, tracking run id, resolved config, ..."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be saved or loaded; the message is one line naming the problem."""
 
 

@@ -16,7 +16,9 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else None
     if m is None or unit not in _UNITS:
-        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 2GB, 500MiB or 300000 (bytes)")
+        from modmoe.export import ExportError
+
+        raise ExportError(f"--max-shard-size {text!r}: expected a size such as 2GB, 500MiB or 300000 (bytes)")
     return int(float(m.group(1)) * _UNITS[unit])
 
 
@@ -44,8 +46,8 @@ def export_command(
 ) -> None:
     """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config,
     self-contained modeling code for trust_remote_code)."""
-    from modmoe.checkpoint import CheckpointError
-    from modmoe.export import ExportError, export_checkpoint
+    from modmoe.errors import UserError
+    from modmoe.export import export_checkpoint
 
     try:
         summary = export_checkpoint(
@@ -57,7 +59,7 @@ def export_command(
             overwrite=overwrite,
             log=lambda m: typer.echo(m, err=True),
         )
-    except (ExportError, CheckpointError, ValueError) as err:
+    except UserError as err:
         raise fail(str(err).splitlines()[0]) from None
     shards = f"{summary.shards} shards + index" if summary.shards > 1 else "1 file"
     typer.echo(

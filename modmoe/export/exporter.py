@@ -27,12 +27,13 @@ from modmoe.checkpoint.reader import pack_by_bytes
 from modmoe.config_base import ConfigError
 from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, PAD, load_tokenizer
-from modmoe.export import layout
 from modmoe.export.source import CheckpointSource, ExportError, TensorSpec, open_checkpoint
+from modmoe.inference import export_format as layout
 from modmoe.inference.core import CoreConfig, MoDEDecoder
 from modmoe.model.config import ModelConfig
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
+TEMPLATE_DIR = Path(__file__).parent / "hf_template"  # the transformers wrapper shipped in each export
 
 
 @dataclass
@@ -211,8 +212,9 @@ def export_checkpoint(
             tmp / layout.SPECIAL_TOKENS_NAME, {"eos_token": EOT, **({"pad_token": PAD} if pad_id is not None else {})}
         )
         for name in layout.TEMPLATE_FILES:
-            shutil.copyfile(layout.TEMPLATE_DIR / name, tmp / name)
+            shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
         shutil.copyfile(Path(__file__).parents[1] / "inference" / "core.py", tmp / layout.CORE_NAME)
+        shutil.copyfile(Path(__file__).parents[1] / "model" / "rules.py", tmp / layout.RULES_NAME)
         files = {
             p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
         }

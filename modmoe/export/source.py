@@ -28,12 +28,13 @@ from modmoe.checkpoint import find_latest_valid, validate
 from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, MANIFEST_NAME, Manifest, read_manifest
 from modmoe.checkpoint.reader import TensorSpec, load_tensor_groups, model_tensors, pack_by_bytes, read_dcp_metadata
 from modmoe.config_base import ConfigError, validate_config
+from modmoe.errors import UserError
 from modmoe.model.config import ModelConfig
 
 log = logging.getLogger("modmoe.export")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export cannot proceed; the message is one line naming the file or option."""
 
 

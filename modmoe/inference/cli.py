@@ -24,7 +24,7 @@ def _fail(msg: str) -> typer.Exit:
 def _load(directory: Path, device: str, dtype: str | None, need_tokenizer: bool = True):
     import torch
 
-    from modmoe.export.layout import DTYPES
+    from modmoe.inference.export_format import DTYPES
     from modmoe.inference.loading import InferenceError, load_exported
 
     if device not in ("cpu", "cuda", "auto"):

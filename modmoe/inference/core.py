@@ -1,8 +1,10 @@
-"""MoDE inference with a ragged KV cache. Imports nothing but torch and the standard library.
+"""MoDE inference with a ragged KV cache. Imports nothing but torch, the standard library and
+the routing rules (``modmoe/model/rules.py``, itself torch-only).
 
-The exporter copies this file verbatim into every exported directory as ``modmoe_core.py``,
-where the transformers wrapper imports it; modmoe's own runtime imports it from here. One
-implementation therefore serves both, and an exported directory needs no modmoe install.
+The exporter copies this file verbatim into every exported directory as ``modmoe_core.py``, and
+the rules beside it as ``modmoe_rules.py``; the transformers wrapper imports both from there,
+modmoe's own runtime from the package. One implementation therefore serves both, and an
+exported directory needs no modmoe install.
 
 Semantics are those of the training model (``modmoe.model``) with ``routing="causal"``: in a
 routed block every token decides alone whether to enter (``sigmoid(r) > 0.5``, or the
@@ -15,13 +17,17 @@ cannot know. Parameter names and shapes equal the training model's, experts stac
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # inside an exported directory, beside this file (transformers copies it along)
+    from .modmoe_rules import capacity_tokens, is_moe, is_routed, noop_experts_at, rope_angles
+except ImportError:  # inside modmoe
+    from modmoe.model.rules import capacity_tokens, is_moe, is_routed, noop_experts_at, rope_angles
 
 CORE_FORMAT_VERSION = 1
 
@@ -123,20 +129,20 @@ class CoreConfig:
     def is_routed(self, i: int) -> bool:
         """Staged depth-routed block (a depth router decides which tokens enter)."""
         d = self.depth
-        return d.enabled and d.variant == "staged" and i % d.every == d.offset
+        return d.variant == "staged" and is_routed(i, d.enabled, d.every, d.offset)
 
     def is_moe(self, i: int) -> bool:
         m = self.moe
-        return m.enabled and i >= m.first_dense and (i - m.first_dense) % m.every == 0
+        return is_moe(i, m.enabled, m.every, m.first_dense)
 
     def noop_experts_at(self, i: int) -> int:
         d = self.depth
-        integrated = d.enabled and d.variant == "integrated" and i % d.every == d.offset
-        return d.noop_experts if integrated and self.is_moe(i) else 0
+        routed = is_routed(i, d.enabled, d.every, d.offset)
+        return noop_experts_at(routed, d.variant == "integrated", self.is_moe(i), d.noop_experts)
 
     def topk_tokens(self, seq_len: int) -> int:
         """k of top-k routing over a sequence of ``seq_len`` tokens."""
-        return max(1, math.ceil(self.depth.capacity * seq_len))
+        return capacity_tokens(self.depth.capacity, seq_len)
 
 
 # --------------------------------------------------------------------------- cache
@@ -443,9 +449,7 @@ class DecoderMixin:
     def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (B, S) -> cos, sin (B, S, hd/2), float32, as the training model's tables."""
         cfg = self.core_cfg
-        hd = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=positions.device) / hd))
-        angles = positions.float()[..., None] * inv_freq  # (B, S, hd/2)
+        angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)  # (B, S, hd/2)
         return angles.cos(), angles.sin()
 
     def _use_predictor(self, causal_router: str | None) -> bool:

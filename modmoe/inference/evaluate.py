@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from modmoe.checkpoint.fsutil import sha256_file
 from modmoe.data import DataError, PreparedData, validation_batches
-from modmoe.export import layout
+from modmoe.inference import export_format as layout
 from modmoe.inference.core import Trace
 from modmoe.inference.loading import InferenceError, LoadedModel
 

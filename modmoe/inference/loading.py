@@ -20,12 +20,13 @@ from tokenizers import Tokenizer
 from modmoe.config_base import ConfigError, validate_config
 from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, load_tokenizer
-from modmoe.export import layout
+from modmoe.errors import UserError
+from modmoe.inference import export_format as layout
 from modmoe.inference.core import CoreConfig, MoDEDecoder
 from modmoe.model.config import ModelConfig
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """Bad input to the runtime (files, options, prompts), reported as one line."""
 
 

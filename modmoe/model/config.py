@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from modmoe.config_base import ConfigModel, field_error
+from modmoe.model import rules
 
 
 class DepthRoutingConfig(ConfigModel):
@@ -67,7 +67,7 @@ class DepthRoutingConfig(ConfigModel):
         return self
 
     def is_routed(self, layer_index: int) -> bool:
-        return self.enabled and layer_index % self.every == self.offset
+        return rules.is_routed(layer_index, self.enabled, self.every, self.offset)
 
 
 class MoEConfig(ConfigModel):
@@ -126,7 +126,7 @@ class MoEConfig(ConfigModel):
         return self
 
     def is_moe(self, layer_index: int) -> bool:
-        return self.enabled and layer_index >= self.first_dense and (layer_index - self.first_dense) % self.every == 0
+        return rules.is_moe(layer_index, self.enabled, self.every, self.first_dense)
 
 
 class ModelConfig(ConfigModel):
@@ -197,7 +197,7 @@ class ModelConfig(ConfigModel):
 
     def depth_capacity_tokens(self, seq_len: int) -> int:
         """k: tokens per sequence that enter a staged routed block."""
-        return max(1, math.ceil(self.depth.capacity * seq_len))
+        return rules.capacity_tokens(self.depth.capacity, seq_len)
 
     def layer_kind(self, layer_index: int) -> tuple[bool, bool]:
         """(staged depth-routed?, MoE?) for one block."""
@@ -206,5 +206,9 @@ class ModelConfig(ConfigModel):
 
     def noop_experts_at(self, layer_index: int) -> int:
         """No-op experts of the integrated variant in this block (0 elsewhere)."""
-        integrated = self.depth.variant == "integrated" and self.depth.is_routed(layer_index)
-        return self.depth.noop_experts if integrated and self.moe.is_moe(layer_index) else 0
+        return rules.noop_experts_at(
+            self.depth.is_routed(layer_index),
+            self.depth.variant == "integrated",
+            self.moe.is_moe(layer_index),
+            self.depth.noop_experts,
+        )

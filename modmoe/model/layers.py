@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modmoe.model.rules import rope_angles
+
 
 class RotaryEmbedding(nn.Module):
     """Cos/sin tables for RoPE, looked up by *original* token positions so that a routed
@@ -13,8 +15,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S, hd/2)
+        angles = rope_angles(torch.arange(max_seq_len), head_dim, theta)  # (S, hd/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 

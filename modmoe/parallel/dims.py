@@ -23,6 +23,12 @@ from modmoe.config_base import ConfigError
 from modmoe.model.config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
+# Mesh dimension names: the dense mesh is (DP, TP), the expert mesh (EDP, EP, TP).
+DP, TP = "dp", "tp"
+EP = "ep"
+EDP = "edp"
+"""Expert data parallel: the ranks that hold the same slice of experts."""
+
 
 @dataclass
 class ParallelDims:
@@ -106,16 +112,16 @@ class ParallelDims:
     # ------------------------------------------------------------------ meshes
     @cached_property
     def dense_mesh(self) -> DeviceMesh:
-        return init_device_mesh(self.device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        return init_device_mesh(self.device_type, (self.dp, self.tp), mesh_dim_names=(DP, TP))
 
     @cached_property
     def expert_mesh(self) -> DeviceMesh:
-        return init_device_mesh(self.device_type, (self.edp, self.ep, self.tp), mesh_dim_names=("edp", "ep", "tp"))
+        return init_device_mesh(self.device_type, (self.edp, self.ep, self.tp), mesh_dim_names=(EDP, EP, TP))
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
         """The ranks that split the global batch (None without a process group)."""
-        return self.dense_mesh["dp"].get_group() if self.distributed else None
+        return self.dense_mesh[DP].get_group() if self.distributed else None
 
     def dp_rank(self, global_rank: int) -> int:
         return global_rank // self.tp

@@ -1,4 +1,4 @@
-"""The parallelize step and the native training engine (DDP or FSDP2, with EP, TP and AC).
+"""The parallelize step: the native model made parallel (EP, TP, activation checkpointing, FSDP2).
 
 Order, as in torchtitan: tensor parallel, expert parallel, activation checkpointing, then data
 parallel (DDP or FSDP2) last, because FSDP2 shards whatever parameters the earlier steps left.
@@ -16,20 +16,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
-from modmoe.checkpoint import TrainState
 from modmoe.model.moe import GroupedExperts
 from modmoe.model.transformer import MoDETransformer
 from modmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from modmoe.parallel.config import ParallelConfig
-from modmoe.parallel.dims import ParallelDims
+from modmoe.parallel.dims import DP, EDP, EP, TP, ParallelDims
 from modmoe.parallel.distributed import all_reduce_sum
 from modmoe.parallel.expert_parallel import A2AStats, apply_expert_parallel
-from modmoe.parallel.grad_norm import clip_grad_norm
 from modmoe.parallel.tensor_parallel import apply_tensor_parallel
-from modmoe.train.config import OptimizerConfig
-from modmoe.train.optim import build_optimizer, build_scheduler
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
@@ -50,8 +45,8 @@ def apply_model_parallelism(model: MoDETransformer, dims: ParallelDims, cfg: Par
         for moe in model.moe_layers():
             moe.load_reducer = reducer
     if dims.tp > 1:
-        apply_tensor_parallel(model, dims.dense_mesh["tp"])
-    a2a = apply_expert_parallel(model, dims.expert_mesh["ep"]) if dims.ep > 1 else None
+        apply_tensor_parallel(model, dims.dense_mesh[TP])
+    a2a = apply_expert_parallel(model, dims.expert_mesh[EP]) if dims.ep > 1 else None
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
     return a2a
@@ -64,11 +59,11 @@ def apply_fsdp(
     expert-data-parallel ranks (EP already split them over ``ep``)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     reshard = cfg.zero_stage == 3
-    dense_mesh = dims.dense_mesh["dp"]
+    dense_mesh = dims.dense_mesh[DP]
     for block in model.layers:
         for module in block.modules():
             if isinstance(module, GroupedExperts) and dims.ep > 1:
-                fully_shard(module, mesh=dims.expert_mesh["edp"], mp_policy=policy, reshard_after_forward=reshard)
+                fully_shard(module, mesh=dims.expert_mesh[EDP], mp_policy=policy, reshard_after_forward=reshard)
                 # Each expert's gradient already sums its whole EP group's tokens; the reduce-
                 # scatter over edp adds the rest, and dividing by dp makes it the global mean.
                 module.set_gradient_divide_factor(float(dims.dp))
@@ -76,71 +71,9 @@ def apply_fsdp(
     fully_shard(model, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=reshard)
 
 
-class NativeEngine:
-    """Forward/backward/step for DDP and FSDP2 layouts, with the optimizer and LR schedule."""
-
-    def __init__(
-        self,
-        model: MoDETransformer,
-        dims: ParallelDims,
-        cfg: ParallelConfig,
-        optim_cfg: OptimizerConfig,
-        max_steps: int,
-        device: torch.device,
-        param_dtype: torch.dtype | None = None,
-    ) -> None:
-        self.core, self.dims, self.grad_clip = model, dims, optim_cfg.grad_clip
-        self.a2a = apply_model_parallelism(model, dims, cfg)
-        self.module: nn.Module = model
-        self._expert_params: list[nn.Parameter] = []
-        if dims.dp > 1 and cfg.dp_backend == "ddp":
-            experts = expert_param_names(model) if dims.ep > 1 else []
-            # Expert slices differ between EP ranks: DDP must not average them over all ranks.
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
-            self._expert_params = [model.get_parameter(n) for n in experts]
-            device_ids = [device.index] if device.type == "cuda" else None
-            # forward_sync_buffers=False: expert-bias buffers are updated identically on every rank
-            # from all-reduced loads, so there is nothing to broadcast each step.
-            self.module = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
-        elif cfg.dp_backend == "fsdp2" and dims.distributed:
-            apply_fsdp(model, dims, cfg, param_dtype)
-        self.optimizer = build_optimizer(model, optim_cfg)
-        self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
-
-    def micro_batch(self, last: bool):
-        """Context for one micro-batch: gradient sync only on the last of a step."""
-        if last:
-            return contextlib.nullcontext()
-        if isinstance(self.module, DistributedDataParallel):
-            return self.module.no_sync()
-        if isinstance(self.core, FSDPModule):
-            return _fsdp_no_sync(self.core)
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> float:
-        """Finishes gradients, clips, steps optimizer and schedule; returns the grad norm."""
-        reduce_expert_grads(self._expert_params, self.dims)
-        norm = clip_grad_norm(self.core.parameters(), self.grad_clip)  # measured even when not clipping
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def comm_metrics(self) -> dict[str, float]:
-        return a2a_metrics(self.a2a)
-
-    def train_state(self) -> TrainState:
-        return TrainState(self.module, self.optimizer, self.scheduler)
-
-
 @contextlib.contextmanager
-def _fsdp_no_sync(model: FSDPModule):
+def fsdp_no_sync(model: FSDPModule):
+    """FSDP2's counterpart of DDP's ``no_sync``: accumulate gradients without reducing them."""
     model.set_requires_gradient_sync(False)
     try:
         yield
@@ -154,7 +87,7 @@ def reduce_expert_grads(params: list[nn.Parameter], dims: ParallelDims) -> None:
     it the same global mean as the dense gradients."""
     if not params:
         return
-    group = dims.expert_mesh["edp"].get_group() if dims.edp > 1 else None
+    group = dims.expert_mesh[EDP].get_group() if dims.edp > 1 else None
     for p in params:
         if p.grad is None:
             continue

@@ -11,22 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modmoe.parallel.dims import ParallelDims
 from modmoe.tracking import MlflowTracker, default_tags, depth_routing_map, expert_load_heatmap, flatten_config
-from modmoe.train.router_stats import RouterStats
-
-
-def layout_tag(dims: ParallelDims) -> str:
-    """Compact layout name for the ``parallel_layout`` tag: ``dp2-ddp``, ``dp4-deepspeed-zero2-ep2``, ..."""
-    parts = [f"dp{dims.dp}", dims.dp_backend]
-    if dims.dp_backend == "deepspeed":
-        parts.append(f"zero{dims.zero_stage}")
-    parts += [f"{name}{size}" for name, size in (("ep", dims.ep), ("tp", dims.tp)) if size > 1]
-    return "-".join(parts)
+from modmoe.train.backends.base import PlotData
 
 
 class RunReporter:
-    def __init__(self, cfg, run_dir: Path, dims: ParallelDims, run_id: str | None = None) -> None:
+    def __init__(self, cfg, run_dir: Path, layout: str, run_id: str | None = None) -> None:
         """Opens the MLflow run, or continues ``run_id`` (taken from the checkpoint) on resume:
         then params and the config artifact stay those of the run's first start."""
         self.run_dir = run_dir
@@ -35,7 +25,7 @@ class RunReporter:
             run_dir,
             run_id=run_id,
             params=None if run_id else flatten_config(cfg.model_dump(mode="json")),
-            tags=default_tags("native", layout_tag(dims)),
+            tags=default_tags(cfg.engine, layout),
         )
         if run_id is None:
             self.tracker.log_artifact(run_dir / "config.yaml")
@@ -47,15 +37,14 @@ class RunReporter:
     def log_step(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics({k: float(v) for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
-    def log_plots(self, step: int, stats: RouterStats, sample: tuple[list[str], np.ndarray, list[str]] | None) -> None:
+    def log_plots(self, step: int, data: PlotData) -> None:
         plots = self.run_dir / "plots"
         plots.mkdir(exist_ok=True)
-        names, loads = stats.expert_loads()
-        if loads is not None:
-            path = expert_load_heatmap(loads.numpy(), names, plots / f"expert_load_step{step:07d}.png")
+        if data.expert_loads is not None:
+            path = expert_load_heatmap(data.expert_loads, data.expert_layers, plots / f"expert_load_step{step:07d}.png")
             self.tracker.log_artifact(path, "plots")
-        if sample is not None:
-            tokens, chosen, layer_names = sample
+        if data.routing is not None:
+            tokens, chosen, layer_names = data.routing
             path = depth_routing_map(tokens, chosen, layer_names, plots / f"depth_routing_step{step:07d}.png")
             self.tracker.log_artifact(path, "plots")
 

@@ -3,6 +3,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from modmoe.export import ExportError, export_checkpoint
 from modmoe.inference.generate import Generator
 from modmoe.inference.loading import load_exported
 from modmoe.inference.sampling import SamplingConfig
-from modmoe.train.trainer import Trainer
+from modmoe.train.loop import Trainer
 
 
 def hf():
@@ -43,7 +45,7 @@ def run(small_data_dir, tmp_path_factory):
     )
     trainer = Trainer(cfg, log=lambda _: None)
     trainer.train()
-    return run_dir, trainer.model_core.eval()
+    return run_dir, trainer.backend.core.eval()
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,7 @@ def test_export_layout_weights_and_record(run, exported):
         "modeling_modmoe.py",
         "configuration_modmoe.py",
         "modmoe_core.py",
+        "modmoe_rules.py",
         "modmoe_export.json",
     ):
         assert required in names, required
@@ -120,6 +123,29 @@ def test_transformers_logits_equal_the_training_model(run, exported, hf_model):
         )
         with pytest.raises(ValueError, match="cannot use a KV cache"):
             topk_model(tokens, use_cache=True)
+
+
+def test_export_runs_where_modmoe_cannot_be_imported(run, exported):
+    """The exported code (modeling file, core, routing rules) is self-contained: transformers
+    loads it in a process where ``import modmoe`` fails, and its logits are the training model's."""
+    _, model = run
+    tokens = torch.randint(0, 500, (2, 48))
+    with torch.no_grad():
+        expected = model(tokens, routing="causal").logits
+    script = f"""
+import sys
+sys.modules["modmoe"] = None  # any import of modmoe now raises ImportError
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(exported)!r}, trust_remote_code=True)
+core = sys.modules[type(m).__module__.rsplit(".", 1)[0] + ".modmoe_core"]
+assert core.capacity_tokens.__module__.endswith(".modmoe_rules"), core.capacity_tokens.__module__
+torch.save(m(torch.tensor({tokens.tolist()}), use_cache=False).logits, sys.argv[1])
+"""
+    out = exported.parent / "no-modmoe-logits.pt"
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(out, weights_only=True), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_export_is_close_and_keeps_routing_tensors_fp32(run, tmp_path):

@@ -16,7 +16,7 @@ from modmoe.config import load_config
 from modmoe.inference.generate import Generator
 from modmoe.inference.loading import load_exported
 from modmoe.inference.sampling import SamplingConfig
-from modmoe.train.trainer import Trainer
+from modmoe.train.loop import Trainer
 
 
 @pytest.fixture(scope="module")

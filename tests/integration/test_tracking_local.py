@@ -34,8 +34,8 @@ from modmoe.tracking import (
 from modmoe.tracking.plots import DPI, heatmap_size, routing_map_size
 from modmoe.tracking.records import check_key
 from modmoe.tracking.spool import logged_steps, read
+from modmoe.train.backends.native import layout_tag
 from modmoe.train.memory import step_memory
-from modmoe.train.reporting import layout_tag
 from modmoe.train.router_stats import RouterStats, expert_bias_summary
 from modmoe.train.throughput import lookup_peak, peak_tflops_per_device, throughput_metrics
 
@@ -229,7 +229,7 @@ def test_spool_logged_steps(tmp_path: Path) -> None:
 def test_importing_tracking_loads_neither_mlflow_nor_matplotlib() -> None:
     # Every rank imports the trainer; only rank 0 logs. mlflow alone takes seconds to import.
     code = (
-        "import sys, modmoe.tracking, modmoe.train.trainer; "
+        "import sys, modmoe.tracking, modmoe.train.loop; "
         "print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -5,8 +5,9 @@ import torch
 import yaml
 from runs import read_metrics, run_modmoe, small_overrides
 
+from modmoe.checkpoint.manifest import CheckpointError
 from modmoe.config import load_config
-from modmoe.train.trainer import Trainer
+from modmoe.train.loop import Trainer
 
 
 def test_loss_falls_and_run_dir_is_complete(small_data_dir, tmp_path):
@@ -139,7 +140,7 @@ def test_exact_resume_single_rank(small_data_dir, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 9))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical, step by step
     assert [r.get("eval/loss_causal") for r in a] == [r.get("eval/loss_causal") for r in b]
-    for (name, p), q in zip(straight.model_core.state_dict().items(), resumed.model_core.state_dict().values()):
+    for (name, p), q in zip(straight.backend.core.state_dict().items(), resumed.backend.core.state_dict().values()):
         assert torch.equal(p, q), name  # includes the expert-bias buffers
 
 
@@ -153,7 +154,7 @@ def test_resume_none_and_bad_path(small_data_dir, tmp_path):
         == 0
     )
     assert Trainer(load_config(None, small_overrides(small_data_dir, tmp_path, **extra)), log=lambda _: None).step == 2
-    with pytest.raises(ValueError, match="no checkpoint directory"):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
         Trainer(
             load_config(None, small_overrides(small_data_dir, tmp_path, **extra)),
             log=lambda _: None,

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from modmoe.config import load_config
 from modmoe.model import MoDETransformer
-from modmoe.parallel.deepspeed_engine import _ensure_adam_state, _fp32_partitions
+from modmoe.train.backends.deepspeed import _ensure_adam_state, _fp32_partitions
 from modmoe.train.optim import build_optimizer, build_scheduler
 
 MICRO = 2

@@ -7,19 +7,18 @@ keys do not depend on DDP/bf16 wrappers) and the Megatron optimizer (``optimizer
 DeepSpeed, the optimizer's ZeRO partitions go to ``deepspeed/`` inside the step directory
 (DeepSpeed's own format: same DP size to resume).
 
-Rank 0 seals the directory last with the same ``manifest.json`` as a native checkpoint (every
-file's size and SHA-256; layout ``megatron``; ``meta`` holds the step, sampler position and
-config). A directory without it is an interrupted save; one that fails its checksums is
-damaged: ``--resume auto`` skips both with a warning, and ``checkpoints_tools validate`` and
+:class:`MegatronStateIO` is how the Trainer's checkpoint manager writes and reads that state:
+the manager writes it into a temporary directory, seals it with the same ``manifest.json`` as a
+native checkpoint (every file's size and SHA-256; layout ``megatron``; ``meta`` holds the step,
+sampler position and config) and renames it into place, so an interrupted save is never
+visible and a damaged one is skipped by ``--resume auto``; ``checkpoints_tools validate`` and
 ``modmoe export`` read Megatron checkpoints like native ones.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch import Tensor, nn
 
-from modmoe.checkpoint import find_latest_valid, validate
+from modmoe.checkpoint import validate
 from modmoe.checkpoint.manifest import (
     LAYOUT_MEGATRON,
-    MANIFEST_NAME,
     CheckpointError,
-    build_manifest,
     read_manifest,
-    step_dirname,
-    write_manifest,
 )
 from modmoe.config_base import ConfigError
 from modmoe.engines.megatron.config import MegatronConfig
@@ -44,19 +39,7 @@ from modmoe.model.config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / step_dirname(step)
-
-
-def latest_valid_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint under ``root`` that validates (each newer one that does not is
-    skipped with a warning), refused in one line when the native engine wrote it."""
-    path = find_latest_valid(root)
-    if path is not None:
-        read_meta(path)
-    return path
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's ZeRO partitions inside a step directory
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -74,23 +57,6 @@ def read_meta(path: Path) -> dict[str, Any]:
     return {"step": manifest.step, **manifest.meta}
 
 
-def _apply_retention(root: Path, newest: Path, keep_last: int) -> None:
-    """Deletes all but the ``keep_last`` newest sealed checkpoints, and every unsealed (interrupted)
-    save older than ``newest``, which no resume would take."""
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    sealed = [p for p in steps if (p / MANIFEST_NAME).is_file()]
-    doomed = [p for p in steps if p < newest and not (p / MANIFEST_NAME).is_file()]
-    if keep_last:
-        doomed += sealed[:-keep_last]
-    for old in doomed:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _sharded(model: nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
     sd: dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
@@ -98,41 +64,41 @@ def _sharded(model: nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
     return sd
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    model: nn.Module,
-    optimizer,
-    meta: dict[str, Any],
-    keep_last: int = 0,
-    also_save: Callable[[Path], None] | None = None,
-) -> Path:
-    """model: the unwrapped GPTModel of this rank's stage; optimizer: a MegatronOptimizer or
-    None (DeepSpeed saves its own, in ``also_save(path)``, before the seal). Every rank calls it."""
-    path = step_dir(root, step)
-    if dist.get_rank() == 0:
-        if path.exists():  # an interrupted save of the same step
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), str(path))
-    if also_save is not None:
-        also_save(path)
-    _barrier()
-    if dist.get_rank() == 0:
-        manifest = build_manifest(
-            path,
-            step=step,
-            world_size=dist.get_world_size(),
-            meta=meta,
-            model_prefix=None,
-            created=time.time(),
-            layout=LAYOUT_MEGATRON,
-        )
-        write_manifest(path, manifest)  # last: seals the checkpoint
-        _apply_retention(root, path, keep_last)
-    _barrier()
-    return path
+class MegatronStateIO:
+    """A Megatron ``GPTModel`` stage and its optimizer through ``dist_checkpointing`` (``torch_dist``
+    format, which resumes under another TP/PP/EP/DP layout); with DeepSpeed, its ZeRO partitions
+    in ``deepspeed/`` beside them. The checkpoint manager seals and commits the directory."""
+
+    layout = LAYOUT_MEGATRON
+    model_prefix = None
+    can_save_async = False
+
+    def __init__(self, model: nn.Module, optimizer=None, deepspeed=None, around=contextlib.nullcontext) -> None:
+        """``model``: the unwrapped GPTModel (keys do not depend on DDP/bf16 wrappers);
+        ``optimizer``: a MegatronOptimizer, or None (DeepSpeed, or weights only); ``around``: a
+        context every save and load runs in (e.g. pausing overlapped parameter gathers)."""
+        self.model, self.optimizer, self.deepspeed, self.around = model, optimizer, deepspeed, around
+
+    def save(self, path: Path, process_group, no_dist: bool, async_save: bool) -> None:
+        with self.around():
+            dist_checkpointing.save(_sharded(self.model, self.optimizer, is_loading=False), str(path))
+            if self.deepspeed is not None:
+                self.deepspeed.save_checkpoint(str(path / DEEPSPEED_DIR), tag="zero", save_latest=False)
+
+    def load(self, path: Path, process_group, no_dist: bool) -> None:
+        with self.around():
+            loaded = dist_checkpointing.load(_sharded(self.model, self.optimizer, is_loading=True), str(path))
+            self.model.load_state_dict(loaded["model"])
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(loaded["optimizer"])
+            if self.deepspeed is not None:
+                self.deepspeed.load_checkpoint(
+                    str(path / DEEPSPEED_DIR),
+                    tag="zero",
+                    load_module_strict=False,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                )
 
 
 def _check_before_reading(path: Path) -> None:
@@ -146,17 +112,6 @@ def _check_before_reading(path: Path) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ConfigError(f"checkpoint error: refusing to load {path}: {problems[0]}{more}")
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
-    """Loads into ``model`` (and ``optimizer`` unless None) whatever layout wrote ``path``."""
-    _check_before_reading(path)
-    meta = read_meta(path)
-    loaded = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), str(path))
-    model.load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    return meta
 
 
 @contextlib.contextmanager
@@ -210,11 +165,4 @@ def megatron_checkpoint_to_native(path: str | Path, model_cfg: ModelConfig, chec
     return megatron_to_native(state, model_cfg)
 
 
-__all__ = [
-    "latest_valid_checkpoint",
-    "load_checkpoint",
-    "megatron_checkpoint_to_native",
-    "read_meta",
-    "save_checkpoint",
-    "step_dir",
-]
+__all__ = ["MegatronStateIO", "megatron_checkpoint_to_native", "read_meta"]

@@ -41,7 +41,9 @@ from modmoe.engines.megatron.routing import (
 )
 from modmoe.engines.megatron.translate import DepthLayerParams
 
-STAT_NAMES = ("mod_bce_loss", "mod_predictor_loss", "mod_causal_agreement")
+# The native model's metric names: the two losses summed over routed layers, the agreement of the
+# causal decision with top-k averaged over them (docs/tracking.md).
+STAT_NAMES = ("mod_bce_loss", "mod_predictor_loss", "mod/causal_agreement")
 
 
 def _param_device(config: TransformerConfig):
@@ -102,6 +104,9 @@ class MoDETransformerLayer(TransformerLayer):
         # Detached fp32 sums for logging: the STAT_NAMES contributions, then the micro-batch count.
         # A plain attribute, not a buffer, so that bf16 wrappers do not round the sums.
         self.depth_stats: Tensor | None = None
+        # For the depth-routing plot: when set, forward keeps the positions it chose, [k, b].
+        self.record_selection = False
+        self.last_selection: Tensor | None = None
 
     def _sp_group(self) -> dist.ProcessGroup | None:
         return self.tp_group if self.config.sequence_parallel and self.tp_group.size() > 1 else None
@@ -133,6 +138,8 @@ class MoDETransformerLayer(TransformerLayer):
         logits = self.depth_router(x)  # [s/W, b] fp32
         full = all_gather_logits(logits, group)  # [s, b]
         slots = plan_slots(full, self.depth.tokens(full.shape[0]), rank, world)
+        if self.record_selection:
+            self.last_selection = slots.index.detach()
         x_sel = gather_routed(x, slots, group)  # [k/W, b, h]
         rope = rotary_pos_emb
         if isinstance(rope, tuple):
@@ -200,5 +207,5 @@ def collect_depth_metrics(
     if totals[n] == 0:
         return {}
     out = dict(zip(STAT_NAMES, totals[:n].tolist(), strict=True))
-    out["mod_causal_agreement"] /= float(totals[n])  # an agreement is averaged over layers, not summed
+    out["mod/causal_agreement"] /= float(totals[n])  # an agreement is averaged over layers, not summed
     return out

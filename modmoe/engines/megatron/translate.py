@@ -19,7 +19,6 @@ the way the native model (the specification) means it is rejected with a one-lin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from modmoe.config_base import ConfigError, field_error
 from modmoe.engines.megatron.config import MegatronConfig
+from modmoe.model import rules
 from modmoe.model.config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
@@ -45,8 +45,8 @@ class DepthLayerParams:
     causal_router: Literal["aux_loss", "predictor"]
 
     def tokens(self, seq_len: int) -> int:
-        """k = ceil(capacity * seq_len), as ``ModelConfig.depth_capacity_tokens``."""
-        return max(1, math.ceil(self.capacity * seq_len))
+        """k = ceil(capacity * seq_len), the native model's rule."""
+        return rules.capacity_tokens(self.capacity, seq_len)
 
 
 @dataclass(frozen=True)

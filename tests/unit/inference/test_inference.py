@@ -23,9 +23,10 @@ from modmoe.inference.sampling import SamplingConfig, filter_logits, next_tokens
 from modmoe.inference.text import StopTextStream
 from modmoe.model import ModelConfig, MoDETransformer
 from modmoe.model.flops import count_flops
-from modmoe.train.trainer import Trainer
+from modmoe.train.loop import Trainer
 
 CORE = Path(__file__).resolve().parents[3] / "modmoe" / "inference" / "core.py"
+RULES = Path(__file__).resolve().parents[3] / "modmoe" / "model" / "rules.py"
 
 
 def small_cfg(depth=None, moe=None, **top) -> ModelConfig:
@@ -87,15 +88,28 @@ def trained(small_data_dir, tmp_path_factory):
     trainer.train()
     out = run.parent / f"{run.name}-export"
     export_checkpoint(run, out)
-    return out, trainer.model_core.eval()
+    return out, trainer.backend.core.eval()
 
 
-def test_core_imports_only_torch_and_the_standard_library():
-    """It is shipped inside every export, where modmoe is not installed."""
-    tree = ast.parse(CORE.read_text())
+def _import_roots(tree: ast.AST) -> set[str]:
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert roots <= {"__future__", "math", "dataclasses", "typing", "torch"}, roots
+    return roots | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+
+
+def test_core_and_rules_import_only_torch_and_the_standard_library():
+    """Both are shipped inside every export, where modmoe is not installed. The core's one
+    modmoe import is the fallback of a try whose first branch takes the rules from beside it."""
+    allowed = {"__future__", "math", "dataclasses", "typing", "torch"}
+    assert _import_roots(ast.parse(RULES.read_text())) <= allowed
+    tree = ast.parse(CORE.read_text())
+    tries = [n for n in tree.body if isinstance(n, ast.Try)]
+    assert len(tries) == 1
+    (first,) = tries[0].body
+    assert isinstance(first, ast.ImportFrom) and first.level == 1 and first.module == "modmoe_rules"
+    (fallback,) = tries[0].handlers[0].body
+    assert fallback.module == "modmoe.model.rules" and {a.name for a in fallback.names} == {a.name for a in first.names}
+    tree.body.remove(tries[0])
+    assert _import_roots(tree) <= allowed
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -9,6 +9,9 @@ Transformer Engine are left to the GPU tests.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -196,11 +199,11 @@ def test_depth_metrics_match_the_native_auxiliary_losses(megatron_cpu):
     agreement = torch.stack(
         [(a.depth.causal_enter == a.depth.topk_mask).float().mean() for a in ref.layers if a.depth is not None]
     ).mean()
-    assert metrics["mod_causal_agreement"] == pytest.approx(float(agreement), rel=1e-5)
+    assert metrics["mod/causal_agreement"] == pytest.approx(float(agreement), rel=1e-5)
     assert collect_depth_metrics([meg], sequence_parallel=False) == {
         "mod_bce_loss": 0.0,
         "mod_predictor_loss": 0.0,
-        "mod_causal_agreement": 0.0,
+        "mod/causal_agreement": 0.0,
     }
 
 
@@ -231,12 +234,20 @@ def test_pipeline_stages_take_their_slice_of_the_layers(megatron_cpu):
     assert stages[1][0].params["depth"] == plan.depth
 
 
-def test_dist_checkpoint_exports_to_the_native_state_dict(megatron_cpu, tmp_path):
-    from modmoe.engines.megatron.checkpoint import save_checkpoint
+def _save(root: Path, step: int, meg, meta: dict) -> Path:
+    """What the Trainer does: the checkpoint manager seals and commits a MegatronStateIO save."""
+    from modmoe.checkpoint import CheckpointConfig, CheckpointManager
+    from modmoe.engines.megatron.checkpoint import MegatronStateIO
 
+    CheckpointManager(root, CheckpointConfig(keep_last=0)).save(step, MegatronStateIO(meg), meta)
+    return root / f"step_{step:08d}"
+
+
+def test_dist_checkpoint_exports_to_the_native_state_dict(megatron_cpu, tmp_path):
     cfg = make_cfg(CONFIGS["mode_sigmoid_bias_shared_predictor"])
     native, meg = build_pair(cfg)
-    path = save_checkpoint(tmp_path, 3, meg, None, meta={"engine": "megatron"})
+    path = _save(tmp_path, 3, meg, meta={"engine": "megatron"})
+    assert json.loads((path / "manifest.json").read_text())["layout"] == "megatron"
     exported = megatron_checkpoint_to_native(path, cfg)
     expected = native.state_dict()
     assert exported.keys() == expected.keys()
@@ -246,28 +257,28 @@ def test_dist_checkpoint_exports_to_the_native_state_dict(megatron_cpu, tmp_path
 def test_unsealed_or_damaged_megatron_checkpoints_are_refused(megatron_cpu, tmp_path):
     from megatron.core import dist_checkpointing
 
-    from modmoe.checkpoint import validate
+    from modmoe.checkpoint import find_latest_valid, validate
     from modmoe.config_base import ConfigError
-    from modmoe.engines.megatron.checkpoint import latest_valid_checkpoint, save_checkpoint
 
     cfg = make_cfg(CONFIGS["mode_sigmoid_bias_shared_predictor"])
     _, meg = build_pair(cfg)
-    good = save_checkpoint(tmp_path, 2, meg, None, meta={})
-    assert validate(good) == [] and latest_valid_checkpoint(tmp_path) == good
-    # An interrupted save (shards written, no manifest) is skipped by --resume auto.
+    good = _save(tmp_path, 2, meg, meta={})
+    assert validate(good) == [] and find_latest_valid(tmp_path) == good
+    # An interrupted save of older code (shards written, no manifest) is skipped by --resume auto.
     (tmp_path / "step_00000004").mkdir()
     dist_checkpointing.save({"model": meg.sharded_state_dict()}, str(tmp_path / "step_00000004"))
-    assert latest_valid_checkpoint(tmp_path) == good
+    assert find_latest_valid(tmp_path) == good
     # A flipped byte in a shard is named by validate and refused by the exporter in one line.
     shard = max((p for p in good.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert any("checksum" in problem for problem in validate(good))
-    assert latest_valid_checkpoint(tmp_path) is None
+    assert find_latest_valid(tmp_path) is None
     with pytest.raises(ConfigError, match=r"refusing to load .*step_00000002.*checksum") as err:
         megatron_checkpoint_to_native(good, cfg)
     assert "\n" not in str(err.value)
-    # The next save clears the older interrupted one (no resume would take it), not sealed ones.
-    save_checkpoint(tmp_path, 6, meg, None, meta={})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000006"]
+    # A new save commits atomically beside them; nothing it did not write is touched.
+    newest = _save(tmp_path, 6, meg, meta={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+    assert find_latest_valid(tmp_path) == newest

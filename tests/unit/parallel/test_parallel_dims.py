@@ -66,7 +66,7 @@ def test_missing_deepspeed_is_named(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_deepspeed_config_is_generated_and_extra_keys_merge():
-    from modmoe.parallel.deepspeed_engine import deepspeed_config
+    from modmoe.train.backends.deepspeed_config import deepspeed_config
 
     cfg = load_config(
         "configs/tiny.yaml",
@@ -78,7 +78,7 @@ def test_deepspeed_config_is_generated_and_extra_keys_merge():
         ],
     )
     d = ParallelDims.build(cfg.parallel, cfg.model, 2)
-    ds = deepspeed_config(cfg, d, bf16=False)
+    ds = deepspeed_config(cfg, 16 // (4 * d.dp), d.zero_stage, bf16=False)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == cfg.optimizer.grad_clip
     extra = cfg.model_copy(
@@ -88,9 +88,9 @@ def test_deepspeed_config_is_generated_and_extra_keys_merge():
             )
         }
     )
-    assert deepspeed_config(extra, d, bf16=False)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert deepspeed_config(extra, 2, 2, bf16=False)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     owned = cfg.model_copy(
         update={"parallel": cfg.parallel.model_copy(update={"deepspeed_extra": {"zero_optimization": {"stage": 3}}})}
     )
     with pytest.raises(ConfigError, match="parallel.deepspeed_extra.zero_optimization.stage"):
-        deepspeed_config(owned, d, bf16=False)
+        deepspeed_config(owned, 2, 2, bf16=False)

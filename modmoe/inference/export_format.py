@@ -14,7 +14,6 @@ An export is a Hugging Face style directory::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 EXPORT_FORMAT = "modmoe-export"
@@ -28,8 +27,8 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 SPECIAL_TOKENS_NAME = "special_tokens_map.json"
 RECORD_NAME = "modmoe_export.json"
 CORE_NAME = "modmoe_core.py"
-TEMPLATE_DIR = Path(__file__).parent / "hf_template"
-TEMPLATE_FILES = ("configuration_modmoe.py", "modeling_modmoe.py")
+RULES_NAME = "modmoe_rules.py"  # the routing rules the core imports (modmoe/model/rules.py)
+TEMPLATE_FILES = ("configuration_modmoe.py", "modeling_modmoe.py")  # modmoe/export/hf_template
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Small tensors that make discrete routing choices stay float32 in every export dtype.
 _FP32_SUFFIXES = ("router.proj.weight", "mlp.gate.weight", "expert_bias")

@@ -1,7 +1,5 @@
-"""DeepSpeed ZeRO (stages 0-3) as the data-parallel backend, combinable with expert parallelism.
-
-The DeepSpeed config is generated from modmoe's own config (batch sizes, ZeRO stage, clipping,
-precision), so there is no second file to keep in sync; ``parallel.deepspeed_extra`` adds keys.
+"""The ``deepspeed`` backend: the native model under DeepSpeed ZeRO (stages 0-3), combinable with
+expert parallelism. Its DeepSpeed config comes from :mod:`.deepspeed_config`.
 
 Experts under EP. DeepSpeed shards and averages what it is given over *all* data-parallel
 ranks and only knows expert parallelism through its own MoE layer classes. So with ``ep > 1``
@@ -29,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from modmoe.checkpoint.manager import DcpStateIO, StateIO
 from modmoe.checkpoint.train_state import (
     MODEL_KEY,
     OPTIM_KEY,
@@ -37,63 +36,17 @@ from modmoe.checkpoint.train_state import (
     load_schedule,
     schedule_state,
 )
-from modmoe.config import JobConfig
-from modmoe.config_base import ConfigError
 from modmoe.model.moe import GroupedExperts, MoE
 from modmoe.model.transformer import MoDETransformer
-from modmoe.parallel.dims import ParallelDims
+from modmoe.parallel.distributed import DistEnv
 from modmoe.parallel.grad_norm import clip_grad_norm
-from modmoe.parallel.parallelize import a2a_metrics, apply_model_parallelism, reduce_expert_grads
+from modmoe.parallel.parallelize import reduce_expert_grads
+from modmoe.train.backends.deepspeed_config import deepspeed_config
+from modmoe.train.backends.native import NativeModelBackend
 from modmoe.train.optim import build_optimizer, build_scheduler
+from modmoe.train.resolve import ResolvedJob
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-# Keys modmoe derives from its own config; setting them in deepspeed_extra would disagree.
-OWNED_KEYS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "zero_optimization.stage",
-    "bf16",
-    "fp16",
-    "optimizer",
-    "scheduler",
-)
-
-
-def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        path = f"{prefix}{key}"
-        if path in OWNED_KEYS:
-            raise ConfigError(
-                f"config error: parallel.deepspeed_extra.{path}: set by modmoe from its own config "
-                f"(owned keys: {', '.join(OWNED_KEYS)})"
-            )
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, f"{path}.")
-        else:
-            out[key] = value
-    return out
-
-
-def deepspeed_config(cfg: JobConfig, dims: ParallelDims, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config implied by modmoe's config (plus ``parallel.deepspeed_extra``)."""
-    tc = cfg.trainer
-    accum = tc.global_batch_size // (tc.micro_batch_size * dims.dp)
-    base = {
-        "train_batch_size": tc.global_batch_size,
-        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optimizer.grad_clip or 0.0,
-        "zero_optimization": {"stage": dims.zero_stage},
-        "bf16": {"enabled": bf16},
-        # A torch AdamW is passed in (DeepSpeed's fused Adam kernels need CUDA builds).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**62,
-        "wall_clock_breakdown": False,
-    }
-    return _merge(base, cfg.parallel.deepspeed_extra)
 
 
 def detach_experts(model: MoDETransformer) -> dict[str, GroupedExperts]:
@@ -108,24 +61,24 @@ def detach_experts(model: MoDETransformer) -> dict[str, GroupedExperts]:
     return detached
 
 
-class DeepSpeedEngine:
-    def __init__(self, model: MoDETransformer, dims: ParallelDims, cfg: JobConfig, device: torch.device) -> None:
+class DeepSpeedBackend(NativeModelBackend):
+    """The native model under DeepSpeed ZeRO (``parallel.dp_backend: deepspeed``)."""
+
+    name = "deepspeed"
+
+    def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
         import deepspeed
 
-        self.core, self.dims = model, dims
-        self.grad_clip = cfg.optimizer.grad_clip
-        self.a2a = apply_model_parallelism(model, dims, cfg.parallel)
-        self.experts = detach_experts(model) if dims.ep > 1 else {}
+        super().__init__(job, env)
+        cfg, model = self.cfg, self.core
+        self.experts = detach_experts(model) if self.dims.ep > 1 else {}
         self.expert_params = {
             f"{name}.{p_name}": p for name, mod in self.experts.items() for p_name, p in mod.named_parameters()
         }
-        bf16 = cfg.trainer.precision == "bf16" or (
-            cfg.trainer.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
         dense_optimizer = build_optimizer(model, cfg.optimizer)
         dense_scheduler = build_scheduler(dense_optimizer, cfg.optimizer, cfg.trainer.max_steps)
-        os.environ.setdefault("LOCAL_RANK", "0")
-        self.ds_config = deepspeed_config(cfg, dims, bf16)
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed insists, even in a plain process
+        self.ds_config = deepspeed_config(cfg, job.accum_steps, self.dims.zero_stage, self.autocast == torch.bfloat16)
         self.module, self.ds_optimizer, _, self.ds_scheduler = deepspeed.initialize(
             model=model,
             optimizer=dense_optimizer,
@@ -140,21 +93,18 @@ class DeepSpeedEngine:
             self.expert_scheduler = build_scheduler(self.expert_optimizer, cfg.optimizer, cfg.trainer.max_steps)
 
     # ------------------------------------------------------------------ training
-    def micro_batch(self, last: bool):
-        return contextlib.nullcontext()  # DeepSpeed counts micro-batches itself
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # The trainer already divides by the accumulation steps.
+    def _backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed counts micro-batches itself, and the loss is already divided by their number.
         self.module.backward(loss, scale_wrt_gas=False)
         self._lr = self.ds_scheduler.get_last_lr()[0]  # what this step uses: step() moves the schedule on
         self.module.step()  # a real optimizer step only at the accumulation boundary
 
-    def step(self) -> float | None:
+    def _apply_gradients(self) -> float | None:
         dense_norm = self.module.get_global_grad_norm()
         expert_norm = None
         if self.expert_optimizer is not None:
             reduce_expert_grads(list(self.expert_params.values()), self.dims)
-            expert_norm = clip_grad_norm(self.expert_params.values(), self.grad_clip)
+            expert_norm = clip_grad_norm(self.expert_params.values(), self.cfg.optimizer.grad_clip)
             self.expert_optimizer.step()
             self.expert_scheduler.step()
             self.expert_optimizer.zero_grad(set_to_none=True)
@@ -168,11 +118,8 @@ class DeepSpeedEngine:
         which under DeepSpeed already stepped the optimizer and the schedule)."""
         return self._lr
 
-    def comm_metrics(self) -> dict[str, float]:
-        return a2a_metrics(self.a2a)
-
-    def train_state(self) -> DeepSpeedTrainState:
-        return DeepSpeedTrainState(self)
+    def state_io(self) -> StateIO:
+        return DcpStateIO({"train": DeepSpeedTrainState(self)})
 
 
 class DeepSpeedTrainState(Stateful):
@@ -182,44 +129,44 @@ class DeepSpeedTrainState(Stateful):
 
     holds_model = True
 
-    def __init__(self, engine: DeepSpeedEngine) -> None:
-        self.engine = engine
+    def __init__(self, backend: DeepSpeedBackend) -> None:
+        self.backend = backend
 
     def _dense_params(self) -> dict[str, nn.Parameter]:
-        return dict(self.engine.core.named_parameters())
+        return dict(self.backend.core.named_parameters())
 
     def state_dict(self) -> dict[str, Any]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        eng = self.engine
-        _ensure_adam_state(eng.ds_optimizer)
-        step = torch.tensor(float(eng.module.global_steps))
+        backend = self.backend
+        _ensure_adam_state(backend.ds_optimizer)
+        step = torch.tensor(float(backend.module.global_steps))
         model: dict[str, Any] = {}
         optim: dict[str, dict[str, Any]] = {}
         for name, p in self._dense_params().items():
             model[name] = safe_get_full_fp32_param(p).detach().cpu()
             optim[name] = {key: _or_zeros(safe_get_full_optimizer_state(p, key), model[name]) for key in ADAM_MOMENTS}
             optim[name]["step"] = step.clone()
-        for name, buf in eng.core.named_buffers():
+        for name, buf in backend.core.named_buffers():
             if name.endswith("expert_bias"):
                 model[name] = buf
-        for name, p in eng.expert_params.items():
+        for name, p in backend.expert_params.items():
             model[name] = p
-            state = eng.expert_optimizer.state.get(p, {})
+            state = backend.expert_optimizer.state.get(p, {})
             optim[name] = {key: state[key] if key in state else torch.zeros_like(p) for key in ADAM_MOMENTS}
             optim[name]["step"] = step.clone()
-        # The same keys as a native TrainState: either engine resumes the other's checkpoints.
+        # The same keys as a native TrainState: either backend resumes the other's checkpoints.
         return {
             MODEL_KEY: model,
             OPTIM_KEY: {OPTIM_STATE_KEY: optim},
-            SCHEDULER_KEY: schedule_state(eng.ds_scheduler),
+            SCHEDULER_KEY: schedule_state(backend.ds_scheduler),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """DCP has loaded into the tensors ``state_dict()`` offered; push them into ZeRO's
         partitions and the expert optimizer."""
-        eng = self.engine
-        _ensure_adam_state(eng.ds_optimizer)
+        backend = self.backend
+        _ensure_adam_state(backend.ds_optimizer)
         model, optim = state_dict[MODEL_KEY], state_dict[OPTIM_KEY][OPTIM_STATE_KEY]
         steps = {int(optim[name]["step"]) for name in optim}
         if len(steps) != 1:
@@ -235,19 +182,19 @@ class DeepSpeedTrainState(Stateful):
                 p.data.copy_(value.to(p.dtype))
             for key in ADAM_MOMENTS:
                 _set_full_hp(p, optim[name][key].to(p.device), key)
-        for name, buf in eng.core.named_buffers():
+        for name, buf in backend.core.named_buffers():
             if name in model:
                 buf.copy_(model[name])
-        _set_adam_step(eng.ds_optimizer, step)
-        eng.module.global_steps = step
-        load_schedule(eng.ds_scheduler, state_dict[SCHEDULER_KEY])
-        if eng.expert_optimizer is not None:
-            for name, p in eng.expert_params.items():
-                state = eng.expert_optimizer.state[p]
+        _set_adam_step(backend.ds_optimizer, step)
+        backend.module.global_steps = step
+        load_schedule(backend.ds_scheduler, state_dict[SCHEDULER_KEY])
+        if backend.expert_optimizer is not None:
+            for name, p in backend.expert_params.items():
+                state = backend.expert_optimizer.state[p]
                 for key in ADAM_MOMENTS:
                     state[key] = optim[name][key]
                 state["step"] = torch.tensor(float(step))
-            load_schedule(eng.expert_scheduler, state_dict[SCHEDULER_KEY])
+            load_schedule(backend.expert_scheduler, state_dict[SCHEDULER_KEY])
 
 
 def _set_full_hp(p: nn.Parameter, value: torch.Tensor, optim_state_key: str | None = None) -> None:

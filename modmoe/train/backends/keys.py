@@ -1,0 +1,119 @@
+"""Which config keys the Trainer and each backend honour.
+
+A key set away from its default must be honoured by the Trainer or by the chosen backend;
+otherwise :func:`modmoe.train.resolve.check_honoured` refuses the config in one line before
+any work, rather than letting a setting be silently ignored. A new config key is therefore
+refused everywhere until the code that implements it is declared here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HonouredKeys:
+    """A set of dotted config keys: a key is in it when it equals one of ``keys`` or lies below
+    one (``"model"`` covers ``model.depth.capacity``)."""
+
+    keys: tuple[str, ...]
+
+    def __contains__(self, key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in self.keys)
+
+    def __or__(self, other: HonouredKeys) -> HonouredKeys:
+        return HonouredKeys(self.keys + other.keys)
+
+
+# Keys the Trainer implements itself, whatever the backend: data, the loop's cadence,
+# checkpoint commits and retention, tracking, the process group.
+TRAINER_KEYS = HonouredKeys(
+    (
+        "engine",
+        "data",
+        "trainer.max_steps",
+        "trainer.run_dir",
+        "trainer.seed",
+        "trainer.global_batch_size",
+        "trainer.micro_batch_size",
+        "trainer.eval_every",
+        "trainer.eval_batches",
+        "trainer.log_every",
+        "trainer.device",
+        "trainer.progress_bar",
+        "trainer.deterministic",
+        "checkpoint.interval_steps",
+        "checkpoint.interval_minutes",
+        "checkpoint.keep_last",
+        "checkpoint.keep_every",
+        "checkpoint.dirname",
+        "logging.mlflow",
+        "logging.peak_tflops_per_device",
+        "parallel.comm_backend",
+    )
+)
+
+
+# Keys the Trainer implements itself, whatever the backend: data, the loop's cadence,
+# checkpoint commits and retention, tracking, the process group.
+TRAINER_KEYS = HonouredKeys(
+    (
+        "engine",
+        "data",
+        "trainer.max_steps",
+        "trainer.run_dir",
+        "trainer.seed",
+        "trainer.global_batch_size",
+        "trainer.micro_batch_size",
+        "trainer.eval_every",
+        "trainer.eval_batches",
+        "trainer.log_every",
+        "trainer.device",
+        "trainer.progress_bar",
+        "trainer.deterministic",
+        "checkpoint.interval_steps",
+        "checkpoint.interval_minutes",
+        "checkpoint.keep_last",
+        "checkpoint.keep_every",
+        "checkpoint.dirname",
+        "logging.mlflow",
+        "logging.peak_tflops_per_device",
+        "parallel.comm_backend",
+    )
+)
+
+# The native model under DDP/FSDP2 or DeepSpeed: every model, optimizer and layout setting;
+# not the Megatron-only section.
+NATIVE_KEYS = HonouredKeys(
+    ("model", "optimizer", "parallel", "trainer.precision", "checkpoint.async_save", "logging.plots_every_eval")
+)
+
+# Megatron-Core: the model (translate refuses, in one line, what Megatron cannot express),
+# the optimizer, the shared parallel degrees and its own section. Not: asynchronous checkpoint
+# saves (dist_checkpointing writes synchronously here).
+MEGATRON_KEYS = HonouredKeys(
+    (
+        "model",
+        "optimizer",
+        "megatron",
+        "trainer.precision",
+        "parallel.dp",
+        "parallel.ep",
+        "parallel.tp",
+        "parallel.dp_backend",
+        "parallel.zero_stage",
+        "parallel.deepspeed_extra",
+        "parallel.activation_checkpointing",
+        "logging.plots_every_eval",
+    )
+)
+
+BACKEND_KEYS: dict[str, HonouredKeys] = {"native": NATIVE_KEYS, "deepspeed": NATIVE_KEYS, "megatron": MEGATRON_KEYS}
+
+
+def refusal(key: str, value: object, backend: str) -> str:
+    """The one-line refusal of a key that neither the Trainer nor ``backend`` honours."""
+    return (
+        f"config error: {key} = {value!r}: not honoured by the {backend} backend (the keys each backend "
+        "honours: docs/architecture.md); remove it or pick a backend that implements it"
+    )
