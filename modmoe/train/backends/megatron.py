@@ -485,6 +485,11 @@ class MegatronBackend:
         return MegatronStateIO(self.gpt, self.optimizer, self.deepspeed, around=self._params_gathered)
 
     def close(self) -> None:
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+
+        # Megatron keeps these at module level: leave nothing behind for a later model in this process.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+        get_moe_layer_wise_logging_tracker().clear()
         self.ps.destroy_model_parallel()
         if self._own_group:
             dist.destroy_process_group()

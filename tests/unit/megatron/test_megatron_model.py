@@ -68,7 +68,9 @@ def megatron_cpu():
     """One 1-rank gloo group and Megatron parallel state for the module, torn down after."""
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # module-level state an earlier model may have set
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     with megatron_on_cpu():
