@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from modmoe.config_base import field_error
 from modmoe.parallel.config import ParallelConfig
 
 
@@ -31,7 +32,7 @@ class DistEnv:
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("config error: trainer.device = 'cuda': no CUDA device is available (use cpu or auto)")
+            raise field_error("trainer.device", "cuda", "no CUDA device is available (use cpu or auto)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
