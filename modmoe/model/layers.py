@@ -19,10 +19,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (B, T) long -> cos, sin: (B, T, hd/2)
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} >= model.max_seq_len ({self.cos.shape[0]})")
+    def forward(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (B, T) long -> cos, sin: (B, T, hd/2). ``max_position``: the largest
+        position when the caller knows it (training: T - 1), which spares reading the tensor
+        back from the device; otherwise the positions are checked on the host."""
+        if max_position is None and positions.numel():
+            max_position = int(positions.max())
+        if max_position is not None and max_position >= self.cos.shape[0]:
+            raise ValueError(f"position {max_position} >= model.max_seq_len ({self.cos.shape[0]})")
         return self.cos[positions], self.sin[positions]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,10 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from modmoe.model.config import ModelConfig
+from modmoe.model.grouped_gemm import grouped_mm, grouped_mm_fits
 from modmoe.model.layers import SwiGLU
+
+ExpertKernel = Literal["grouped", "loop"]
 
 
 @dataclass
@@ -44,24 +48,44 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 class GroupedExperts(nn.Module):
     """``E`` SwiGLU experts stored as one stacked ``(E, ...)`` parameter per projection, so the
     global parameter names and shapes do not depend on expert parallelism (under EP each rank
-    holds a ``Shard(0)`` slice; under TP the hidden dimension is split)."""
+    holds a ``Shard(0)`` slice; under TP the hidden dimension is split).
+
+    ``kernel`` is chosen once, when the module is built (and again by a parallelize step that
+    changes the local sizes): ``grouped``, one ``torch._grouped_mm`` per projection over all
+    experts with device-side offsets, or ``loop``, one matmul per expert on host-side counts,
+    the fallback where the grouped op is missing or the sizes break its 16-byte rule."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.kernel: ExpertKernel = self.best_kernel(dim, hidden)
+
+    @staticmethod
+    def best_kernel(dim: int, hidden: int) -> ExpertKernel:
+        return "grouped" if grouped_mm_fits(dim, hidden) else "loop"
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs: (n, D) rows sorted by expert; counts: (E_local,) rows per local expert -> (n, D).
-        One matmul per expert on its contiguous rows; an empty expert still touches its weights
-        so that every parameter gets a (zero) gradient."""
+        """xs: (M, D) rows sorted by expert; counts: (E_local,) rows per local expert -> (M, D).
+        Rows past ``counts.sum()`` belong to no expert and are not computed: the loop leaves
+        them zero, the grouped GEMM may leave them unwritten (the caller masks them)."""
         w1, w3, w2 = local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2)
+        if self.kernel == "grouped":
+            dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+            x = xs.to(dtype)
+            offsets = counts.cumsum(0).to(torch.int32)  # (E_local,) on the device: no host sync
+            hidden = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # (M, F)
+            return grouped_mm(hidden, w2, offsets)  # (M, D)
+        # Fallback: one matmul per expert; an empty expert still touches its weights so that
+        # every parameter gets a (zero) gradient. ``tolist`` waits for the device.
+        sizes = counts.tolist()
         outs = []
-        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+        for e, chunk in enumerate(torch.split(xs[: sum(sizes)], sizes)):
             hidden = F.silu(chunk @ w1[e]) * (chunk @ w3[e])  # (n_e, F)
             outs.append(hidden @ w2[e])  # (n_e, D)
-        return torch.cat(outs)
+        out = torch.cat(outs)
+        return torch.cat([out, out.new_zeros(xs.shape[0] - out.shape[0], out.shape[1])])
 
 
 class MoE(nn.Module):
@@ -96,12 +120,16 @@ class MoE(nn.Module):
             topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True).clamp_min(1e-20)
         return logits, probs, topk_experts, topk_weights
 
-    def _capacity_keep(self, topk_experts: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
-        """(N, K) bool: slot within its expert's capacity, first come (token order) first served."""
-        n_valid_slots = int(slot_valid.sum())
-        capacity = math.ceil(self.capacity_factor * n_valid_slots / self.num_experts)
-        onehot = F.one_hot(topk_experts, self.num_slots_total) * slot_valid[..., None]  # (N, K, Et)
-        rank_in_expert = (onehot.flatten(0, 1).cumsum(0) * onehot.flatten(0, 1)).sum(-1) - 1  # (N*K,)
+    def _capacity_keep(self, topk_experts: torch.Tensor, slot_valid: torch.Tensor, padded: bool) -> torch.Tensor:
+        """(N, K) bool: slot within its expert's capacity, first come (token order) first served.
+        Without padding every slot is valid and the capacity is a Python number; with padding it
+        stays a device tensor (the same float64 arithmetic), so nothing waits for the host."""
+        n_valid_slots = slot_valid.sum().double() if padded else slot_valid.numel()
+        capacity = self.capacity_factor * n_valid_slots / self.num_experts
+        capacity = torch.ceil(capacity) if padded else math.ceil(capacity)
+        experts = torch.arange(self.num_slots_total, device=topk_experts.device)
+        onehot = ((topk_experts[..., None] == experts) & slot_valid[..., None]).flatten(0, 1).long()  # (N*K, Et)
+        rank_in_expert = (onehot.cumsum(0) * onehot).sum(-1) - 1  # (N*K,)
         is_noop = topk_experts >= self.num_experts
         return (rank_in_expert.view_as(topk_experts) < capacity) | is_noop
 
@@ -141,14 +169,27 @@ class MoE(nn.Module):
             aux, seq_aux, z, counts = self._balance_losses(logits, probs, topk_experts, slot_valid, token_valid, B)
 
         to_real = slot_valid & (topk_experts < self.num_experts)
-        dispatch = to_real if self.capacity_factor is None else to_real & self._capacity_keep(topk_experts, slot_valid)
+        dispatch = to_real
+        if self.capacity_factor is not None:
+            dispatch = to_real & self._capacity_keep(topk_experts, slot_valid, padded=valid is not None)
 
-        sort_key = torch.where(dispatch, topk_experts, self.num_experts).flatten()  # (N*K,) sentinel E = not computed
-        per_expert = torch.bincount(sort_key, minlength=self.num_experts + 1)[: self.num_experts]
-        order = torch.argsort(sort_key, stable=True)[: int(per_expert.sum())]  # dispatched slots, by expert
+        # Static shapes: all N*K slots are sorted by expert, the dispatched ones first; the rest
+        # (dropped, padding, no-op) sort behind them under the sentinel E and are not computed.
+        sort_key = torch.where(dispatch, topk_experts, self.num_experts).flatten()  # (N*K,)
+        experts = torch.arange(self.num_experts, device=x.device)
+        per_expert = (sort_key[:, None] == experts).sum(0)  # (E,) dispatched slots per expert
+        order = torch.argsort(sort_key, stable=True)  # (N*K,) slots by expert
         token_of_slot = order // K
-        expert_out = self.experts(flat[token_of_slot], per_expert)  # (n, D)
-        expert_out = expert_out * topk_weights.flatten()[order, None].to(x.dtype)
+        rows = flat[token_of_slot]  # (N*K, D)
+        weights = topk_weights.flatten()[order, None].to(x.dtype)  # (N*K, 1)
+        if valid is None and self.capacity_factor is None and self.num_noop == 0:
+            expert_out = self.experts(rows, per_expert) * weights  # dropless: every slot is computed
+        else:
+            # Slots past the dispatched ones: zeros in and out of the experts (a grouped GEMM
+            # leaves those rows unwritten, and `where` also stops their gradient).
+            computed = (sort_key[order] < self.num_experts)[:, None]  # (N*K, 1)
+            rows = torch.where(computed, rows, 0)
+            expert_out = torch.where(computed, self.experts(rows, per_expert) * weights, 0)
         out = torch.zeros_like(flat).index_add_(0, token_of_slot, expert_out)  # (N, D)
         if self.shared is not None:
             out = out + self.shared(flat)

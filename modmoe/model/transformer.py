@@ -62,9 +62,10 @@ class MoDETransformer(nn.Module):
         """tokens: (B, T) ids; targets: (B, T) next-token ids (-100 ignored); positions:
         (B, T) absolute positions (default 0..T-1)."""
         B, T = tokens.shape
+        max_position = None
         if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos, sin = self.rope(positions)  # (B, T, hd/2)
+            positions, max_position = torch.arange(T, device=tokens.device).expand(B, T), T - 1
+        cos, sin = self.rope(positions, max_position)  # (B, T, hd/2)
         k = self.cfg.depth_capacity_tokens(T)
         x = self.tok_embeddings(tokens)  # (B, T, D)
         layer_aux: list[BlockAux] = []

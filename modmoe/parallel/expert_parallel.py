@@ -36,6 +36,7 @@ class _InFlight:
     """What the combine step needs from the matching dispatch step."""
 
     order: torch.Tensor  # (m,) received rows -> sorted by local expert
+    rows: int  # rows the caller handed in, dispatched or not (the output has as many)
     send_splits: list[int]  # rows sent to each EP rank
     recv_splits: list[int]  # rows received from each EP rank
 
@@ -81,24 +82,26 @@ class ExpertParallel:
         return out
 
     def _dispatch(self, _module: nn.Module, args: tuple) -> tuple:
-        xs, counts = args  # xs: (n, D) sorted by global expert; counts: (E,)
+        xs, counts = args  # xs: (M, D) sorted by global expert, dispatched rows first; counts: (E,)
         send_counts = counts.view(self.ep, self.local_experts)  # (ep, E_local) rows per destination expert
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts.view(-1), send_counts.reshape(-1).contiguous(), group=self.group)
         send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
         self.stats.rows_total += sum(send_splits)
         self.stats.rows_sent_remote += sum(send_splits) - send_splits[self.ep_rank]
-        received = self._all_to_all(xs, recv_splits, send_splits)  # (m, D) grouped by (source rank, local expert)
+        # Only the dispatched rows travel; the MoE's static-shape tail of undispatched rows stays.
+        received = self._all_to_all(xs[: sum(send_splits)], recv_splits, send_splits)  # (m, D) by (source, expert)
         local_expert_of_row = torch.arange(self.local_experts, device=xs.device).repeat(self.ep)
         local_expert_of_row = local_expert_of_row.repeat_interleave(recv_counts.reshape(-1))  # (m,)
         order = torch.argsort(local_expert_of_row, stable=True)
-        self._in_flight.append(_InFlight(order, send_splits, recv_splits))
+        self._in_flight.append(_InFlight(order, xs.shape[0], send_splits, recv_splits))
         return received[order], recv_counts.sum(0)  # rows by local expert, (E_local,) counts
 
     def _combine(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
         flight = self._in_flight.pop()
         unsorted = torch.empty_like(output).index_copy(0, flight.order, output)  # back to (source rank, expert) order
-        return self._all_to_all(unsorted, flight.send_splits, flight.recv_splits)  # (n, D) in the caller's order
+        back = self._all_to_all(unsorted, flight.send_splits, flight.recv_splits)  # (n, D) in the caller's order
+        return torch.cat([back, back.new_zeros(flight.rows - back.shape[0], back.shape[1])])  # (M, D)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> A2AStats:

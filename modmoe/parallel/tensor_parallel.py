@@ -58,11 +58,13 @@ def _swiglu_plan(prefix: str) -> dict:
 
 def _shard_experts(moe: MoE, tp_mesh: DeviceMesh) -> None:
     """Stacked expert weights split on the hidden dimension: w1/w3 (E, D, F) on F, w2 (E, F, D)
-    on F. The expert loop then produces partial (n, D) sums, added up after w2."""
+    on F. The experts then produce partial (n, D) sums, added up after w2."""
     experts, group = moe.experts, tp_mesh.get_group()
     for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
         param = getattr(experts, name)
         experts.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(dim)])))
+    local = experts.w1.to_local()  # (E, D, F / tp): the grouped GEMM's size rule applies to the slice
+    experts.kernel = experts.best_kernel(local.shape[1], local.shape[2])
     experts.register_forward_pre_hook(lambda _m, args: (_CopyToTP.apply(args[0], group), *args[1:]))
     experts.register_forward_hook(lambda _m, _args, out: _ReduceFromTP.apply(out, group))
 

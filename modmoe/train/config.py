@@ -72,6 +72,33 @@ class TrainerConfig(ConfigModel):
     """Compute dtype under autocast; weights and optimizer state stay fp32. ``auto`` = bf16 on
     CUDA devices that support it, fp32 on CPU."""
 
+    compile: Literal["off", "blocks", "model"] = "off"
+    """``torch.compile`` of the native model, applied by the parallelize step after tensor
+    parallel, expert parallel and activation checkpointing, before DDP/FSDP2 (torchtitan's
+    order): ``blocks`` compiles each block (shorter compile; DDP and FSDP2 still overlap their
+    communication block by block), ``model`` the whole forward. Only top-k routing is compiled;
+    causal-routing evaluation runs eagerly. Native engine with DDP or FSDP2."""
+
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """What ``compile`` hands the traced graphs to: ``inductor`` (generated kernels: the fast
+    one) or ``aot_eager`` (forward and backward traced exactly as for inductor, then run with
+    the eager kernels: the same graph-break and host-sync checks in seconds, for tests and
+    debugging)."""
+
+    cuda_graphs: bool = False
+    """Replay the compiled forward and backward as CUDA graphs (inductor's ``reduce-overhead``):
+    no kernel-launch cost per op, possible because a top-k MoDE step has static shapes and no
+    host sync. Needs ``compile`` blocks or model with inductor, one CUDA device in a single
+    process, and no expert parallelism; refused on CPU."""
+
+    fp8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """FP8 training of the linear layers through torchao float8 (the ``gpu`` extra), applied from
+    outside the model: attention and dense/shared-expert MLP projections become ``Float8Linear``
+    with ``tensorwise`` (one scale per tensor) or ``rowwise`` (one per row: more accurate,
+    somewhat slower) dynamic scaling. The depth router, the MoE gate, the predictor, norms,
+    the LM head and the routed experts stay in the compute precision. Needs a CUDA GPU with
+    FP8 (compute capability 8.9+), native engine with DDP or FSDP2, no tensor parallel."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: ``auto`` = cuda when available."""
 
@@ -84,6 +111,14 @@ class TrainerConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
+        if self.cuda_graphs and self.compile == "off":
+            raise field_error("trainer.cuda_graphs", True, "needs trainer.compile = blocks or model")
+        if self.cuda_graphs and self.compile_backend != "inductor":
+            raise field_error("trainer.cuda_graphs", True, "needs trainer.compile_backend = inductor")
+        if self.cuda_graphs and self.device == "cpu":
+            raise field_error("trainer.cuda_graphs", True, "needs a CUDA device (trainer.device = cpu)")
+        if self.fp8 != "none" and self.device == "cpu":
+            raise field_error("trainer.fp8", self.fp8, "needs a CUDA GPU with FP8 (trainer.device = cpu)")
         if self.global_batch_size % self.micro_batch_size:
             raise field_error(
                 "trainer.global_batch_size",

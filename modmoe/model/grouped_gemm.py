@@ -1,0 +1,78 @@
+"""Grouped GEMM over stacked experts: every expert's rows in one kernel (``torch._grouped_mm``).
+
+``grouped_mm(x, w, offsets)``: ``x`` (n, K) rows sorted by group, ``w`` (G, K, N), ``offsets``
+(G,) int32 on the device, the cumulative row counts (``offsets[g]`` ends group ``g``) -> (n, N).
+The offsets never leave the device, so nothing waits for the host, and rows past
+``offsets[-1]`` are not computed (the caller masks them: CUDA leaves them unwritten).
+
+Facts this file relies on (torch 2.13 here; torch 2.11 on the lent GPU machine, by its source):
+- ``torch._grouped_mm`` runs on CPU in fp32 and bf16, and on CUDA; CUDA's fast kernel (bf16 on
+  sm90+, CUTLASS) reads the offsets on the device, its fallback for other dtypes loops on the host.
+- Every row stride must be a multiple of 16 bytes: K and N multiples of 8 cover fp32 and bf16.
+- It is not on the autocast lists: fp32 inputs under bf16 autocast stay fp32, so the caller casts.
+- Its fake (meta) kernel, which ``torch.compile`` traces with, accepts bf16 only. fp32 therefore
+  goes through the custom op below, whose fake kernel and backward are ours, so fp32 models
+  (the CPU tests) compile too; bf16 calls the native op, which inductor knows.
+- Its backward needs a gradient with real strides (an expanded ``sum()`` gradient is refused);
+  the custom op makes the gradient contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_ALIGN = 8  # elements: 16 bytes in bf16 (and 32 in fp32)
+
+
+def grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm_fits(*sizes: int) -> bool:
+    """Whether matrices with these inner sizes meet the 16-byte stride rule in fp32 and bf16."""
+    return grouped_mm_available() and all(s % ROW_ALIGN == 0 for s in sizes)
+
+
+@torch.library.custom_op("modmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("modmoe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per group g: x[rows of g].T @ grad[rows of g] -> (G, K, N); empty groups give zeros."""
+    return torch._grouped_mm(x.t(), grad, offs=offsets)
+
+
+@_grouped_weight_grad_op.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = _grouped_mm_op(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = _grouped_weight_grad_op(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x: (n, K), w: (G, K, N), offsets: (G,) int32 -> (n, N), in x's dtype (cast w to it)."""
+    w = w.to(x.dtype)
+    if x.dtype == torch.bfloat16:
+        return torch._grouped_mm(x, w, offs=offsets)
+    return _grouped_mm_op(x, w, offsets)
