@@ -3,7 +3,8 @@
 ``grouped_mm(x, w, offsets)``: ``x`` (n, K) rows sorted by group, ``w`` (G, K, N), ``offsets``
 (G,) int32 on the device, the cumulative row counts (``offsets[g]`` ends group ``g``) -> (n, N).
 The offsets never leave the device, so nothing waits for the host, and rows past
-``offsets[-1]`` are not computed (the caller masks them: CUDA leaves them unwritten).
+``offsets[-1]`` are not computed: the op leaves them unwritten (uninitialized memory, seen on
+CPU too), so the caller masks them on the way in and out.
 
 Facts this file relies on (torch 2.13 here; torch 2.11 on the lent GPU machine, by its source):
 - ``torch._grouped_mm`` runs on CPU in fp32 and bf16, and on CUDA; CUDA's fast kernel (bf16 on

@@ -69,7 +69,7 @@ class GroupedExperts(nn.Module):
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs: (M, D) rows sorted by expert; counts: (E_local,) rows per local expert -> (M, D).
         Rows past ``counts.sum()`` belong to no expert and are not computed: the loop leaves
-        them zero, the grouped GEMM may leave them unwritten (the caller masks them)."""
+        them zero, the grouped GEMM leaves them unwritten (the caller masks them)."""
         w1, w3, w2 = local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2)
         if self.kernel == "grouped":
             dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
