@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from modmoe.checkpoint.config import CheckpointConfig
-from modmoe.config_base import ConfigError, ConfigModel, field_error, validate_config
+from modmoe.config_base import ConfigError, ConfigModel, validate_config
 from modmoe.data.config import DataConfig
 from modmoe.engines.megatron.config import MegatronConfig
 from modmoe.model.config import ModelConfig
@@ -65,29 +65,6 @@ class JobConfig(ConfigModel):
 
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Sharded checkpoints in RUN_DIR/checkpoints."""
-
-    @model_validator(mode="after")
-    def _check_speed_options(self) -> JobConfig:
-        """compile, CUDA graphs and FP8 are steps of the native engine's DDP/FSDP2 parallelize."""
-        t, p = self.trainer, self.parallel
-        chosen = [(k, v) for k, v in (("compile", t.compile), ("fp8", t.fp8)) if v not in ("off", "none")]
-        chosen += [("cuda_graphs", True)] if t.cuda_graphs else []
-        for key, value in chosen:
-            if self.engine != "native":
-                raise field_error(f"trainer.{key}", value, f"is a native-engine option (engine = {self.engine})")
-            if p.dp_backend == "deepspeed":
-                raise field_error(f"trainer.{key}", value, "needs parallel.dp_backend = ddp or fsdp2 (not deepspeed)")
-        if t.cuda_graphs and p.ep > 1:
-            raise field_error(
-                "trainer.cuda_graphs",
-                True,
-                f"needs parallel.ep = 1 (got {p.ep}): the all-to-all sizes come from the host",
-            )
-        if t.fp8 != "none" and p.tp > 1:
-            raise field_error(
-                "trainer.fp8", t.fp8, f"needs parallel.tp = 1 (got {p.tp}): float8 tensor parallel is not built"
-            )
-        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -185,11 +185,12 @@ class MoE(nn.Module):
         if valid is None and self.capacity_factor is None and self.num_noop == 0:
             expert_out = self.experts(rows, per_expert) * weights  # dropless: every slot is computed
         else:
-            # Slots past the dispatched ones: zeros in and out of the experts (a grouped GEMM
-            # leaves those rows unwritten, and `where` also stops their gradient).
+            # Slots past the dispatched ones: zeros in and out of the experts. A grouped GEMM
+            # leaves those rows unwritten (any bits, inf and NaN included), so they are selected
+            # away before anything multiplies them, and `where` also stops their gradient.
             computed = (sort_key[order] < self.num_experts)[:, None]  # (N*K, 1)
             rows = torch.where(computed, rows, 0)
-            expert_out = torch.where(computed, self.experts(rows, per_expert) * weights, 0)
+            expert_out = torch.where(computed, self.experts(rows, per_expert), 0) * weights
         out = torch.zeros_like(flat).index_add_(0, token_of_slot, expert_out)  # (N, D)
         if self.shared is not None:
             out = out + self.shared(flat)

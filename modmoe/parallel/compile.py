@@ -18,7 +18,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from modmoe.config_base import ConfigError
 from modmoe.model.transformer import MoDETransformer
 
 CompileMode = Literal["off", "blocks", "model"]
@@ -59,19 +58,6 @@ def compile_options(backend: CompileBackend, cuda_graphs: bool, fullgraph: bool)
     if backend == "inductor":
         options["options"] = {"inplace_buffers": False, "triton.cudagraphs": cuda_graphs}
     return options
-
-
-def check_cuda_graphs(device: torch.device, world_size: int) -> None:
-    """One line when CUDA graphs cannot be used here."""
-    if device.type != "cuda":
-        raise ConfigError(
-            f"config error: trainer.cuda_graphs = True: needs a CUDA device (training runs on {device.type})"
-        )
-    if world_size > 1:
-        raise ConfigError(
-            f"config error: trainer.cuda_graphs = True: built for one process on one GPU (world size {world_size}); "
-            "DDP/FSDP2 communication is not captured"
-        )
 
 
 def apply_compile(

@@ -40,18 +40,6 @@ def fp8_filter(module: nn.Module, fqn: str) -> bool:
     return inner.endswith(CONVERTED + SHARED) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def check_fp8_device(device: torch.device) -> None:
-    """One line when this device cannot train in FP8."""
-    if device.type != "cuda":
-        raise ConfigError(f"config error: trainer.fp8: FP8 training needs a CUDA GPU (training runs on {device.type})")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise ConfigError(
-            f"config error: trainer.fp8: {torch.cuda.get_device_name(device)} (compute capability "
-            f"{major}.{minor}) has no FP8 GEMM; it needs 8.9 or newer (Ada, Hopper, Blackwell)"
-        )
-
-
 def import_float8():
     """torchao's float8 API, or one line saying how to install it."""
     if not torch.cuda.is_available():

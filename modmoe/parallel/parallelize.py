@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,14 +22,16 @@ from torch.distributed.tensor import DTensor
 from modmoe.model.moe import GroupedExperts
 from modmoe.model.transformer import MoDETransformer
 from modmoe.parallel.activation_checkpoint import apply_activation_checkpointing
-from modmoe.parallel.compile import apply_compile, check_cuda_graphs
+from modmoe.parallel.compile import apply_compile
 from modmoe.parallel.config import ParallelConfig
 from modmoe.parallel.dims import DP, EDP, EP, TP, ParallelDims
 from modmoe.parallel.distributed import all_reduce_sum
 from modmoe.parallel.expert_parallel import A2AStats, apply_expert_parallel
-from modmoe.parallel.fp8 import apply_fp8, check_fp8_device
+from modmoe.parallel.fp8 import apply_fp8
 from modmoe.parallel.tensor_parallel import apply_tensor_parallel
-from modmoe.train.config import TrainerConfig
+
+if TYPE_CHECKING:  # the trainer section is read, not imported: parallel sits below train
+    from modmoe.train.config import TrainerConfig
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
@@ -45,10 +48,10 @@ def apply_model_parallelism(
     dims: ParallelDims,
     cfg: ParallelConfig,
     trainer: TrainerConfig | None = None,
-    device: torch.device | None = None,
 ) -> A2AStats | None:
     """TP, EP, FP8, activation checkpointing, compile and the global-batch load reducer (not
-    data parallel). ``trainer`` carries the compile / CUDA-graph / FP8 choices (None: none)."""
+    data parallel). ``trainer`` carries the compile / CUDA-graph / FP8 choices (None: none;
+    :func:`modmoe.parallel.speed.check_speed_options` has checked them for this layout)."""
     if dims.distributed:
         # The balance loss sees the expert load of the global batch: per-expert counts summed
         # over the ranks that split it (TP peers hold the same tokens and are not counted twice).
@@ -59,13 +62,10 @@ def apply_model_parallelism(
         apply_tensor_parallel(model, dims.dense_mesh[TP])
     a2a = apply_expert_parallel(model, dims.expert_mesh[EP]) if dims.ep > 1 else None
     if trainer is not None and trainer.fp8 != "none":
-        check_fp8_device(device or torch.device("cpu"))
         apply_fp8(model, trainer.fp8)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if trainer is not None and trainer.compile != "off":
-        if trainer.cuda_graphs:
-            check_cuda_graphs(device or torch.device("cpu"), dims.world_size)
         # Expected graph breaks: EP reads its all-to-all sizes on the host, TP's collectives sit
         # in autograd functions, and FSDP2's per-block hooks are never traced (a whole-model
         # graph breaks at each block). Every other layout must compile whole.

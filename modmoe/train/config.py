@@ -115,10 +115,6 @@ class TrainerConfig(ConfigModel):
             raise field_error("trainer.cuda_graphs", True, "needs trainer.compile = blocks or model")
         if self.cuda_graphs and self.compile_backend != "inductor":
             raise field_error("trainer.cuda_graphs", True, "needs trainer.compile_backend = inductor")
-        if self.cuda_graphs and self.device == "cpu":
-            raise field_error("trainer.cuda_graphs", True, "needs a CUDA device (trainer.device = cpu)")
-        if self.fp8 != "none" and self.device == "cpu":
-            raise field_error("trainer.fp8", self.fp8, "needs a CUDA GPU with FP8 (trainer.device = cpu)")
         if self.global_batch_size % self.micro_batch_size:
             raise field_error(
                 "trainer.global_batch_size",

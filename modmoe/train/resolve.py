@@ -19,6 +19,7 @@ import torch
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError, field_error
 from modmoe.parallel.dims import ParallelDims
+from modmoe.parallel.speed import check_speed_options
 from modmoe.train.backends.keys import BACKEND_KEYS, TRAINER_KEYS, refusal
 
 
@@ -121,6 +122,7 @@ def resolve_job(cfg: JobConfig, world_size: int | None = None, device: str | Non
             "model.vocab_size", m.vocab_size, f"must be >= data.vocab_size ({d.vocab_size}), the tokenizer trained"
         )
     layout, dp = _layout(cfg, backend, world_size, device)
+    check_speed_options(tc, cfg.parallel, world_size, device)
     if tc.global_batch_size % (tc.micro_batch_size * dp):
         raise field_error(
             "trainer.global_batch_size",

@@ -108,7 +108,15 @@ MEGATRON_KEYS = HonouredKeys(
     )
 )
 
-BACKEND_KEYS: dict[str, HonouredKeys] = {"native": NATIVE_KEYS, "deepspeed": NATIVE_KEYS, "megatron": MEGATRON_KEYS}
+# The speed steps of the native parallelize step (modmoe/parallel/compile.py, fp8.py): applied
+# under DDP/FSDP2 only, so DeepSpeed and Megatron refuse them.
+SPEED_KEYS = HonouredKeys(("trainer.compile", "trainer.compile_backend", "trainer.cuda_graphs", "trainer.fp8"))
+
+BACKEND_KEYS: dict[str, HonouredKeys] = {
+    "native": NATIVE_KEYS | SPEED_KEYS,
+    "deepspeed": NATIVE_KEYS,
+    "megatron": MEGATRON_KEYS,
+}
 
 
 def refusal(key: str, value: object, backend: str) -> str:

@@ -35,7 +35,7 @@ from modmoe.parallel.parallelize import (
     reduce_expert_grads,
 )
 from modmoe.train.backends.base import Batch, PlotData, StepStats
-from modmoe.train.backends.keys import NATIVE_KEYS, HonouredKeys
+from modmoe.train.backends.keys import NATIVE_KEYS, SPEED_KEYS, HonouredKeys
 from modmoe.train.optim import build_optimizer, build_scheduler
 from modmoe.train.reporting import routing_sample
 from modmoe.train.resolve import ResolvedJob
@@ -64,6 +64,7 @@ class NativeModelBackend:
 
     name: ClassVar[str]
     honoured: ClassVar[HonouredKeys] = NATIVE_KEYS
+    speed_steps: ClassVar[bool] = False  # applies trainer.compile / cuda_graphs / fp8
 
     def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
         self.cfg, self.dims, self.device = job.cfg, job.layout, env.device
@@ -72,7 +73,8 @@ class NativeModelBackend:
         self.module: nn.Module = self.core
         self.autocast = autocast_dtype(self.cfg.trainer.precision, self.device)
         self.reduce_dp = partial(all_reduce_sum, group=self.dims.dp_group)
-        self.a2a = apply_model_parallelism(self.core, self.dims, self.cfg.parallel)
+        speed = self.cfg.trainer if self.speed_steps else None
+        self.a2a = apply_model_parallelism(self.core, self.dims, self.cfg.parallel, speed)
         self._stats: RouterStats | None = None
         self._bias_metrics: dict[str, float] = {}
 
@@ -190,6 +192,8 @@ class NativeBackend(NativeModelBackend):
     """DDP or FSDP2 (``parallel.dp_backend``), with the optimizer and LR schedule."""
 
     name = "native"
+    honoured = NATIVE_KEYS | SPEED_KEYS
+    speed_steps = True
 
     def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
         super().__init__(job, env)

@@ -120,3 +120,28 @@ def test_moe_layer_same_numbers_with_either_kernel(noop, moe_cfg, padded):
     assert int(aux_g.dispatched_slots) == int(aux_l.dispatched_slots)
     if "capacity_factor" in moe_cfg and not padded:
         assert int(aux_g.dropped_slots) > 0  # the case really drops
+
+
+def test_unwritten_rows_never_reach_the_output_or_the_gradients():
+    """The grouped GEMM leaves rows past the last offset unwritten: any bits, NaN included.
+    Poisoning them with NaN must change nothing (a `0 * NaN` anywhere would show)."""
+    x, valid = torch.randn(2, 12, 16), torch.rand(2, 12) > 0.3
+    results = []
+    for poison in (False, True):
+        layer = moe("grouped", noop=2, capacity_factor=0.75)
+        if poison:
+            inner = layer.experts.forward
+
+            def poisoned(xs, counts, inner=inner):
+                out = inner(xs, counts)
+                n = int(counts.sum())
+                return torch.cat([out[:n], torch.full_like(out[n:], float("nan"))])
+
+            layer.experts.forward = poisoned
+        xr = x.clone().requires_grad_()
+        out, aux = layer(xr, valid)
+        (out.square().sum() + aux.aux_loss).backward()
+        results.append((out, xr.grad, [p.grad for p in layer.parameters()]))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    assert all(torch.equal(a, b) for a, b in zip(gp_a, gp_b))

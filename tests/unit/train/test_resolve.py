@@ -6,7 +6,7 @@ import pytest
 
 from modmoe.config import load_config
 from modmoe.config_base import ConfigError
-from modmoe.train.backends.keys import MEGATRON_KEYS, NATIVE_KEYS, TRAINER_KEYS
+from modmoe.train.backends.keys import MEGATRON_KEYS, NATIVE_KEYS, SPEED_KEYS, TRAINER_KEYS
 from modmoe.train.resolve import changed_keys, resolve_job
 
 MEGATRON = ["engine=megatron", "model.moe.score=sigmoid", "model.moe.aux_loss_coef=0", "trainer.device=cpu"]
@@ -63,7 +63,7 @@ def test_a_key_left_at_its_default_is_never_refused():
 def test_every_config_key_is_honoured_somewhere():
     """A key no backend and not the Trainer implements would be refused everywhere: a config
     field without code behind it."""
-    honoured = TRAINER_KEYS | NATIVE_KEYS | MEGATRON_KEYS
+    honoured = TRAINER_KEYS | NATIVE_KEYS | SPEED_KEYS | MEGATRON_KEYS
     from modmoe.train.resolve import _leaves
 
     for key in _leaves(load_config(None).model_dump(mode="json")):
