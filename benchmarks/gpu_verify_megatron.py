@@ -1,4 +1,5 @@
-"""GPU verification of the Megatron-Core engine (issue 8); writes the results to docs/gpu.md.
+"""GPU verification of the Megatron-Core engine (issue 8); writes the results to docs/gpu-megatron.md
+(benchmarks/gpu_check.py runs its logits and bench phases as part of the one GPU check, docs/gpu.md).
 
     python benchmarks/gpu_verify_megatron.py                      # one GPU, configs/gpu-1b.yaml
     python benchmarks/gpu_verify_megatron.py --quick              # a few minutes: small model, few steps
@@ -551,7 +552,7 @@ def report(args, env: dict, results: dict, commands: list[str]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/gpu-1b.yaml")
-    p.add_argument("--out", default="docs/gpu.md")
+    p.add_argument("--out", default="docs/gpu-megatron.md")
     p.add_argument("--work", default="runs/gpu-verify")
     p.add_argument("--phases", default="logits,train,resume,export,bench")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
