@@ -85,6 +85,12 @@ def seq_len(args, cfg) -> int:
     return min(args.seq_len or cfg.max_seq_len, cfg.max_seq_len)
 
 
+def fmt(v) -> str:
+    from gpu_verify_megatron import fmt as table_value  # one table format for both GPU reports
+
+    return table_value(v)
+
+
 def variant_config(cfg, variant: str):
     from step_time import variants
 
@@ -374,16 +380,6 @@ def run_megatron(args, out: Path, cap: float) -> dict:
         ok, note = False, f"timed out after {cap:.0f} s"
     phases = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))} if work.exists() else {}
     return {"ok": ok, "note": note, "phases": phases, "wall_s": round(time.time() - t0, 1), "command": shlex.join(cmd)}
-
-
-def fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "**NO**"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def summary_ratios(rows: list[dict]) -> list[str]:
