@@ -129,3 +129,16 @@ def test_compile_step_leaves_causal_routing_eager(mode):
         assert sorted(n for n, _ in model.named_parameters()) == names  # names unchanged: checkpoints too
         for routing, loss in ref.items():
             assert torch.equal(model(tokens, tokens, routing=routing).loss, loss)
+
+
+def test_bf16_autocast_step_also_compiles_as_one_graph():
+    """The GPU path: autocast bf16, where the experts cast to bf16 and call the native grouped op."""
+    torch.manual_seed(0)
+    model = MoDETransformer(VARIANTS["staged-capacity"]).train()
+    backend, found = host_sync_checker()
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(*(torch.randint(0, 64, (2, 16)),) * 2)
+    (out.loss + out.aux_loss).backward()
+    assert not found, found
+    assert all(p.grad is not None for p in model.layers[1].mlp.experts.parameters())
