@@ -71,6 +71,28 @@ def _backward(ctx, grad: torch.Tensor):
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def pad_groups(xs: torch.Tensor, counts: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's rows moved to start at a multiple of ``align`` rows, on the device.
+
+    xs: (M, K) rows sorted by group, rows past ``counts.sum()`` in no group; counts: (G,).
+    Returns the padded rows (M + G*(align-1), K) with zeros between groups, their offsets (G,)
+    int32, and ``where`` (M,): the padded row of each input row (``out[where]`` undoes it).
+    The shapes depend only on M and G, so this stays static and sync-free. Why: the weight
+    gradient is a grouped GEMM whose contraction runs over the rows of a group, and CUDA's
+    kernel wants every group to start on a 16-byte boundary (8 bf16 rows), as torchtitan pads
+    its token groups to 8."""
+    M, G = xs.shape[0], counts.shape[0]
+    padded = (counts + align - 1) // align * align  # (G,)
+    ends, count_ends = padded.cumsum(0), counts.cumsum(0)
+    row = torch.arange(M, device=xs.device)
+    group = torch.searchsorted(count_ends, row, right=True)  # (M,) G for rows in no group
+    first_row = torch.cat([count_ends.new_zeros(1), count_ends])[group]  # first input row of the row's group
+    first_slot = torch.cat([ends.new_zeros(1), ends])[group]  # where that group starts once padded
+    where = first_slot + row - first_row  # (M,): rows in no group follow the last group
+    rows = xs.new_zeros(M + G * (align - 1), xs.shape[1]).index_copy(0, where, xs)
+    return rows, ends.to(torch.int32), where
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x: (n, K), w: (G, K, N), offsets: (G,) int32 -> (n, N), in x's dtype (cast w to it)."""
     w = w.to(x.dtype)

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from modmoe.model.config import ModelConfig
-from modmoe.model.grouped_gemm import grouped_mm, grouped_mm_fits
+from modmoe.model.grouped_gemm import ROW_ALIGN, grouped_mm, grouped_mm_fits, pad_groups
 from modmoe.model.layers import SwiGLU
 
 ExpertKernel = Literal["grouped", "loop"]
@@ -61,6 +61,9 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.kernel: ExpertKernel = self.best_kernel(dim, hidden)
+        # Rows per group boundary for the grouped GEMM: None = 8 on CUDA (16 bytes of bf16,
+        # see ``pad_groups``), unpadded elsewhere; an int forces it (tests pad on CPU).
+        self.group_align: int | None = None
 
     @staticmethod
     def best_kernel(dim: int, hidden: int) -> ExpertKernel:
@@ -73,10 +76,15 @@ class GroupedExperts(nn.Module):
         w1, w3, w2 = local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2)
         if self.kernel == "grouped":
             dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
-            x = xs.to(dtype)
-            offsets = counts.cumsum(0).to(torch.int32)  # (E_local,) on the device: no host sync
-            hidden = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # (M, F)
-            return grouped_mm(hidden, w2, offsets)  # (M, D)
+            align = self.group_align or (ROW_ALIGN if xs.is_cuda else 1)
+            x, where = xs.to(dtype), None
+            if align > 1:
+                x, offsets, where = pad_groups(x, counts, align)  # (M + E*(align-1), D)
+            else:
+                offsets = counts.cumsum(0).to(torch.int32)  # (E_local,) on the device: no host sync
+            hidden = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)  # (M', F)
+            out = grouped_mm(hidden, w2, offsets)  # (M', D)
+            return out if where is None else out[where]  # (M, D)
         # Fallback: one matmul per expert; an empty expert still touches its weights so that
         # every parameter gets a (zero) gradient. ``tolist`` waits for the device.
         sizes = counts.tolist()
