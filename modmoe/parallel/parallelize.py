@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,15 @@ from modmoe.parallel.expert_parallel import A2AStats, apply_expert_parallel
 from modmoe.parallel.fp8 import apply_fp8
 from modmoe.parallel.tensor_parallel import apply_tensor_parallel
 
-if TYPE_CHECKING:  # the trainer section is read, not imported: parallel sits below train
-    from modmoe.train.config import TrainerConfig
+
+class SpeedOptions(Protocol):
+    """The speed choices the parallelize step applies (``trainer.compile``, ``compile_backend``,
+    ``cuda_graphs``, ``fp8`` of the trainer section, which parallel/ does not import)."""
+
+    compile: str
+    compile_backend: str
+    cuda_graphs: bool
+    fp8: str
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
@@ -47,7 +54,7 @@ def apply_model_parallelism(
     model: MoDETransformer,
     dims: ParallelDims,
     cfg: ParallelConfig,
-    trainer: TrainerConfig | None = None,
+    trainer: SpeedOptions | None = None,
 ) -> A2AStats | None:
     """TP, EP, FP8, activation checkpointing, compile and the global-batch load reducer (not
     data parallel). ``trainer`` carries the compile / CUDA-graph / FP8 choices (None: none;
