@@ -58,7 +58,7 @@ def apply_model_parallelism(
 ) -> A2AStats | None:
     """TP, EP, FP8, activation checkpointing, compile and the global-batch load reducer (not
     data parallel). ``trainer`` carries the compile / CUDA-graph / FP8 choices (None: none;
-    :func:`modmoe.parallel.speed.check_speed_options` has checked them for this layout)."""
+    :func:`modmoe.train.speed_checks.check_speed_options` has checked them for this layout)."""
     if dims.distributed:
         # The balance loss sees the expert load of the global batch: per-expert counts summed
         # over the ranks that split it (TP peers hold the same tokens and are not counted twice).

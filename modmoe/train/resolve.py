@@ -19,8 +19,8 @@ import torch
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError, field_error
 from modmoe.parallel.dims import ParallelDims
-from modmoe.parallel.speed import check_speed_options
 from modmoe.train.backends.keys import BACKEND_KEYS, TRAINER_KEYS, refusal
+from modmoe.train.speed_checks import check_speed_options
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,11 @@ made when the job is resolved, before any work; each problem is one line naming 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from modmoe.config_base import field_error
 from modmoe.parallel.config import ParallelConfig
-
-if TYPE_CHECKING:  # the trainer section is read, not imported: parallel sits below train
-    from modmoe.train.config import TrainerConfig
+from modmoe.train.config import TrainerConfig
 
 
 def check_speed_options(trainer: TrainerConfig, parallel: ParallelConfig, world_size: int, device: str) -> None:
