@@ -20,6 +20,7 @@ import torch
 from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
 from checkpoints_tools.convert_errors import ConvertError
+from modmoe.checkpoint.safe_read import DEEPSPEED_RECORD_GLOBALS
 
 
 class LossScalerRecord:
@@ -40,12 +41,10 @@ class FragmentAddress:
     offsets are recomputed from ``param_shapes``)."""
 
 
-ALLOWED_GLOBALS: dict[str, type] = {
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler": LossScalerRecord,
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": LossScalerRecord,
-    "deepspeed.runtime.zero.config.ZeroStageEnum": ZeroStage,
-    "deepspeed.utils.tensor_fragment.fragment_address": FragmentAddress,
-}
+# DeepSpeed's record classes (modmoe/checkpoint/safe_read.py), each bound to its stand-in.
+ALLOWED_GLOBALS: dict[str, type] = dict(
+    zip(DEEPSPEED_RECORD_GLOBALS, (LossScalerRecord, LossScalerRecord, ZeroStage, FragmentAddress), strict=True)
+)
 
 
 def load_pt(path: Path, mmap: bool = False) -> Any:

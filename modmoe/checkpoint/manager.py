@@ -47,6 +47,7 @@ from modmoe.checkpoint.manifest import (
     verify_files,
     write_manifest,
 )
+from modmoe.checkpoint.reader import safe_dcp_load
 from modmoe.checkpoint.rng import RNG_DIR, capture_rng, reseed_rng, restore_rng, rng_filename
 from modmoe.checkpoint.train_state import MODEL_KEY
 
@@ -102,7 +103,7 @@ class DcpStateIO:
         return None
 
     def load(self, path: Path, process_group, no_dist: bool) -> None:
-        dcp.load(self.app_state, checkpoint_id=path, process_group=process_group, no_dist=no_dist)
+        safe_dcp_load(self.app_state, path, process_group=process_group, no_dist=no_dist)
 
 
 def as_state_io(state: StateIO | dict[str, Stateful]) -> StateIO:
@@ -322,9 +323,12 @@ class CheckpointManager:
         (DCP's index and its non-tensor items are pickles, so they must match the manifest)."""
         path, io = Path(path), as_state_io(state)
         problems = validate(path) if self.rank == 0 else []
-        if self._broadcast_int(len(problems)) > 0:
-            detail = "; ".join(problems) if problems else "rank 0 found it invalid (see rank 0's log)"
-            raise CheckpointError(f"refusing to load {path}: {detail}")
+        if self._dist:  # every rank raises rank 0's words (the group is our own processes)
+            box = [problems]
+            dist.broadcast_object_list(box, src=0, group=self._pg)
+            problems = box[0]
+        if problems:
+            raise CheckpointError(f"refusing to load {path}: {'; '.join(problems)}")
         manifest = read_manifest(path)
         if manifest.layout != io.layout:
             engine = ENGINE_OF_LAYOUT.get(manifest.layout, manifest.layout)

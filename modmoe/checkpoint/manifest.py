@@ -16,9 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+from modmoe.checkpoint.errors import CheckpointError
 from modmoe.checkpoint.fsutil import fsync_file, sha256_file, write_json_durable
-from modmoe.errors import UserError
+from modmoe.checkpoint.safe_read import (
+    DCP_METADATA,
+    DEEPSPEED_RECORD_GLOBALS,
+    MEGATRON_ITEM_GLOBALS,
+    UnsafeCheckpointError,
+    item_bytes,
+    metadata_problems,
+    torch_save_problem,
+    unpickle_metadata,
+)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "modmoe-checkpoint"
@@ -26,8 +37,8 @@ FORMAT_VERSION = 1
 LAYOUT_DCP = "dcp"
 LAYOUT_MEGATRON = "megatron"  # megatron.core.dist_checkpointing's torch_dist format (DCP files plus its own)
 LAYOUTS = (LAYOUT_DCP, LAYOUT_MEGATRON)
-DCP_METADATA = ".metadata"
 STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
+MAX_MANIFEST_BYTES = 256 << 20  # 100k files take ~15 MB
 
 
 def step_dirname(step: int) -> str:
@@ -67,10 +78,6 @@ class Manifest(BaseModel):
     """Every file of the checkpoint except the manifest itself."""
     meta: dict[str, Any]
     """Caller's JSON metadata: sampler state, tracking run id, resolved config, ..."""
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint cannot be saved or loaded; the message is one line naming the problem."""
 
 
 def build_manifest(
@@ -117,10 +124,16 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
     path = Path(ckpt_dir) / MANIFEST_NAME
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: missing {MANIFEST_NAME} (checkpoint was never committed)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(
+            f"{path}: {path.stat().st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable JSON ({err})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # ValueError: JSONDecodeError, huge integers
+        raise CheckpointError(f"{path}: unreadable JSON ({str(err)[:200]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable JSON (nested too deeply)") from None
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as err:
@@ -191,6 +204,32 @@ def validate(ckpt_dir: str | os.PathLike, check_hashes: bool = True) -> list[str
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel != MANIFEST_NAME and rel not in listed:
             problems.append(f"file {rel!r} is not listed in the manifest")
+    if not problems:  # the files are the listed ones: is what they say safe to read?
+        problems += _content_problems(root, manifest)
+    return problems
+
+
+def _content_problems(root: Path, manifest: Manifest) -> list[str]:
+    """What in the listed files would need code outside the allowlists to be read
+    (modmoe/checkpoint/safe_read.py): the DCP index's globals and shape, and, in a Megatron
+    checkpoint, the globals of its pickled items and ``.pt`` files."""
+    try:
+        md = unpickle_metadata(root / DCP_METADATA)
+    except UnsafeCheckpointError as err:
+        return [f"file {DCP_METADATA!r} (DCP's index) {err}"]
+    megatron = manifest.layout == LAYOUT_MEGATRON
+    files = {e.path: e.size for e in manifest.files}
+    problems = [f"file {DCP_METADATA!r}: {p}" for p in metadata_problems(md, files, allow_bytes=megatron)]
+    if problems or not megatron:
+        return problems
+    for fqn, rel, data in item_bytes(root, md, BytesStorageMetadata):
+        if (why := torch_save_problem(f"item {fqn!r} in {rel!r}", data, MEGATRON_ITEM_GLOBALS)) is not None:
+            return [why]
+    for entry in manifest.files:
+        if entry.path.endswith(".pt"):
+            allowed = DEEPSPEED_RECORD_GLOBALS if entry.path.startswith("deepspeed/") else ()
+            if (why := torch_save_problem(f"file {entry.path!r}", root / entry.path, allowed)) is not None:
+                return [why]
     return problems
 
 

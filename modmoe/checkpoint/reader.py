@@ -1,13 +1,16 @@
 """Reading a committed checkpoint's model tensors on one process, in bounded memory.
 
-Shared by ``checkpoints_tools`` (inspect, consolidate) and ``modmoe export``: the DCP index is
-unpickled only after its checksum matched the manifest, and tensors are loaded in groups of
+Shared by ``checkpoints_tools`` (inspect, consolidate, convert) and ``modmoe export``: the DCP
+index is read only after its checksum matched the manifest, and then only through the
+allowlisted unpickler of :mod:`modmoe.checkpoint.safe_read`; tensors are loaded in groups of
 bounded size into preallocated CPU tensors (DCP reassembles each from however many ranks'
 shards wrote it), so peak memory is about one group, never the checkpoint twice.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +18,12 @@ from typing import TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from modmoe.checkpoint.manifest import DCP_METADATA, Manifest, read_manifest, verify_files
+from modmoe.checkpoint.errors import CheckpointError
+from modmoe.checkpoint.manifest import DCP_METADATA, LAYOUT_MEGATRON, Manifest, read_manifest, verify_files
+from modmoe.checkpoint.safe_read import SafeFileSystemReader, weights_only_loads
 
 T = TypeVar("T")
 
@@ -28,7 +33,55 @@ def read_dcp_metadata(ckpt_dir: Path) -> tuple[Manifest, Metadata]:
     unpickled only after its size and sha256 matched the manifest (raises ``CheckpointError``)."""
     manifest = read_manifest(ckpt_dir)
     verify_files(ckpt_dir, manifest, [DCP_METADATA])
-    return manifest, FileSystemReader(ckpt_dir).read_metadata()
+    return manifest, index_reader(ckpt_dir, manifest).read_metadata()
+
+
+def index_reader(ckpt_dir: Path, manifest: Manifest) -> SafeFileSystemReader:
+    """The DCP storage reader of a checkpoint: its index is unpickled through the allowlist and
+    checked against the manifest's files before DCP follows it."""
+    files = {e.path: e.size for e in manifest.files}
+    return SafeFileSystemReader(ckpt_dir, files, allow_bytes=manifest.layout == LAYOUT_MEGATRON)
+
+
+def checkpoint_fault(err: BaseException, path: Path) -> CheckpointError | None:
+    """The checkpoint's fault inside a DCP failure (DCP wraps each rank's exception): a refused
+    index or a pickle the weights-only loader refused; None when it is something else (a bug)."""
+    if isinstance(err, CheckpointError):
+        return err
+    if isinstance(err, pickle.UnpicklingError):
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"names the global {named.group(1)}" if named else str(err).strip().splitlines()[-1][:300]
+        return CheckpointError(f"refusing to load {path}: an item {what}, which weights-only loading refuses")
+    if isinstance(err, CheckpointException):
+        for failure in err.failures.values():  # (exception, traceback) per failed rank
+            inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
+            if isinstance(inner, BaseException) and (found := checkpoint_fault(inner, path)) is not None:
+                return found
+    if err.__cause__ is not None and err.__cause__ is not err:  # re-raised by a library (Megatron)
+        return checkpoint_fault(err.__cause__, path)
+    return None
+
+
+def safe_dcp_load(
+    state: dict, ckpt_dir: Path, manifest: Manifest | None = None, process_group=None, no_dist: bool = True
+) -> None:
+    """``dcp.load`` of ``state`` from ``ckpt_dir`` through :func:`index_reader`, with every
+    ``torch.load`` weights-only; a refusal becomes one :class:`CheckpointError` line."""
+    manifest = manifest if manifest is not None else read_manifest(ckpt_dir)
+    reader = index_reader(Path(ckpt_dir), manifest)
+    reader.read_metadata()  # refusals of the index here, in our words (DCP would restate them)
+    try:
+        with weights_only_loads():
+            dcp.load(
+                state,
+                storage_reader=reader,
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+    except (CheckpointException, CheckpointError, pickle.UnpicklingError) as err:
+        if (found := checkpoint_fault(err, Path(ckpt_dir))) is None:
+            raise
+        raise found from None
 
 
 @dataclass(frozen=True)
@@ -68,7 +121,8 @@ def pack_by_bytes(items: list[T], nbytes: Callable[[T], int], budget: int) -> li
 
 def load_tensor_groups(ckpt_dir: Path, specs: list[TensorSpec], group_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
     """Yields ``{name: tensor}`` for ``specs`` in order, one bounded group at a time."""
+    manifest = read_manifest(ckpt_dir)
     for group in pack_by_bytes(specs, lambda s: s.nbytes, group_bytes):
         buffers = {s.fqn: torch.empty(s.shape, dtype=s.dtype) for s in group}
-        dcp.load(buffers, checkpoint_id=ckpt_dir, no_dist=True)
+        safe_dcp_load(buffers, ckpt_dir, manifest)
         yield {s.name: buffers[s.fqn] for s in group}

@@ -74,6 +74,18 @@ class Trainer:
 
         self.step = 0
         self.backend: Backend = build_backend(self.job, self.env)
+        try:
+            self._start(cfg, resume)
+        except BaseException:
+            # A start refused (bad checkpoint, ...) leaves nothing set up behind it: the process
+            # may run another job (Megatron's parallel state is process-global).
+            if getattr(self, "ckpt", None) is not None:
+                self.ckpt.close()
+            self.close()
+            raise
+
+    def _start(self, cfg: JobConfig, resume: str) -> None:
+        tc = cfg.trainer
         # Data is split over the data-parallel ranks only: tensor/pipeline peers read the same rows.
         dp, dp_rank = self.job.dp, self.backend.dp_rank()
         rows = tc.micro_batch_size * dp
@@ -292,7 +304,8 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
-        self.sampler.close()
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.close()
         self.backend.close()
 
 

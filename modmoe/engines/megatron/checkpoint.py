@@ -13,11 +13,18 @@ native checkpoint (every file's size and SHA-256; layout ``megatron``; ``meta`` 
 sampler position and config) and renames it into place, so an interrupted save is never
 visible and a damaged one is skipped by ``--resume auto``; ``checkpoints_tools validate`` and
 ``modmoe export`` read Megatron checkpoints like native ones.
+
+Reading runs inside :func:`safe_reads`: Megatron's DCP reader is replaced by modmoe's (index
+unpickled through the allowlist and checked against the manifest), and every ``torch.load``
+(its ``common.pt``, its non-tensor items, DeepSpeed's partitions) is weights-only, with only
+DeepSpeed's plain record classes added (modmoe/checkpoint/safe_read.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,8 @@ from modmoe.checkpoint.manifest import (
     CheckpointError,
     read_manifest,
 )
+from modmoe.checkpoint.reader import checkpoint_fault, index_reader
+from modmoe.checkpoint.safe_read import DEEPSPEED_RECORD_GLOBALS, weights_only_loads
 from modmoe.config_base import ConfigError
 from modmoe.engines.megatron.config import MegatronConfig
 from modmoe.engines.megatron.convert import megatron_to_native
@@ -64,6 +73,51 @@ def _sharded(model: nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
     return sd
 
 
+def _deepspeed_record_classes() -> list[type]:
+    classes = []
+    for qualified in DEEPSPEED_RECORD_GLOBALS:
+        module, _, name = qualified.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
+
+
+@contextlib.contextmanager
+def safe_reads(path: Path, deepspeed: bool = False) -> Iterator[None]:
+    """Megatron (and DeepSpeed) read checkpoint ``path`` inside: through modmoe's checked DCP
+    reader and weights-only ``torch.load``; a refusal becomes one CheckpointError line. Megatron
+    builds its reader in ``strategies.torch._get_filesystem_reader`` (megatron-core 0.16); if a
+    release moves it, nothing is read rather than read unchecked."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    original = getattr(mcore_torch, "_get_filesystem_reader", None)
+    if original is None:
+        raise CheckpointError(
+            f"refusing to load {path}: this megatron-core has no strategies.torch._get_filesystem_reader, "
+            "so modmoe cannot give it the checked reader (use megatron-core 0.16)"
+        )
+
+    def checked_reader(checkpoint_dir, cache_metadata: bool = False):
+        if Path(checkpoint_dir).resolve() != path.resolve():
+            raise CheckpointError(f"refusing to read {checkpoint_dir}: not the validated checkpoint {path}")
+        reader = index_reader(path, manifest)
+        reader.read_metadata()  # a refused index fails here, before Megatron's DCP call restates it
+        return reader
+
+    extra = [io.BytesIO, *(_deepspeed_record_classes() if deepspeed else [])]
+    mcore_torch._get_filesystem_reader = checked_reader
+    try:
+        with weights_only_loads(extra):
+            yield
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        if (fault := checkpoint_fault(err, path)) is None:
+            raise
+        raise fault from None
+    finally:
+        mcore_torch._get_filesystem_reader = original
+
+
 class MegatronStateIO:
     """A Megatron ``GPTModel`` stage and its optimizer through ``dist_checkpointing`` (``torch_dist``
     format, which resumes under another TP/PP/EP/DP layout); with DeepSpeed, its ZeRO partitions
@@ -86,7 +140,7 @@ class MegatronStateIO:
                 self.deepspeed.save_checkpoint(str(path / DEEPSPEED_DIR), tag="zero", save_latest=False)
 
     def load(self, path: Path, process_group, no_dist: bool) -> None:
-        with self.around():
+        with self.around(), safe_reads(path, deepspeed=self.deepspeed is not None):
             loaded = dist_checkpointing.load(_sharded(self.model, self.optimizer, is_loading=True), str(path))
             self.model.load_state_dict(loaded["model"])
             if self.optimizer is not None:
@@ -153,7 +207,7 @@ def megatron_checkpoint_to_native(path: str | Path, model_cfg: ModelConfig, chec
     # Only the module structure matters here, not how a balance loss would count loads.
     engine = MegatronConfig(dispatcher="allgather", transformer_impl="local", aux_loss_with_expert_bias="megatron")
     plan = translate(model_cfg, ParallelConfig(), engine, world_size=1, seq_len=model_cfg.max_seq_len, precision="fp32")
-    with single_process_megatron(), megatron_on_cpu():
+    with single_process_megatron(), megatron_on_cpu(), safe_reads(path):
         tconfig = build_transformer_config(plan, use_cpu_initialization=True, perform_initialization=False)
         model = build_gpt_model(plan, tconfig)
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
