@@ -33,6 +33,12 @@ def train(
     resume: Annotated[
         str, typer.Option(help="auto: newest valid checkpoint in the run directory; none; or a checkpoint path")
     ] = "auto",
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Only check the job (config, layout, memory, run directory) and say what would run"
+        ),
+    ] = False,
 ) -> None:
     """Train (one process, or one rank per process under torchrun)."""
     from modmoe.config import load_config
@@ -44,6 +50,12 @@ def train(
     # other exception is a bug and keeps its traceback.
     try:
         job = resolve_job(load_config(config, set_ or []))
+        if dry_run:
+            typer.echo(
+                f"ok: {job.backend} backend, {job.world_size} rank(s) on {job.device_type}, data-parallel {job.dp}, "
+                f"{job.accum_steps} accumulation step(s), run directory {job.cfg.trainer.run_dir}"
+            )
+            return
         run_training(job, resume=resume)
     except UserError as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)

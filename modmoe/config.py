@@ -10,6 +10,7 @@ from pydantic import Field
 
 from modmoe.checkpoint.config import CheckpointConfig
 from modmoe.config_base import ConfigError, ConfigModel, validate_config
+from modmoe.config_yaml import MAX_BYTES, MAX_DEPTH, parse_yaml
 from modmoe.data.config import DataConfig
 from modmoe.engines.megatron.config import MegatronConfig
 from modmoe.model.config import ModelConfig
@@ -72,11 +73,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"config error: --set {item!r}: expected key=value, e.g. model.num_layers=4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config error: --set {key}: value {raw!r} is not valid YAML ({err.problem})") from None
-    return key.strip().split("."), value
+    path = key.strip().split(".")
+    if len(path) > MAX_DEPTH or not all(part.strip() for part in path):
+        raise ConfigError(f"config error: --set {key.strip()!r}: expected dotted section and field names")
+    value = parse_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -100,9 +101,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"config error: config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config error: {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+            with open(p, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)
+            text = raw.decode("utf-8")
+        except OSError as err:
+            raise ConfigError(f"config error: config file {p}: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config error: config file {p}: not UTF-8 text (byte {err.start})") from None
+        data = parse_yaml(text, str(p))
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {p} must hold a mapping of sections, got {type(data).__name__}")
     return validate_config(JobConfig, apply_overrides(data, list(overrides)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from modmoe.errors import UserError
 
@@ -21,15 +21,28 @@ class ConfigError(UserError, ValueError):
     pydantic turns a ValueError raised inside a validator into a validation error.)"""
 
 
+INT64_MAX = 2**63 - 1
+
+
 class ConfigModel(BaseModel):
-    """Strict config: unknown keys are errors, assignments are validated."""
+    """Strict config: unknown keys are errors, assignments are validated, floats are finite
+    (``.inf``/``.nan`` make no sense for any field: a learning rate, a coefficient, a timeout),
+    and integers fit in 64 bits (what torch, NumPy and the C libraries below take)."""
 
     model_config = ConfigDict(
         extra="forbid",
         use_attribute_docstrings=True,
         validate_assignment=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_in_64_bits(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ValueError("must fit in 64 bits (between -2**63 and 2**63 - 1)")
+        return value
 
 
 def _describe_allowed(model_cls: type[BaseModel] | None, loc: tuple) -> str:

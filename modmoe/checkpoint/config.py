@@ -25,5 +25,6 @@ class CheckpointConfig(ConfigModel):
     """Write checkpoints in a background thread so training goes on; the state is first copied
     to CPU memory, and at most one save is in flight."""
 
-    dirname: str = Field(default="checkpoints", min_length=1)
-    """Directory of the checkpoints, relative to the run directory."""
+    dirname: str = Field(default="checkpoints", min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+    """Directory of the checkpoints inside the run directory: one path component (letters,
+    digits, ``_``, ``.``, ``-``), so that saves and their clean-up stay inside the run."""

@@ -33,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
 from modmoe.checkpoint.config import CheckpointConfig
+from modmoe.checkpoint.errors import iter_causes
 from modmoe.checkpoint.fsutil import fsync_dir, write_json_durable
 from modmoe.checkpoint.manifest import (
     DCP_METADATA,
@@ -163,6 +164,7 @@ class CheckpointManager:
             raise CheckpointError(f"CheckpointManager: world_size = {world_size} needs an initialized process group")
         self._pg = dist.new_group(backend="gloo") if self._dist else None
         self._pending: Future | None = None
+        self._pending_save: tuple[int, Path] = (0, self.dir)
         self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit") if rank == 0 else None
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -211,30 +213,47 @@ class CheckpointManager:
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"checkpoint meta is not JSON-serializable: {err}") from None
         tmp = self.dir / f"{TMP_PREFIX}{step_dirname(step)}"
-        if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        self._barrier()
+        # Every phase that may fail on some ranks only (a full disk, a quota) ends with an
+        # agreement, so all ranks raise together instead of waiting for each other forever.
+        failure: BaseException | None = None
+        try:
+            if self.rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+        except BaseException as err:
+            failure = err
+        self._agree(failure, step, tmp)
         rng = capture_rng()  # before the state: what a resume must continue from
         async_save = self.cfg.async_save and io.can_save_async
-        # Some writers (Megatron's dist_checkpointing) want an empty directory: state first.
-        future = io.save(tmp, self._pg, not self._dist, async_save)
-        if self.rank == 0:
-            (tmp / RNG_DIR).mkdir(exist_ok=True)
-        self._barrier()
-        write_json_durable(tmp / rng_filename(self.rank), rng)
+        future = None
+        try:
+            # Some writers (Megatron's dist_checkpointing) want an empty directory: state first.
+            future = io.save(tmp, self._pg, not self._dist, async_save)
+            if self.rank == 0:
+                (tmp / RNG_DIR).mkdir(exist_ok=True)
+        except BaseException as err:
+            failure = err
+        self._agree(failure, step, tmp)
+        try:
+            write_json_durable(tmp / rng_filename(self.rank), rng)
+        except BaseException as err:
+            failure = err
+        self._agree(failure, step, tmp)  # also: every rank's files are on disk (sync saves)
         commit_args = (tmp, step, meta_copy, io, time.time())
         if future is not None:
             if self._commit_pool is not None:
                 self._pending = self._commit_pool.submit(self._finish_async, future, commit_args)
             else:
                 self._pending = future
+            self._pending_save = (step, tmp)
         else:
-            self._barrier()  # every rank's shards are on disk
-            if self.rank == 0:
-                self._commit(*commit_args)
-            self._barrier()
+            try:
+                if self.rank == 0:
+                    self._commit(*commit_args)
+            except BaseException as err:
+                failure = err
+            self._agree(failure, step, tmp)
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         self._save_blocking_s = time.perf_counter() - t0
@@ -256,8 +275,47 @@ class CheckpointManager:
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
-        pending.result()
-        self._barrier()
+        failure: BaseException | None = None
+        try:
+            pending.result()
+        except BaseException as err:
+            failure = err
+        self._agree(failure, *self._pending_save)
+
+    # ---- failures while saving -----------------------------------------------------------
+    def _any(self, flag: bool) -> bool:
+        if not self._dist:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._pg)
+        return bool(t.item())
+
+    def _agree(self, failure: BaseException | None, step: int, tmp: Path) -> None:
+        """Collective (and a barrier): when any rank failed, the unfinished save is removed and
+        every rank raises. An environment failure (``OSError``: a full disk, a quota, a
+        read-only or vanished directory) becomes one CheckpointError line; anything else is a
+        bug and keeps its own exception on the rank where it happened."""
+        if not self._any(failure is not None):
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # ours; frees the space the partial save took
+        committed = list_checkpoints(self.dir)
+        kept = (
+            f"newest committed checkpoint: {committed[-1][1].name}"
+            if committed
+            else "no checkpoint was committed before"
+        )
+        if failure is None:
+            raise CheckpointError(
+                f"checkpoint step {step} not saved: another rank failed to write it; {kept}, untouched"
+            )
+        oserror = next((c for c in iter_causes(failure) if isinstance(c, OSError)), None)
+        if oserror is None:
+            raise failure
+        where = f" ({oserror.filename})" if oserror.filename else ""
+        raise CheckpointError(
+            f"checkpoint step {step} not saved: {oserror.strerror or oserror}{where}; {kept}, untouched"
+        ) from None
 
     def _finish_async(self, future: Future, commit_args: tuple) -> None:
         # DCP's coordinator writes .metadata only after every rank reported its shards

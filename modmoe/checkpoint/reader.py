@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from modmoe.checkpoint.errors import CheckpointError
+from modmoe.checkpoint.errors import CheckpointError, iter_causes
 from modmoe.checkpoint.manifest import DCP_METADATA, LAYOUT_MEGATRON, Manifest, read_manifest, verify_files
 from modmoe.checkpoint.safe_read import SafeFileSystemReader, weights_only_loads
 
@@ -44,21 +44,16 @@ def index_reader(ckpt_dir: Path, manifest: Manifest) -> SafeFileSystemReader:
 
 
 def checkpoint_fault(err: BaseException, path: Path) -> CheckpointError | None:
-    """The checkpoint's fault inside a DCP failure (DCP wraps each rank's exception): a refused
-    index or a pickle the weights-only loader refused; None when it is something else (a bug)."""
-    if isinstance(err, CheckpointError):
-        return err
-    if isinstance(err, pickle.UnpicklingError):
-        named = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"names the global {named.group(1)}" if named else str(err).strip().splitlines()[-1][:300]
-        return CheckpointError(f"refusing to load {path}: an item {what}, which weights-only loading refuses")
-    if isinstance(err, CheckpointException):
-        for failure in err.failures.values():  # (exception, traceback) per failed rank
-            inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
-            if isinstance(inner, BaseException) and (found := checkpoint_fault(inner, path)) is not None:
-                return found
-    if err.__cause__ is not None and err.__cause__ is not err:  # re-raised by a library (Megatron)
-        return checkpoint_fault(err.__cause__, path)
+    """The checkpoint's fault inside a failed read (DCP and Megatron wrap each rank's
+    exception): a refused index, or a pickle the weights-only loader refused; None when it is
+    something else (a bug)."""
+    for cause in iter_causes(err):
+        if isinstance(cause, CheckpointError):
+            return cause
+        if isinstance(cause, pickle.UnpicklingError):
+            named = re.search(r"GLOBAL ([\w.]+)", str(cause))
+            what = f"names the global {named.group(1)}" if named else str(cause).strip().splitlines()[-1][:300]
+            return CheckpointError(f"refusing to load {path}: an item {what}, which weights-only loading refuses")
     return None
 
 

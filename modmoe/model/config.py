@@ -129,6 +129,9 @@ class MoEConfig(ConfigModel):
         return rules.is_moe(layer_index, self.enabled, self.every, self.first_dense)
 
 
+MAX_LAYERS = 4096
+
+
 class ModelConfig(ConfigModel):
     """Decoder-only transformer trunk (RMSNorm, RoPE, grouped-query attention, SwiGLU)."""
 
@@ -138,8 +141,9 @@ class ModelConfig(ConfigModel):
     dim: int = Field(default=256, ge=8)
     """Hidden size D."""
 
-    num_layers: int = Field(default=6, ge=1)
-    """Transformer blocks."""
+    num_layers: int = Field(default=6, ge=1, le=MAX_LAYERS)
+    """Transformer blocks (at most 4096: the deepest published models have ~130; the bound keeps
+    per-layer loops, such as the parameter count, short for any config)."""
 
     num_heads: int = Field(default=8, ge=1)
     """Query heads."""

@@ -74,8 +74,10 @@ def theoretical_speedup(baseline: ModelConfig, candidate: ModelConfig, seq_len: 
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total parameters and parameters active per token (top_k experts, no other experts)."""
+    """Total parameters, parameters active per token (top_k experts, no other experts), and
+    the routed experts' parameters (what expert parallelism splits)."""
     D, hd, m = cfg.dim, cfg.head_dim, cfg.moe
+    experts = 0
     total = active = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D  # embeddings, head, final norm
     for i in range(cfg.num_layers):
         routed, use_moe = cfg.layer_kind(i)
@@ -91,7 +93,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
             shared = m.num_shared_experts * expert
             total += router + m.num_experts * expert + shared
             active += router + m.top_k * expert + shared
+            experts += m.num_experts * expert
         else:
             total += 3 * D * cfg.ffn_hidden
             active += 3 * D * cfg.ffn_hidden
-    return {"total": total, "active": active}
+    return {"total": total, "active": active, "experts": experts}

@@ -63,6 +63,16 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return out
 
 
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank (itself without a process group); for small values such
+    as a refusal's message, between our own processes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

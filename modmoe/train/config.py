@@ -40,6 +40,35 @@ class OptimizerConfig(ConfigModel):
     """Clip the global gradient norm to this value (null = no clipping)."""
 
 
+class NumericsConfig(ConfigModel):
+    """What a non-finite loss or gradient norm does, and loss-spike detection. The loss and the
+    gradient norm are global values (reduced over the ranks once per step, with the step's other
+    statistics), so every rank sees the same fault at the same step and acts alike."""
+
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    """``stop``: end the run with a one-line error and a non-zero exit, saving nothing of the
+    failing step. ``skip``: do not apply the step (its gradients are dropped, the optimizer and
+    the LR schedule do not move; its batches are consumed), at most ``max_skipped_steps`` times
+    in a run, then stop. ``rollback``: reload the newest valid checkpoint and go on with the data
+    after the failing step (the window since that checkpoint is skipped), at most
+    ``max_rollbacks`` times, then stop. ``skip`` needs a backend that can hold back an optimizer
+    step (the native one); every backend can ``stop`` and ``rollback``."""
+
+    max_skipped_steps: int = Field(default=10, ge=1)
+    """With ``on_nonfinite: skip``: how many steps a run may skip before it stops."""
+
+    max_rollbacks: int = Field(default=3, ge=1)
+    """With ``on_nonfinite: rollback``: how many times a run may roll back before it stops."""
+
+    spike_window: int = Field(default=100, ge=8)
+    """Finite losses of the previous steps that a step's loss is compared with (z-score over
+    their mean and standard deviation); the first 8 steps have no score."""
+
+    spike_zscore: float = Field(default=6.0, gt=0.0)
+    """A loss more than this many standard deviations above the window's mean is a spike
+    (``numerics/loss_spike`` = 1). Spikes are logged, not acted on."""
+
+
 class TrainerConfig(ConfigModel):
     """The training loop."""
 
@@ -108,6 +137,19 @@ class TrainerConfig(ConfigModel):
 
     deterministic: bool = True
     """Use deterministic algorithms (exact resume and layout comparisons)."""
+
+    numerics: NumericsConfig = NumericsConfig()
+    """Non-finite losses and gradients, loss spikes."""
+
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
+    """Before any allocation, estimate each rank's memory (weights, gradients, Adam state, and a
+    lower bound of the activations; modmoe/train/memory_estimate.py) and compare it with the
+    device: ``refuse`` a job that cannot fit in one line, ``warn`` and go on, or ``off``. The
+    estimate is a lower bound, so a job it passes may still run out of memory."""
+
+    memory_available_gib: float | None = Field(default=None, gt=0.0)
+    """Memory one rank may use, in GiB, for ``memory_check`` (``None`` = what the device has:
+    a CUDA device's total memory, or the host's available RAM shared by its local ranks)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:

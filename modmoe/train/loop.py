@@ -23,14 +23,18 @@ from modmoe.checkpoint.manifest import CheckpointError, read_manifest
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
+from modmoe.errors import UserError
 from modmoe.model.flops import count_flops, parameter_counts
-from modmoe.parallel.distributed import DistEnv, barrier, init_distributed, shutdown
+from modmoe.parallel.distributed import DistEnv, barrier, broadcast_from_main, init_distributed, shutdown
 from modmoe.train import memory, throughput
 from modmoe.train.backends import build_backend
 from modmoe.train.backends.base import Backend
 from modmoe.train.metrics_log import MetricsLog, ProgressReporter
+from modmoe.train.numerics import LossSpikes, NonFiniteGuard, NumericalFault, is_finite
 from modmoe.train.reporting import RunReporter
 from modmoe.train.resolve import ResolvedJob, resolve_job
+from modmoe.train.run_dir import claim_run_dir
+from modmoe.train.run_lock import RunDirLockedError, RunLock
 from modmoe.train.stop import COMPLETED_FILE, STOP_FILE, open_run_dir
 
 
@@ -54,6 +58,24 @@ class Trainer:
                 f"config error: resolved for {self.job.world_size} rank(s) but launched with {self.env.world_size}"
             )
         self.run_dir = Path(tc.run_dir)
+        self.lock = self._claim_run_dir()
+        self.backend: Backend | None = None
+        self.sampler = self.ckpt = None
+        try:
+            self._open(cfg)
+            self._start(cfg, resume)
+        except BaseException:
+            # A start refused (bad data, a bad checkpoint, ...) leaves nothing behind it: the run
+            # directory unlocked, and no state a next job in this process would trip over
+            # (Megatron's parallel state is process-global).
+            if self.ckpt is not None:
+                self.ckpt.close()
+            self.close()
+            raise
+
+    def _open(self, cfg: JobConfig) -> None:
+        """Run directory, seeds, data, and the backend."""
+        tc = cfg.trainer
         self.stop = open_run_dir(cfg, self.env.is_main, self.env.device)
         barrier()
         # Set either way: an earlier run in this process may have left it on.
@@ -71,18 +93,8 @@ class Trainer:
                 f"config error: model.vocab_size = {cfg.model.vocab_size}: must be >= the tokenizer's "
                 f"vocabulary ({self.data.vocab_size}, {self.data.tokenizer_path})"
             )
-
         self.step = 0
-        self.backend: Backend = build_backend(self.job, self.env)
-        try:
-            self._start(cfg, resume)
-        except BaseException:
-            # A start refused (bad checkpoint, ...) leaves nothing set up behind it: the process
-            # may run another job (Megatron's parallel state is process-global).
-            if getattr(self, "ckpt", None) is not None:
-                self.ckpt.close()
-            self.close()
-            raise
+        self.backend = build_backend(self.job, self.env)
 
     def _start(self, cfg: JobConfig, resume: str) -> None:
         tc = cfg.trainer
@@ -103,6 +115,8 @@ class Trainer:
         )
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
         self.last_eval: dict[str, float] = {}
+        self.guard = NonFiniteGuard(tc.numerics)
+        self.spikes = LossSpikes(tc.numerics.spike_window, tc.numerics.spike_zscore)
         self.ckpt = CheckpointManager(
             self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, self.env.world_size
         )
@@ -112,6 +126,24 @@ class Trainer:
         self.reporter: RunReporter | None = None
         if self.env.is_main and cfg.logging.mlflow.enabled:
             self.reporter = RunReporter(cfg, self.run_dir, self.backend.layout_tag(), run_id=mlflow_run_id)
+
+    def _claim_run_dir(self) -> RunLock | None:
+        """Rank 0 claims the run directory (modmoe's marker) and locks it for the whole run,
+        before anything is written into it; every rank raises rank 0's refusal."""
+        lock, refusal = None, None
+        if self.env.is_main:
+            try:
+                claim_run_dir(self.run_dir, self.cfg.checkpoint.dirname)
+                lock = RunLock(self.run_dir)
+                lock.acquire()
+            except UserError as err:
+                refusal = err
+        message = broadcast_from_main(None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        if message is not None:
+            raise RunDirLockedError(message)
+        return lock
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, resume: str) -> str | None:
@@ -187,8 +219,13 @@ class Trainer:
         data_wait = time.perf_counter() - t0
         stats = self.backend.forward_backward(batches, self.step)
         lr = self.backend.lr()
-        grad_norm = self.backend.optimizer_step()
+        if self.cfg.trainer.numerics.on_nonfinite == "skip":
+            grad_norm = self.backend.optimizer_step(apply=lambda norm: is_finite(stats.loss) and is_finite(norm))
+        else:
+            grad_norm = self.backend.optimizer_step()
         self.step += 1
+        # Loss and norm are global (reduced with the step's statistics): every rank decides alike.
+        decision = self.guard.decide(self.step, stats.loss, grad_norm)
         step_time = time.perf_counter() - t0
         cfg = self.cfg
         peak = throughput.peak_tflops_per_device(self.env.device, cfg.logging.peak_tflops_per_device)
@@ -212,7 +249,37 @@ class Trainer:
             metrics["grad_norm"] = grad_norm
         metrics.update(self.backend.step_metrics())
         metrics.update(memory.step_memory(self.env.device))
+        metrics.update(self.spikes.update(stats.loss))
+        metrics.update(self.guard.metrics())
+        if decision == "skip":
+            self._log_main(f"step {self.step}: loss {stats.loss}, gradient norm {grad_norm}: step skipped")
+        elif decision == "rollback":
+            self._rollback(stats.loss, grad_norm)
+        metrics["numerics/rolled_back"] = float(decision == "rollback")
         return metrics
+
+    def _rollback(self, loss: float, grad_norm: float | None) -> None:
+        """Back to the newest valid checkpoint, going on with the data after the failing step
+        (the window since the checkpoint is skipped). Collective."""
+        failed_at, position = self.step, self.sampler.state_dict()
+        self.ckpt.wait()
+        path = self.ckpt.find_latest_valid()
+        if path is None:
+            raise NumericalFault(
+                f"step {failed_at}: loss {loss}, gradient norm {grad_norm}; no checkpoint to roll back to "
+                "(trainer.numerics.on_nonfinite = 'rollback' needs one: lower checkpoint.interval_steps)"
+            )
+        self.ckpt.load(path, self.state_io)
+        self.step = int(read_manifest(path).step)
+        self.sampler.load_state_dict(position)
+        if self.metrics is not None:  # the record goes on from the checkpoint, like after a resume
+            self.metrics.close()
+            MetricsLog.truncate_after(self.metrics.path, self.step)
+            self.metrics = MetricsLog(self.metrics.path)
+        self._log_main(
+            f"step {failed_at}: loss {loss}, gradient norm {grad_norm}: rolled back to {path} (step {self.step}); "
+            f"skipping the data of steps {self.step + 1}-{failed_at}"
+        )
 
     def evaluate(self) -> dict[str, float]:
         return self.backend.evaluate(self.val_batches)
@@ -254,7 +321,10 @@ class Trainer:
         first_eval = None
         metrics: dict[str, float] = {}
         if self.step >= tc.max_steps:
-            self._log_main(f"nothing to do: the run is already at step {self.step} of {tc.max_steps}")
+            self._log_main(
+                f"the run in {self.run_dir} is complete: it is at step {self.step} of trainer.max_steps = "
+                f"{tc.max_steps}; nothing to do (raise trainer.max_steps to train on)"
+            )
         error: BaseException | None = None
         try:
             while self.step < tc.max_steps:
@@ -288,13 +358,17 @@ class Trainer:
             raise
         finally:
             progress.close()
-            self.ckpt.close()  # finishes an async save in flight
-            if self.reporter is not None:
-                self.reporter.close(error)
-            if self.metrics is not None:
-                self.metrics.close()
+            try:
+                self.ckpt.close()  # finishes an async save in flight
+            finally:
+                if self.reporter is not None:
+                    self.reporter.close(error)
+                if self.metrics is not None:
+                    self.metrics.close()
+                self._release_lock()
         if self.env.is_main:
-            (self.run_dir / COMPLETED_FILE).write_text(json.dumps({"step": self.step}) + "\n")
+            record = {"step": self.step, **({"skipped_steps": self.guard.skipped} if self.guard.skipped else {})}
+            (self.run_dir / COMPLETED_FILE).write_text(json.dumps(record) + "\n")
             if first_eval is not None:
                 self.log(
                     f"done: {self.step} steps; val loss (top-k) {first_eval['eval/loss_topk']:.4f} -> "
@@ -303,10 +377,20 @@ class Trainer:
                 )
         return metrics
 
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def close(self) -> None:
-        if getattr(self, "sampler", None) is not None:
+        """Releases the sampler's workers, the backend and the run-directory lock (once)."""
+        if self.sampler is not None:
             self.sampler.close()
-        self.backend.close()
+            self.sampler = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        self._release_lock()
 
 
 def _eval_line(step: int, result: dict[str, float]) -> str:

@@ -2,7 +2,8 @@
 
 A :class:`~modmoe.config.JobConfig` is valid section by section when it loads; whether it can
 run depends on more: the world size, the device, the backend it selects and what that backend
-honours. ``resolve_job`` decides all of it and returns a :class:`ResolvedJob`, which the
+honours, whether the run directory is one a run may write into, and whether the model and its
+optimizer state can fit in a rank's memory. ``resolve_job`` decides all of it and returns a :class:`ResolvedJob`, which the
 Trainer and the backends use instead of recomputing (the data-parallel degree, the
 gradient-accumulation count, the layout). Every problem is a one-line
 :class:`~modmoe.config_base.ConfigError` naming the field.
@@ -20,6 +21,8 @@ from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError, field_error
 from modmoe.parallel.dims import ParallelDims
 from modmoe.train.backends.keys import BACKEND_KEYS, TRAINER_KEYS, refusal
+from modmoe.train.memory_estimate import check_memory
+from modmoe.train.run_dir import check_run_dir
 from modmoe.train.speed_checks import check_speed_options
 
 
@@ -81,7 +84,7 @@ def check_honoured(cfg: JobConfig, backend: str) -> None:
     """A key set away from its default must be honoured by the Trainer or the backend."""
     honoured = TRAINER_KEYS | BACKEND_KEYS[backend]
     for key, value in changed_keys(cfg).items():
-        if key not in honoured:
+        if not honoured.honours(key, value):
             raise ConfigError(refusal(key, value, backend))
 
 
@@ -130,4 +133,6 @@ def resolve_job(cfg: JobConfig, world_size: int | None = None, device: str | Non
             f"must be a multiple of micro_batch_size * data-parallel ranks ({tc.micro_batch_size} * {dp})",
         )
     accum = tc.global_batch_size // (tc.micro_batch_size * dp)
+    check_run_dir(tc.run_dir, cfg.checkpoint.dirname)
+    check_memory(cfg, layout, device, world_size)
     return ResolvedJob(cfg, world_size, device, backend, dp, accum, layout)

@@ -17,6 +17,7 @@ default that neither the Trainer nor the chosen backend honours is refused befor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -74,9 +75,12 @@ class Backend(Protocol):
         it sets the step's learning rate), gradients accumulated, not yet applied. Collective."""
         ...
 
-    def optimizer_step(self) -> float | None:
+    def optimizer_step(self, apply: Callable[[float | None], bool] | None = None) -> float | None:
         """Applies the accumulated gradients (clipping first) and moves the LR schedule;
-        returns the global gradient norm (None when the backend cannot tell)."""
+        returns the global gradient norm (None when the backend cannot tell). With ``apply``
+        (only on backends that honour ``trainer.numerics.on_nonfinite=skip``), it is asked with
+        the global norm whether to apply the step; if not, the gradients are dropped and
+        nothing moves (optimizer, schedule, expert biases)."""
         ...
 
     def lr(self) -> float:

@@ -99,7 +99,9 @@ class DeepSpeedBackend(NativeModelBackend):
         self._lr = self.ds_scheduler.get_last_lr()[0]  # what this step uses: step() moves the schedule on
         self.module.step()  # a real optimizer step only at the accumulation boundary
 
-    def _apply_gradients(self) -> float | None:
+    def _apply_gradients(self, apply) -> tuple[float | None, bool]:
+        if apply is not None:  # resolve_job refuses trainer.numerics.on_nonfinite=skip here
+            raise ValueError("the deepspeed backend cannot hold back a step (DeepSpeed applied it in its backward)")
         dense_norm = self.module.get_global_grad_norm()
         expert_norm = None
         if self.expert_optimizer is not None:
@@ -109,9 +111,9 @@ class DeepSpeedBackend(NativeModelBackend):
             self.expert_scheduler.step()
             self.expert_optimizer.zero_grad(set_to_none=True)
         if dense_norm is None:
-            return None
+            return None, True
         total = float(dense_norm) ** 2 + (float(expert_norm) ** 2 if expert_norm is not None else 0.0)
-        return total**0.5
+        return total**0.5, True
 
     def lr(self) -> float:
         """The learning rate of the step just taken (the trainer asks after the backward passes,

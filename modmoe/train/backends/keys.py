@@ -14,12 +14,24 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class HonouredKeys:
     """A set of dotted config keys: a key is in it when it equals one of ``keys`` or lies below
-    one (``"model"`` covers ``model.depth.capacity``)."""
+    one (``"model"`` covers ``model.depth.capacity``). An entry ``key=value`` honours that one
+    value only (``trainer.numerics.on_nonfinite=skip``)."""
 
     keys: tuple[str, ...]
 
+    def _entries(self, key: str):
+        for entry in self.keys:
+            name, sep, value = entry.partition("=")
+            if key == name or key.startswith(name + "."):
+                yield value if sep else None
+
     def __contains__(self, key: str) -> bool:
-        return any(key == k or key.startswith(k + ".") for k in self.keys)
+        """Whether some value of ``key`` is honoured."""
+        return any(True for _ in self._entries(key))
+
+    def honours(self, key: str, value: object) -> bool:
+        """Whether ``key`` set to ``value`` is honoured."""
+        return any(only is None or only == str(value) for only in self._entries(key))
 
     def __or__(self, other: HonouredKeys) -> HonouredKeys:
         return HonouredKeys(self.keys + other.keys)
@@ -50,47 +62,32 @@ TRAINER_KEYS = HonouredKeys(
         "logging.mlflow",
         "logging.peak_tflops_per_device",
         "parallel.comm_backend",
+        # Numerical faults: the Trainer decides, stops and rolls back for every backend;
+        # skipping a step needs the backend (below).
+        "trainer.numerics.on_nonfinite=rollback",
+        "trainer.numerics.max_skipped_steps",
+        "trainer.numerics.max_rollbacks",
+        "trainer.numerics.spike_window",
+        "trainer.numerics.spike_zscore",
+        "trainer.memory_check",
+        "trainer.memory_available_gib",
     )
 )
 
-
-# Keys the Trainer implements itself, whatever the backend: data, the loop's cadence,
-# checkpoint commits and retention, tracking, the process group.
-TRAINER_KEYS = HonouredKeys(
-    (
-        "engine",
-        "data",
-        "trainer.max_steps",
-        "trainer.run_dir",
-        "trainer.seed",
-        "trainer.global_batch_size",
-        "trainer.micro_batch_size",
-        "trainer.eval_every",
-        "trainer.eval_batches",
-        "trainer.log_every",
-        "trainer.device",
-        "trainer.progress_bar",
-        "trainer.deterministic",
-        "checkpoint.interval_steps",
-        "checkpoint.interval_minutes",
-        "checkpoint.keep_last",
-        "checkpoint.keep_every",
-        "checkpoint.dirname",
-        "logging.mlflow",
-        "logging.peak_tflops_per_device",
-        "parallel.comm_backend",
-    )
-)
-
-# The native model under DDP/FSDP2 or DeepSpeed: every model, optimizer and layout setting;
-# not the Megatron-only section.
-NATIVE_KEYS = HonouredKeys(
+# The native model under DeepSpeed: every model, optimizer and layout setting; not the
+# Megatron-only section. Not: skipping a step (DeepSpeed applies the update inside its backward
+# at the accumulation boundary, before the step's gradient norm is known).
+DEEPSPEED_KEYS = HonouredKeys(
     ("model", "optimizer", "parallel", "trainer.precision", "checkpoint.async_save", "logging.plots_every_eval")
 )
 
+# The native model under DDP/FSDP2: the same, and holding back a non-finite step.
+NATIVE_KEYS = DEEPSPEED_KEYS | HonouredKeys(("trainer.numerics.on_nonfinite=skip",))
+
 # Megatron-Core: the model (translate refuses, in one line, what Megatron cannot express),
 # the optimizer, the shared parallel degrees and its own section. Not: asynchronous checkpoint
-# saves (dist_checkpointing writes synchronously here).
+# saves (dist_checkpointing writes synchronously here), skipping a step (Megatron's optimizer
+# clips and applies in one call).
 MEGATRON_KEYS = HonouredKeys(
     (
         "model",
@@ -114,7 +111,7 @@ SPEED_KEYS = HonouredKeys(("trainer.compile", "trainer.compile_backend", "traine
 
 BACKEND_KEYS: dict[str, HonouredKeys] = {
     "native": NATIVE_KEYS | SPEED_KEYS,
-    "deepspeed": NATIVE_KEYS,
+    "deepspeed": DEEPSPEED_KEYS,
     "megatron": MEGATRON_KEYS,
 }
 

@@ -339,7 +339,9 @@ class MegatronBackend:
             metrics.update(expert_load_metrics(self._last_loads, self.cfg.model.moe.num_experts))
         return StepStats(loss=loss, metrics=metrics)
 
-    def optimizer_step(self) -> float | None:
+    def optimizer_step(self, apply=None) -> float | None:
+        if apply is not None:  # resolve_job refuses trainer.numerics.on_nonfinite=skip here
+            raise ValueError("the megatron backend cannot hold back a step (its optimizer clips and applies at once)")
         if self.deepspeed is None:
             _ok, grad_norm, _ = self.optimizer.step()  # not ok: Megatron skipped a non-finite step
             return None if grad_norm is None else float(grad_norm)

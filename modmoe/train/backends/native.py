@@ -11,6 +11,7 @@ data-parallel ranks once.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import partial
 from typing import ClassVar
 
@@ -35,7 +36,7 @@ from modmoe.parallel.parallelize import (
     reduce_expert_grads,
 )
 from modmoe.train.backends.base import Batch, PlotData, StepStats
-from modmoe.train.backends.keys import NATIVE_KEYS, SPEED_KEYS, HonouredKeys
+from modmoe.train.backends.keys import DEEPSPEED_KEYS, NATIVE_KEYS, SPEED_KEYS, HonouredKeys
 from modmoe.train.optim import build_optimizer, build_scheduler
 from modmoe.train.reporting import routing_sample
 from modmoe.train.resolve import ResolvedJob
@@ -63,7 +64,7 @@ class NativeModelBackend:
     and own the optimizer (``_wrap``, ``_no_sync``, ``_backward``, ``_apply_gradients``)."""
 
     name: ClassVar[str]
-    honoured: ClassVar[HonouredKeys] = NATIVE_KEYS
+    honoured: ClassVar[HonouredKeys] = DEEPSPEED_KEYS
     speed_steps: ClassVar[bool] = False  # applies trainer.compile / cuda_graphs / fp8
 
     def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
@@ -122,9 +123,10 @@ class NativeModelBackend:
         metrics.update(stats.summary())
         return StepStats(loss=packed[0], metrics=metrics)
 
-    def optimizer_step(self) -> float | None:
-        norm = self._apply_gradients()
-        self._bias_metrics = self._update_expert_biases()
+    def optimizer_step(self, apply: Callable[[float | None], bool] | None = None) -> float | None:
+        norm, applied = self._apply_gradients(apply)
+        # A held-back step changes nothing, the aux-loss-free expert biases included.
+        self._bias_metrics = self._update_expert_biases() if applied else {}
         return norm
 
     def _update_expert_biases(self) -> dict[str, float]:
@@ -184,7 +186,9 @@ class NativeModelBackend:
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def _apply_gradients(self) -> float | None:
+    def _apply_gradients(self, apply: Callable[[float | None], bool] | None) -> tuple[float | None, bool]:
+        """Clips and applies the step's gradients unless ``apply(norm)`` says no; returns the
+        global gradient norm and whether the step was applied."""
         raise NotImplementedError
 
 
@@ -223,13 +227,17 @@ class NativeBackend(NativeModelBackend):
             return fsdp_no_sync(self.core)
         return contextlib.nullcontext()
 
-    def _apply_gradients(self) -> float:
+    def _apply_gradients(self, apply: Callable[[float | None], bool] | None) -> tuple[float, bool]:
         reduce_expert_grads(self._expert_params, self.dims)
-        norm = clip_grad_norm(self.core.parameters(), self.cfg.optimizer.grad_clip)  # measured even when not clipping
-        self.optimizer.step()
-        self.scheduler.step()
+        # Global over every rank (DDP/FSDP2 reduced the gradients; experts over their groups),
+        # so every rank takes the same ``apply`` decision. Measured even when not clipping.
+        norm = float(clip_grad_norm(self.core.parameters(), self.cfg.optimizer.grad_clip))
+        applied = apply is None or apply(norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm, applied
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

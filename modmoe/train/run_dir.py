@@ -1,0 +1,97 @@
+"""Which directories a training run may write into: only its own.
+
+A run writes, truncates (``metrics.jsonl`` after a resume) and cleans (interrupted saves, old
+checkpoints) inside ``trainer.run_dir``. It does so only when the directory is new or empty, or
+carries modmoe's marker file :data:`MARKER` (written when a run claims the directory). Anything
+else, a home directory given by mistake, a file, someone else's data, is refused in one line
+naming the path, before any work.
+
+Run directories written before the marker existed are recognised by what modmoe left in them
+(``config.yaml`` holding a modmoe job config, plus ``metrics.jsonl`` or the checkpoint
+directory); they resume as before and get the marker then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from modmoe.config_base import ConfigError, field_error
+from modmoe.config_yaml import parse_yaml
+
+MARKER = ".modmoe-run"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _is_legacy_run(path: Path, ckpt_dirname: str) -> bool:
+    """A run directory modmoe wrote before the marker existed."""
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file() or not ((path / METRICS_FILE).is_file() or (path / ckpt_dirname).is_dir()):
+        return False
+    try:
+        data = parse_yaml(cfg_file.read_text(encoding="utf-8"), str(cfg_file))
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("trainer"), dict) and isinstance(data.get("model"), dict)
+
+
+def check_run_dir(run_dir: str | os.PathLike, ckpt_dirname: str = "checkpoints") -> str:
+    """Whether a run may use ``run_dir``, without touching it: ``"new"``, ``"empty"``,
+    ``"marked"`` or ``"legacy"``; anything else is a one-line ConfigError naming the path."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise field_error("trainer.run_dir", str(path), "is a file, not a directory (give a new or empty directory)")
+    if not path.exists():
+        parent = _nearest_existing(path.parent if path.parent != path else path)
+        if not parent.is_dir():
+            raise field_error("trainer.run_dir", str(path), f"cannot be created: {parent} is a file")
+        if not _writable(parent):
+            raise field_error("trainer.run_dir", str(path), f"cannot be created: {parent} is not writable")
+        return "new"
+    if not _writable(path):
+        raise field_error("trainer.run_dir", str(path), "is not writable by this user")
+    if (path / MARKER).is_file():
+        return "marked"
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return "empty"
+    if _is_legacy_run(path, ckpt_dirname):
+        return "legacy"
+    shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise field_error(
+        "trainer.run_dir",
+        str(path),
+        f"exists and is not a modmoe run directory (no {MARKER} marker; it holds {shown}); "
+        "give a new or empty directory",
+    )
+
+
+def claim_run_dir(run_dir: str | os.PathLike, ckpt_dirname: str = "checkpoints") -> str:
+    """Rank 0: checks ``run_dir`` again (it may have changed since the config was resolved),
+    creates it and writes the marker; returns what :func:`check_run_dir` found."""
+    path = Path(run_dir)
+    state = check_run_dir(path, ckpt_dirname)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if state != "marked":
+            record = {"created_by": "modmoe", "created_unix": time.time(), "host": socket.gethostname(), "was": state}
+            tmp = path / f"{MARKER}.tmp"
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, path / MARKER)
+    except OSError as err:
+        raise field_error("trainer.run_dir", str(path), f"cannot be written: {err.strerror}") from None
+    return state
