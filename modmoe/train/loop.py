@@ -116,6 +116,7 @@ class Trainer:
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
         self.last_eval: dict[str, float] = {}
         self.guard = NonFiniteGuard(tc.numerics)
+        self.rolled_back = False
         self.spikes = LossSpikes(tc.numerics.spike_window, tc.numerics.spike_zscore)
         self.ckpt = CheckpointManager(
             self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, self.env.world_size
@@ -255,7 +256,7 @@ class Trainer:
             self._log_main(f"step {self.step}: loss {stats.loss}, gradient norm {grad_norm}: step skipped")
         elif decision == "rollback":
             self._rollback(stats.loss, grad_norm)
-        metrics["numerics/rolled_back"] = float(decision == "rollback")
+        self.rolled_back = decision == "rollback"  # the step's record is then not logged: it was undone
         return metrics
 
     def _rollback(self, loss: float, grad_norm: float | None) -> None:
@@ -329,6 +330,8 @@ class Trainer:
         try:
             while self.step < tc.max_steps:
                 metrics = self.train_step()
+                if self.rolled_back:
+                    continue
                 if (blocked := self.ckpt.pop_save_blocking_s()) is not None:  # the save after the previous step
                     metrics["checkpoint/save_blocking_s"] = blocked
                 last = self.step == tc.max_steps
