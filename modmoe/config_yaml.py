@@ -121,9 +121,10 @@ def parse_yaml(text: str, source: str) -> Any:
     """The data of one YAML document, or a one-line ConfigError naming ``source``."""
     if len(text) > MAX_BYTES:
         raise ConfigError(f"config error: {source}: {len(text)} characters, more than a config may have ({MAX_BYTES})")
-    loader = _BoundedLoader(text)
-    loader.source = source
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader already refuses unprintable characters
+        loader.source = source
         return loader.get_single_data()
     except ConfigError:
         raise
@@ -134,4 +135,5 @@ def parse_yaml(text: str, source: str) -> Any:
     except RecursionError:
         raise ConfigError(f"config error: {source}: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

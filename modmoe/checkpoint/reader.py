@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +44,39 @@ def index_reader(ckpt_dir: Path, manifest: Manifest) -> SafeFileSystemReader:
     return SafeFileSystemReader(ckpt_dir, files, allow_bytes=manifest.layout == LAYOUT_MEGATRON)
 
 
+ITEM_READ_ERRORS = (
+    RuntimeError,
+    ValueError,
+    EOFError,
+    AssertionError,
+    KeyError,
+    IndexError,
+    zipfile.BadZipFile,
+    OSError,
+)
+
+
 def checkpoint_fault(err: BaseException, path: Path) -> CheckpointError | None:
     """The checkpoint's fault inside a failed read (DCP and Megatron wrap each rank's
     exception): a refused index, or a pickle the weights-only loader refused; None when it is
     something else (a bug)."""
-    for cause in iter_causes(err):
+    causes = list(iter_causes(err))
+    for cause in causes:
         if isinstance(cause, CheckpointError):
             return cause
         if isinstance(cause, pickle.UnpicklingError):
             named = re.search(r"GLOBAL ([\w.]+)", str(cause))
             what = f"names the global {named.group(1)}" if named else str(cause).strip().splitlines()[-1][:300]
             return CheckpointError(f"refusing to load {path}: an item {what}, which weights-only loading refuses")
+    # What DCP raises while reading a validated checkpoint's items is the items' fault: a torn
+    # torch.save archive, a size that does not match, a missing key.
+    if any(isinstance(c, CheckpointException) for c in causes):
+        for cause in causes:
+            if isinstance(cause, ITEM_READ_ERRORS):
+                first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+                return CheckpointError(
+                    f"refusing to load {path}: an item cannot be read ({type(cause).__name__}: {first})"
+                )
     return None
 
 
