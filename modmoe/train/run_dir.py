@@ -1,8 +1,9 @@
 """Which directories a training run may write into: only its own.
 
 A run writes, truncates (``metrics.jsonl`` after a resume) and cleans (interrupted saves, old
-checkpoints) inside ``trainer.run_dir``. It does so only when the directory is new or empty, or
-carries modmoe's marker file :data:`MARKER` (written when a run claims the directory). Anything
+checkpoints) inside ``trainer.run_dir``. It does so only when the directory is new or empty
+(but for what modmoe's Slurm launcher puts there first: ``logs/``, ``STOP``), or carries
+modmoe's marker file :data:`MARKER` (written when a run claims the directory). Anything
 else, a home directory given by mistake, a file, someone else's data, is refused in one line
 naming the path, before any work.
 
@@ -25,6 +26,10 @@ from modmoe.config_yaml import parse_yaml
 MARKER = ".modmoe-run"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+# What may be there before a run first claims the directory: the Slurm launcher's logs and stop
+# file (launch/train.sbatch creates RUN_DIR/logs before the trainer starts), a lock, a marker
+# being written.
+LAUNCHER_ENTRIES = frozenset({"logs", "STOP", ".modmoe.lock", f"{MARKER}.tmp"})
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -67,7 +72,7 @@ def check_run_dir(run_dir: str | os.PathLike, ckpt_dirname: str = "checkpoints")
     if (path / MARKER).is_file():
         return "marked"
     entries = sorted(p.name for p in path.iterdir())
-    if not entries:
+    if not set(entries) - LAUNCHER_ENTRIES:
         return "empty"
     if _is_legacy_run(path, ckpt_dirname):
         return "legacy"

@@ -16,6 +16,8 @@ def test_new_empty_marked_and_legacy_directories_are_ours(tmp_path):
     assert check_run_dir(tmp_path / "a" / "b") == "new"
     (tmp_path / "empty").mkdir()
     assert check_run_dir(tmp_path / "empty") == "empty"
+    (tmp_path / "empty" / "logs").mkdir()  # what the Slurm launcher creates before the trainer starts
+    assert check_run_dir(tmp_path / "empty") == "empty"
     assert claim_run_dir(tmp_path / "a" / "b") == "new"
     assert json.loads((tmp_path / "a" / "b" / MARKER).read_text())["created_by"] == "modmoe"
     assert check_run_dir(tmp_path / "a" / "b") == "marked"
