@@ -6,6 +6,8 @@ from pydantic import Field
 
 from modmoe.config_base import ConfigModel
 
+DIRNAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"  # one path component
+
 
 class CheckpointConfig(ConfigModel):
     interval_steps: int = Field(default=1000, ge=0)
@@ -25,6 +27,6 @@ class CheckpointConfig(ConfigModel):
     """Write checkpoints in a background thread so training goes on; the state is first copied
     to CPU memory, and at most one save is in flight."""
 
-    dirname: str = Field(default="checkpoints", min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+    dirname: str = Field(default="checkpoints", min_length=1, pattern=DIRNAME_PATTERN)
     """Directory of the checkpoints inside the run directory: one path component (letters,
     digits, ``_``, ``.``, ``-``), so that saves and their clean-up stay inside the run."""

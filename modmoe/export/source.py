@@ -15,6 +15,7 @@ extra); its groups then come from memory.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from modmoe.checkpoint import find_latest_valid, validate
+from modmoe.checkpoint.config import DIRNAME_PATTERN
 from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, MANIFEST_NAME, Manifest, read_manifest
 from modmoe.checkpoint.reader import TensorSpec, load_tensor_groups, model_tensors, pack_by_bytes, read_dcp_metadata
 from modmoe.config_base import ConfigError, validate_config
+from modmoe.config_yaml import parse_yaml
 from modmoe.errors import UserError
 from modmoe.model.config import ModelConfig
 
@@ -74,12 +76,13 @@ def _ckpt_dirname(run_dir: Path) -> str:
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         try:
-            data = yaml.safe_load(cfg_path.read_text()) or {}
-            name = (data.get("checkpoint") or {}).get("dirname")
-            if isinstance(name, str) and name:
-                return name
-        except yaml.YAMLError:
-            pass
+            data = parse_yaml(cfg_path.read_text(encoding="utf-8"), str(cfg_path)) or {}
+        except (ConfigError, OSError, UnicodeDecodeError):
+            return "checkpoints"
+        section = data.get("checkpoint") if isinstance(data, dict) else None
+        name = section.get("dirname") if isinstance(section, dict) else None
+        if isinstance(name, str) and re.match(DIRNAME_PATTERN, name):
+            return name  # one path component, as the trainer allows
     return "checkpoints"
 
 
