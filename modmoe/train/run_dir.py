@@ -9,7 +9,8 @@ naming the path, before any work.
 
 Run directories written before the marker existed are recognised by what modmoe left in them
 (``config.yaml`` holding a modmoe job config, plus ``metrics.jsonl`` or the checkpoint
-directory); they resume as before and get the marker then.
+directory), and so is a new directory seeded with nothing but modmoe checkpoints to resume
+from; they resume as before and get the marker then.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import time
 from pathlib import Path
 
+from modmoe.checkpoint.manifest import FORMAT_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES, STEP_DIR_RE
 from modmoe.config_base import ConfigError, field_error
 from modmoe.config_yaml import parse_yaml
 
@@ -54,6 +56,25 @@ def _is_legacy_run(path: Path, ckpt_dirname: str) -> bool:
     return isinstance(data, dict) and isinstance(data.get("trainer"), dict) and isinstance(data.get("model"), dict)
 
 
+def _holds_only_checkpoints(path: Path, entries: list[str], ckpt_dirname: str) -> bool:
+    """A directory seeded with modmoe checkpoints to resume from (copied into a new run
+    directory): nothing but the checkpoint directory, holding committed modmoe checkpoints."""
+    if set(entries) - LAUNCHER_ENTRIES != {ckpt_dirname} or not (path / ckpt_dirname).is_dir():
+        return False
+    children = list((path / ckpt_dirname).iterdir())
+    if not children or not all(STEP_DIR_RE.match(c.name) or c.name.startswith(".tmp-") for c in children):
+        return False
+    for child in children:
+        manifest = child / MANIFEST_NAME
+        try:
+            small = manifest.is_file() and manifest.stat().st_size < MAX_MANIFEST_BYTES
+            if small and json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT_NAME:
+                return True
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+    return False
+
+
 def check_run_dir(run_dir: str | os.PathLike, ckpt_dirname: str = "checkpoints") -> str:
     """Whether a run may use ``run_dir``, without touching it: ``"new"``, ``"empty"``,
     ``"marked"`` or ``"legacy"``; anything else is a one-line ConfigError naming the path."""
@@ -74,7 +95,7 @@ def check_run_dir(run_dir: str | os.PathLike, ckpt_dirname: str = "checkpoints")
     entries = sorted(p.name for p in path.iterdir())
     if not set(entries) - LAUNCHER_ENTRIES:
         return "empty"
-    if _is_legacy_run(path, ckpt_dirname):
+    if _is_legacy_run(path, ckpt_dirname) or _holds_only_checkpoints(path, entries, ckpt_dirname):
         return "legacy"
     shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise field_error(

@@ -26,6 +26,13 @@ def test_new_empty_marked_and_legacy_directories_are_ours(tmp_path):
     (legacy / "config.yaml").write_text("model: {dim: 64}\ntrainer: {max_steps: 3}\n")
     (legacy / "metrics.jsonl").write_text('{"step": 1}\n')
     assert claim_run_dir(legacy) == "legacy" and (legacy / MARKER).is_file()
+    seeded = tmp_path / "seeded" / "checkpoints" / "step_00000003"  # a checkpoint copied in to resume from
+    seeded.mkdir(parents=True)
+    (seeded / "manifest.json").write_text(json.dumps({"format": "modmoe-checkpoint"}))
+    assert check_run_dir(tmp_path / "seeded") == "legacy"
+    (seeded / "manifest.json").write_text(json.dumps({"format": "someone-else"}))
+    with pytest.raises(ConfigError, match="not a modmoe run directory"):
+        check_run_dir(tmp_path / "seeded")
 
 
 @pytest.mark.parametrize(
