@@ -144,8 +144,9 @@ class CheckpointManager:
     """Saves and restores ``app_state`` (name -> DCP ``Stateful``, e.g. ``{"train": TrainState}``)
     plus per-rank RNG states and a JSON ``meta`` dict.
 
-    Construct it on every rank (collective when a process group is initialized: it creates a
-    gloo group so that async saves do not interleave with training collectives). ``save``,
+    Construct it on every rank (collective when a process group is initialized: it creates two
+    gloo groups so that async saves interleave neither with training collectives nor with its own
+    agreements). ``save``,
     ``wait``, ``load`` and ``should_save`` (with ``interval_minutes``) are collective too.
     """
 
@@ -162,7 +163,11 @@ class CheckpointManager:
             )
         if not self._dist and world_size != 1:
             raise CheckpointError(f"CheckpointManager: world_size = {world_size} needs an initialized process group")
+        # Two gloo groups: the state writer's collectives (which an async save runs on its own
+        # thread) and the manager's agreements (main thread only). Sharing one group would let
+        # the two threads' collectives interleave differently on each rank and deadlock.
         self._pg = dist.new_group(backend="gloo") if self._dist else None
+        self._control_pg = dist.new_group(backend="gloo") if self._dist else None
         self._pending: Future | None = None
         self._pending_save: tuple[int, Path] = (0, self.dir)
         self._commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit") if rank == 0 else None
@@ -174,16 +179,16 @@ class CheckpointManager:
             self._clean_leftovers()
         self._barrier()
 
-    # ---- collectives over our own gloo group -------------------------------------------
+    # ---- agreements over our own gloo group ---------------------------------------------
     def _barrier(self) -> None:
         if self._dist:
-            dist.barrier(group=self._pg)
+            dist.barrier(group=self._control_pg)
 
     def _broadcast_int(self, value: int) -> int:
         if not self._dist:
             return value
         t = torch.tensor([value], dtype=torch.int64)
-        dist.broadcast(t, src=0, group=self._pg)
+        dist.broadcast(t, src=0, group=self._control_pg)
         return int(t.item())
 
     # ---- policy ------------------------------------------------------------------------
@@ -287,7 +292,7 @@ class CheckpointManager:
         if not self._dist:
             return flag
         t = torch.tensor([int(flag)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._pg)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_pg)
         return bool(t.item())
 
     def _agree(self, failure: BaseException | None, step: int, tmp: Path) -> None:
@@ -383,7 +388,7 @@ class CheckpointManager:
         problems = validate(path) if self.rank == 0 else []
         if self._dist:  # every rank raises rank 0's words (the group is our own processes)
             box = [problems]
-            dist.broadcast_object_list(box, src=0, group=self._pg)
+            dist.broadcast_object_list(box, src=0, group=self._control_pg)
             problems = box[0]
         if problems:
             raise CheckpointError(f"refusing to load {path}: {'; '.join(problems)}")

@@ -189,3 +189,16 @@ def test_megatron_refuses_async_checkpoint_saves(small_data_dir, tmp_path):
         "backend honours: docs/architecture.md); remove it or pick a backend that implements it"
     )
     assert not (tmp_path / "config.yaml").exists()  # refused before any work
+
+
+def test_native_deepspeed_runs_in_one_plain_process(small_data_dir, tmp_path):
+    """No torchrun and no process group: the DeepSpeed backend makes its own one-rank group,
+    trains, resumes from its checkpoint, and leaves no group behind."""
+    deepspeed = {"parallel.dp_backend": "deepspeed", "parallel.zero_stage": 1, "trainer.max_steps": 2}
+    assert not torch.distributed.is_initialized()
+    _train(_config(small_data_dir, tmp_path, **deepspeed))
+    assert not torch.distributed.is_initialized()
+    _train(_config(small_data_dir, tmp_path, **{**deepspeed, "trainer.max_steps": 4}))
+    assert not torch.distributed.is_initialized()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "COMPLETED").read_text()) == {"step": 4}

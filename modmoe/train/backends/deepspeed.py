@@ -69,6 +69,11 @@ class DeepSpeedBackend(NativeModelBackend):
     def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
         import deepspeed
 
+        # DeepSpeed needs a process group even for one rank (a plain process, or torchrun with one).
+        self._own_group = not dist.is_initialized()
+        if self._own_group:
+            backend = "nccl" if env.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         super().__init__(job, env)
         cfg, model = self.cfg, self.core
         self.experts = detach_experts(model) if self.dims.ep > 1 else {}
@@ -122,6 +127,15 @@ class DeepSpeedBackend(NativeModelBackend):
 
     def state_io(self) -> StateIO:
         return DcpStateIO({"train": DeepSpeedTrainState(self)})
+
+    def close(self) -> None:
+        super().close()
+        if self._own_group and dist.is_initialized():
+            import deepspeed.comm
+
+            # DeepSpeed's teardown: it also forgets the groups it cached (a later run in this
+            # process would otherwise reach the destroyed ones).
+            deepspeed.comm.destroy_process_group()
 
 
 class DeepSpeedTrainState(Stateful):
