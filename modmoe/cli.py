@@ -43,6 +43,7 @@ def train(
     """Train (one process, or one rank per process under torchrun)."""
     from modmoe.config import load_config
     from modmoe.errors import UserError
+    from modmoe.parallel.failures import exit_on_comm_failure
     from modmoe.train.loop import run_training
     from modmoe.train.resolve import resolve_job
 
@@ -56,7 +57,9 @@ def train(
                 f"{job.accum_steps} accumulation step(s), run directory {job.cfg.trainer.run_dir}"
             )
             return
-        run_training(job, resume=resume)
+        # A lost or hung peer (node failure) ends this rank with one line and status 75.
+        with exit_on_comm_failure():
+            run_training(job, resume=resume)
     except UserError as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
 

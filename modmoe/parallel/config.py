@@ -46,3 +46,13 @@ class ParallelConfig(ConfigModel):
 
     comm_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: ``auto`` = nccl on CUDA, gloo on CPU."""
+
+    timeout_s: float = Field(600.0, gt=0, le=86_400)
+    """Seconds a collective (or a rendezvous store operation) may wait for its peers before it
+    fails, on every process group of the job (the dense and expert meshes and the checkpoint
+    group too). A rank whose peer died or hangs then exits with status 75 and one log line
+    naming the cause, so the job ends and Slurm can requeue it instead of waiting forever.
+    gloo raises in the blocked call; NCCL's watchdog aborts the communicator (the launcher sets
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``). It must exceed the longest legitimate wait of one
+    rank for another: rank 0 preparing the data on a first start, a checkpoint save, evaluation,
+    or the first step's compilation."""

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from modmoe.config_base import field_error
 from modmoe.parallel.config import ParallelConfig
@@ -47,10 +48,23 @@ def init_distributed(cfg: ParallelConfig, device_choice: str) -> DistEnv:
         backend = cfg.comm_backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None
-        )
+        timeout = timedelta(seconds=cfg.timeout_s)
+        apply_timeout_to_new_groups(timeout)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, world, local_rank, device)
+
+
+def apply_timeout_to_new_groups(timeout: timedelta) -> None:
+    """Makes ``timeout`` the default of every process group created later without one.
+
+    ``init_process_group``'s timeout covers only the default group: ``new_group`` and the
+    groups of a ``DeviceMesh`` (the dp/ep/tp meshes, the checkpoint's gloo group, DeepSpeed's
+    groups) fall back to torch's module defaults (30 minutes for gloo, 10 for NCCL), so a rank
+    blocked in one of them would outwait the job's timeout. torch reads these module
+    attributes at each group's creation (``_get_default_timeout``)."""
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

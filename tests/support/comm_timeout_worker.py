@@ -1,0 +1,37 @@
+"""torchrun worker for tests/integration/test_comm_failure.py: two ranks in a gloo group made
+after ``init_distributed`` (as the checkpoint group and the mesh groups are); rank 1 then hangs
+(``hang``: sleeps far past the timeout) or dies (``die``: SIGKILL) while rank 0 is blocked in an
+all-reduce with it. Rank 0 must leave through ``exit_on_comm_failure`` with status 75.
+
+    python -m torch.distributed.run --nproc-per-node 2 comm_timeout_worker.py MODE TIMEOUT_S
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from modmoe.parallel.config import ParallelConfig
+from modmoe.parallel.distributed import init_distributed
+from modmoe.parallel.failures import exit_on_comm_failure
+
+mode, timeout_s = sys.argv[1], float(sys.argv[2])
+env = init_distributed(ParallelConfig(timeout_s=timeout_s), "cpu")
+group = dist.new_group(backend="gloo")  # no timeout given: it must still be timeout_s
+t = torch.ones(4)
+dist.all_reduce(t, group=group)  # both ranks are there
+if env.rank == 1:
+    if mode == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10 * timeout_s + 30)
+    sys.exit(0)
+blocked = time.monotonic()
+with exit_on_comm_failure(log=lambda line: print(f"{line} [after {time.monotonic() - blocked:.2f} s]", flush=True)):
+    dist.all_reduce(t, group=group)
+print("the all-reduce returned without its peer", flush=True)
+sys.exit(1)
