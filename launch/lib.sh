@@ -46,6 +46,15 @@ modmoe_first_host() {
     scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
 }
 
+# The address other nodes reach NODE at: its NodeAddr in Slurm's node table, which is the node
+# name unless the site set another (a name that does not resolve, or an address per node).
+# Neither localhost nor this host's name is assumed to mean the same machine on every node.
+modmoe_node_addr() {
+    local addr
+    addr=$(scontrol show node -o "$1" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
+    echo "${addr:-$1}"
+}
+
 # The rendezvous port: MODMOE_RDZV_PORT, else a port that is free on this host right now. The
 # batch shell runs on the first node, which hosts the store, so the check is made where it
 # counts. A port derived from the job id is not enough: jobs of two clusters (or job ids

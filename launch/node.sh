@@ -25,7 +25,15 @@ fi
 [[ -n ${MODMOE_SOCKET_IFNAME:-} ]] && export GLOO_SOCKET_IFNAME=$MODMOE_SOCKET_IFNAME
 
 attempt=${SLURM_RESTART_COUNT:-0}
-modmoe_log "node rank ${SLURM_NODEID:-0}/${SLURM_NNODES:-1}: $nproc $MODMOE_DEVICE rank(s)," \
+# Node 0 (the batch host, the first in the node list) hosts the rendezvous store: said outright,
+# because torchrun's guess (is the endpoint one of my names or addresses?) fails where the
+# endpoint is an address the node does not know as its own, or a name every node answers to.
+# Each agent announces its own NodeAddr, where the other nodes' ranks reach its store.
+node_rank=${SLURM_NODEID:-0}
+is_host=0
+(( node_rank == 0 )) && is_host=1
+local_addr=$(modmoe_node_addr "${SLURMD_NODENAME:-$(hostname -s)}")
+modmoe_log "node rank $node_rank/${SLURM_NNODES:-1} ($local_addr): $nproc $MODMOE_DEVICE rank(s)," \
     "rendezvous ${MODMOE_RDZV_ENDPOINT:?} id ${MODMOE_RDZV_ID:?}, attempt $attempt"
 
 exec "$MODMOE_PYTHON" -m torch.distributed.run \
@@ -34,6 +42,8 @@ exec "$MODMOE_PYTHON" -m torch.distributed.run \
     --rdzv-backend c10d \
     --rdzv-endpoint "$MODMOE_RDZV_ENDPOINT" \
     --rdzv-id "$MODMOE_RDZV_ID" \
+    --rdzv-conf "is_host=$is_host" \
+    --local-addr "$local_addr" \
     --max-restarts 0 \
     --log-dir "$MODMOE_RUN_DIR/logs/torchrun/attempt$attempt-node${SLURM_NODEID:-0}" \
     --tee 3 \

@@ -54,5 +54,10 @@ class ParallelConfig(ConfigModel):
     naming the cause, so the job ends and Slurm can requeue it instead of waiting forever.
     gloo raises in the blocked call; NCCL's watchdog aborts the communicator (the launcher sets
     ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``). It must exceed the longest legitimate wait of one
-    rank for another: rank 0 preparing the data on a first start, a checkpoint save, evaluation,
-    or the first step's compilation."""
+    rank for another: a checkpoint save, rank 0 logging plots to MLflow, evaluation, or the
+    first step's compilation (rank 0's set-up has its own ``setup_timeout_s``)."""
+
+    setup_timeout_s: float = Field(3600.0, gt=0, le=7 * 86_400)
+    """Seconds the ranks wait for rank 0's one-time work before training starts (preparing the
+    data on a first start, opening the MLflow run). Kept apart from ``timeout_s``, which
+    preparing a large corpus may far exceed; a node lost during set-up is detected after this long."""

@@ -20,6 +20,8 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    setup_group: dist.ProcessGroup | None = None
+    """A gloo group with ``parallel.setup_timeout_s`` for :meth:`setup_barrier` (None alone)."""
 
     @property
     def is_main(self) -> bool:
@@ -28,6 +30,13 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def setup_barrier(self) -> None:
+        """Waits for every rank where some rank does long one-time work first (rank 0 preparing
+        the data or opening the MLflow run): bounded by ``parallel.setup_timeout_s``, not by the
+        collective timeout, which a large corpus's preparation may well exceed."""
+        if self.setup_group is not None:
+            dist.barrier(group=self.setup_group)
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -51,7 +60,10 @@ def init_distributed(cfg: ParallelConfig, device_choice: str) -> DistEnv:
         timeout = timedelta(seconds=cfg.timeout_s)
         apply_timeout_to_new_groups(timeout)
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-    return DistEnv(rank, world, local_rank, device)
+    setup_group = None
+    if world > 1:
+        setup_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(cfg.setup_timeout_s, cfg.timeout_s)))
+    return DistEnv(rank, world, local_rank, device, setup_group)
 
 
 def apply_timeout_to_new_groups(timeout: timedelta) -> None:

@@ -25,7 +25,7 @@ from modmoe.config_base import ConfigError
 from modmoe.data import SequenceSampler, prepare_data, validation_batches
 from modmoe.errors import UserError
 from modmoe.model.flops import count_flops, parameter_counts
-from modmoe.parallel.distributed import DistEnv, barrier, broadcast_from_main, init_distributed, shutdown
+from modmoe.parallel.distributed import DistEnv, broadcast_from_main, init_distributed, shutdown
 from modmoe.train import memory, throughput
 from modmoe.train.backends import build_backend
 from modmoe.train.backends.base import Backend
@@ -77,7 +77,7 @@ class Trainer:
         """Run directory, seeds, data, and the backend."""
         tc = cfg.trainer
         self.stop = open_run_dir(cfg, self.env.is_main, self.env.device)
-        barrier()
+        self.env.setup_barrier()
         # Set either way: an earlier run in this process may have left it on.
         torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
         seed_everything(tc.seed)
@@ -85,7 +85,7 @@ class Trainer:
         # Data: rank 0 prepares (or reuses) the shards; the others then open the same files.
         if self.env.is_main:
             self.data = prepare_data(cfg.data, log=self._log_main)
-        barrier()
+        self.env.setup_barrier()
         if not self.env.is_main:
             self.data = prepare_data(cfg.data, log=lambda _: None)
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -127,6 +127,7 @@ class Trainer:
         self.reporter: RunReporter | None = None
         if self.env.is_main and cfg.logging.mlflow.enabled:
             self.reporter = RunReporter(cfg, self.run_dir, self.backend.layout_tag(), run_id=mlflow_run_id)
+        self.env.setup_barrier()  # the others would wait for the MLflow run in the first step's collective
 
     def _claim_run_dir(self) -> RunLock | None:
         """Rank 0 claims the run directory (modmoe's marker) and locks it for the whole run,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import PAPER_PARTITION, SlurmCluster
+from slurm_cluster import TWO_NODE_PARTITION, SlurmCluster
 
 from modmoe.launch import submit
 
@@ -31,12 +31,12 @@ def test_cluster_has_this_host_idle(slurm_cluster: SlurmCluster) -> None:
 # a second node on paper (it never runs anything, --test-only only plans).
 VARIANTS = {
     "cpu-1node": dict(gpus_per_node=0, procs_per_node=2, time="30"),
-    "cpu-2nodes": dict(nodes=2, gpus_per_node=0, procs_per_node=2, partition=PAPER_PARTITION, time="1-00:00"),
+    "cpu-2nodes": dict(nodes=2, gpus_per_node=0, procs_per_node=2, partition=TWO_NODE_PARTITION, time="1-00:00"),
     "gpu-1node": dict(gpus_per_node=2, time="4:00:00", signal_grace_s=600),
     "gpu-2nodes-options": dict(
         nodes=2,
         gpus_per_node=2,
-        partition=PAPER_PARTITION,
+        partition=TWO_NODE_PARTITION,
         time="2-00:00:00",
         cpus_per_node=2,
         job_name="big.run",

@@ -1,9 +1,19 @@
-"""A real single-node Slurm cluster on this host, for the ``slurm`` tests.
+"""A real Slurm cluster on this host, for the ``slurm`` tests: this host as one node, and two
+more nodes (``node1``, ``node2``), each in its own network namespace with its own address.
 
-munged, slurmctld and slurmd run as root from Debian's packages with everything (key, socket,
-config, state, spool, logs) in a private temporary directory, on free ports, so the system's
-``/etc/slurm`` and ``/etc/munge`` are never read or changed. Client commands find the cluster
-through ``SLURM_CONF``, which the fixture sets for the test session.
+munged, slurmctld and the slurmds run as root from Debian's packages with everything (key,
+socket, config, state, spool, logs) in a private temporary directory, on free ports, so the
+system's ``/etc/slurm`` and ``/etc/munge`` are never read or changed. Client commands find the
+cluster through ``SLURM_CONF``, which the fixture sets for the test session.
+
+- Partition ``debug`` (the default): this host, reached at 127.0.0.1.
+- Partition ``two``: the two virtual nodes (see ``netns_nodes.py``). Debian builds Slurm with
+  multiple-slurmd support (``MULTIPLE_SLURMD = Yes`` in ``scontrol show config``), so several
+  slurmds run on one host, each told its node name with ``-N`` and keeping its own spool, pid
+  file and log (``%n``). A node is lost with :meth:`SlurmCluster.kill_node` (link down, every
+  process in it SIGKILLed) and comes back with :meth:`SlurmCluster.restart_node`. Where network
+  namespaces cannot be made, the two nodes exist only on paper (no slurmd answers: ``sbatch
+  --test-only`` still plans two-node jobs) and :attr:`SlurmCluster.two_node_reason` says why.
 
 Use it through the ``slurm_cluster`` fixture: ``from slurm_cluster import slurm_cluster``.
 The cluster is started once per pytest session (even when several test files import the
@@ -31,6 +41,8 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from netns_nodes import NodeNetwork
+from netns_nodes import skip_reason as netns_skip_reason
 
 # Binaries the cluster needs; scripts/install-system-deps.sh installs them.
 _REQUIRED = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "squeue")
@@ -38,8 +50,13 @@ _REQUIRED = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo", "sc
 # (no job asking for them ever runs here).
 FAKE_GPUS = 2
 PARTITION = "debug"
-PAPER_NODE = "paper1"
-PAPER_PARTITION = "paper"
+TWO_NODE_PARTITION = "two"
+TWO_NODES = ("node1", "node2")
+# How long slurmctld waits for a silent node before it sets it DOWN and requeues (or fails) its
+# jobs. It pings every SlurmdTimeout/3 s, so a dead node turns DOWN 1 to 4/3 timeouts after its
+# last answer. Longer than the collective timeout of the node-loss test (the survivors must
+# leave on their own first), short enough for a test.
+SLURMD_TIMEOUT_S = 30
 _START_TIMEOUT_S = 60.0
 
 
@@ -76,6 +93,12 @@ class SlurmCluster:
     env: dict[str, str]
     procs: list[subprocess.Popen] = field(default_factory=list)
     daemon_log: IO[bytes] | None = None
+    network: NodeNetwork | None = None
+    """The virtual nodes' namespaces and bridge (None: they exist only on paper)."""
+    two_node_reason: str | None = None
+    """Why the two virtual nodes are only on paper here (None when they run)."""
+    slurmds: dict[str, subprocess.Popen] = field(default_factory=dict)
+    """The running slurmd of each node, by node name."""
 
     def run(self, *args: str, check: bool = True, timeout: float = 60.0, **kw) -> subprocess.CompletedProcess:
         """Runs a Slurm client command against this cluster."""
@@ -126,11 +149,13 @@ class SlurmCluster:
     def release_requeue_hold(self, job: str, restarts: int, timeout: float) -> None:
         """Waits until the job has been requeued ``restarts`` times and its previous attempt has
         left the node, then lifts the hold Slurm puts on a requeued job (it may start again only
-        2 minutes later) so the test need not wait."""
+        2 minutes later) so the test need not wait. The nodes that must be idle are those of the
+        job's partition."""
+        nodes = TWO_NODES if self.job_field(job, "Partition") == TWO_NODE_PARTITION else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.job_field(job, "JobState")
-            if self.job_field(job, "Restarts") == str(restarts) and state == "PENDING" and self.node_idle():
+            if self.job_field(job, "Restarts") == str(restarts) and state == "PENDING" and self.node_idle(nodes):
                 # slurmd revokes the old attempt's credential with 1 s resolution: a new one
                 # issued within the same second would be refused ("Job credential revoked").
                 time.sleep(2.0)
@@ -141,19 +166,65 @@ class SlurmCluster:
             time.sleep(0.3)
         raise TimeoutError(f"job {job} not requeued {restarts} time(s) in {timeout}s\n{self.diagnostics(job)}")
 
-    def node_idle(self) -> bool:
-        """True when this host's node runs nothing (a finished job's processes are gone too)."""
-        out = self.run("sinfo", "-h", "-n", self.hostname, "-o", "%T", check=False, timeout=10).stdout.split()
-        return out == ["idle"]
+    def node_states(self, nodes: tuple[str, ...] | list[str] | None = None) -> dict[str, str]:
+        """Node name -> state as sinfo prints it (``idle``, ``allocated``, ``down*`` ...); this
+        host's node by default."""
+        names = ",".join(nodes or [self.hostname])
+        out = self.run("sinfo", "-h", "-N", "-n", names, "-o", "%N %T", check=False, timeout=10).stdout
+        return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+    def node_idle(self, nodes: tuple[str, ...] | list[str] | None = None) -> bool:
+        """True when the nodes (this host's by default) run nothing: a finished job's processes
+        are gone too."""
+        states = self.node_states(nodes)
+        return len(states) == len(nodes or [self.hostname]) and set(states.values()) == {"idle"}
+
+    def require_two_nodes(self) -> None:
+        """Skips the calling test where the two virtual nodes exist only on paper."""
+        if self.two_node_reason:
+            pytest.skip(f"no two-node cluster here: {self.two_node_reason}")
+
+    def start_slurmd(self, node: str) -> None:
+        """Starts the node's slurmd (inside its namespace for a virtual node)."""
+        prefix = self.network.nodes[node].exec_args() if self.network and node in self.network.nodes else []
+        proc = subprocess.Popen(
+            [*prefix, _find("slurmd"), "-D", "-f", str(self.conf), "-N", node],
+            stdout=self.daemon_log,
+            stderr=self.daemon_log,
+            env=self.env,
+        )
+        self.slurmds[node] = proc
+        self.procs.append(proc)
+
+    def kill_node(self, node: str) -> float:
+        """Loses a virtual node as a power cut would: its link goes down (its peers get no reset,
+        only silence), then its slurmd, slurmstepds, torchrun and ranks are SIGKILLed. Returns
+        the wall-clock time (``time.time()``) at which the node fell silent."""
+        assert self.network is not None, self.two_node_reason
+        self.network.cut(node)
+        lost_at = time.time()
+        self.network.kill_all(node)
+        proc = self.slurmds.pop(node)
+        proc.wait(timeout=30)
+        self.procs.remove(proc)
+        return lost_at
+
+    def restart_node(self, node: str) -> None:
+        """Brings a killed node back (link up, a fresh slurmd). A DOWN node returns to service
+        when its slurmd registers (``ReturnToService=2``)."""
+        assert self.network is not None, self.two_node_reason
+        self.network.restore(node)
+        self.start_slurmd(node)
 
     def diagnostics(self, job_id: str | None = None) -> str:
         parts = []
         if job_id:
             parts.append(self.run("scontrol", "show", "job", job_id, check=False).stdout)
-        for name in ("slurmctld.log", "slurmd.log"):
-            log = self.root / "log" / name
+        parts.append(self.run("sinfo", "-N", "-o", "%N %T %E", check=False).stdout)
+        for log in [self.root / "log" / "slurmctld.log", *sorted((self.root / "log").glob("slurmd-*.log"))]:
             if log.exists():
-                parts.append(f"--- {name} (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+                parts.append(f"--- {log.name} (tail) ---\n{tail}")
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -167,21 +238,45 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        self.slurmds.clear()
+        if self.network is not None:
+            self.network.remove()
+            self.network = None
         if self.daemon_log is not None:
             self.daemon_log.close()
             self.daemon_log = None
 
 
-def _write_conf(root: Path, hostname: str, hardware: str, ctld_port: int, slurmd_port: int) -> Path:
+def _write_conf(
+    root: Path, hostname: str, hardware: str, ctld_port: int, slurmd_port: int, network: NodeNetwork | None
+) -> Path:
+    twins = ",".join(TWO_NODES)
     # Slurm counts GPUs by device file; any character devices do for GPUs nobody uses.
     devices = ",".join(["/dev/null", "/dev/zero", "/dev/full", "/dev/random"][:FAKE_GPUS])
-    (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={hostname} Name=gpu File={devices}\n")
+    (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={hostname},{twins} Name=gpu File={devices}\n")
     # An empty plugin stack, so a site's /etc/slurm/plugstack.conf cannot interfere.
     (root / "plugstack.conf").write_text("")
+    if network is not None:
+        # slurmctld listens on every address; the virtual nodes reach it on the bridge.
+        ctld_addr = network.host_addr
+        twin_lines = "\n".join(
+            f"NodeName={n.name} NodeAddr={n.addr} {hardware} Gres=gpu:{FAKE_GPUS} State=UNKNOWN"
+            for n in network.nodes.values()
+        )
+        slurmd_timeout = SLURMD_TIMEOUT_S
+    else:
+        ctld_addr = "127.0.0.1"
+        # Nodes only on paper (no slurmd answers at these addresses), so two-node scripts can pass
+        # ``sbatch --test-only`` while real jobs never land there.
+        twin_lines = "\n".join(
+            f"NodeName={name} NodeAddr=127.0.0.{2 + i} {hardware} Gres=gpu:{FAKE_GPUS} State=IDLE"
+            for i, name in enumerate(TWO_NODES)
+        )
+        slurmd_timeout = 36000  # paper nodes must not turn DOWN (and fail --test-only) during a session
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=modmoe-test
-SlurmctldHost={hostname}(127.0.0.1)
+SlurmctldHost={hostname}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -190,11 +285,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+# Several slurmds on one host: each node keeps its own spool, pid file and log.
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 PlugStackConfig={root}/plugstack.conf
 # No cgroups in a container: track processes through /proc, no task binding.
 ProctrackType=proctrack/linuxproc
@@ -206,21 +302,19 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+# A node that was DOWN (not responding) is back in service as soon as its slurmd registers.
 ReturnToService=2
 JobRequeue=1
 # Slurm's default: SIGTERM'd ranks have this long to checkpoint before SIGKILL.
 KillWait=30
 MinJobAge=600
 InactiveLimit=0
-# Long: the paper node must not turn DOWN (and fail --test-only) during a session.
-SlurmdTimeout=36000
+SlurmdTimeout={slurmd_timeout}
 GresTypes=gpu
 NodeName={hostname} NodeAddr=127.0.0.1 {hardware} Gres=gpu:{FAKE_GPUS} State=UNKNOWN
 PartitionName={PARTITION} Nodes={hostname} Default=YES MaxTime=INFINITE State=UP
-# A second node that exists only on paper (no slurmd answers), in its own partition, so
-# multi-node scripts can pass ``sbatch --test-only`` while real jobs never land there.
-NodeName={PAPER_NODE} NodeAddr=127.0.0.2 {hardware} Gres=gpu:{FAKE_GPUS} State=IDLE
-PartitionName={PAPER_PARTITION} Nodes={hostname},{PAPER_NODE} Default=NO MaxTime=INFINITE State=UP
+{twin_lines}
+PartitionName={TWO_NODE_PARTITION} Nodes={twins} Default=NO MaxTime=INFINITE State=UP
 """)
     return conf
 
@@ -233,8 +327,9 @@ def _hardware() -> str:
     return " ".join(t for t in out.split() if t.partition("=")[0] in keys)
 
 
-def start_cluster(root: Path) -> SlurmCluster:
-    """Starts munged, slurmctld and slurmd under ``root``; returns once the node is idle."""
+def start_cluster(root: Path, two_nodes: bool = True) -> SlurmCluster:
+    """Starts munged, slurmctld and the slurmds under ``root`` (with ``two_nodes``, the virtual
+    nodes too, where namespaces work); returns once every running node is idle."""
     hostname = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
     for sub in ("munge", "state", "spool", "run", "log"):
@@ -244,11 +339,20 @@ def start_cluster(root: Path) -> SlurmCluster:
     os.chmod(root / "munge", 0o700)
     key = root / "munge" / "munge.key"
     subprocess.run([_find("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
-    conf = _write_conf(root, hostname, _hardware(), _free_port(), _free_port())
+    reason = netns_skip_reason() if two_nodes else "not asked for"
+    network = NodeNetwork.create(list(TWO_NODES)) if reason is None else None
+    try:
+        conf = _write_conf(root, hostname, _hardware(), _free_port(), _free_port(), network)
+    except BaseException:
+        if network is not None:
+            network.remove()
+        raise
     env = {**os.environ, "SLURM_CONF": str(conf)}
     for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         del env[var]  # a surrounding Slurm job must not leak into ours
-    cluster = SlurmCluster(root=root, conf=conf, hostname=hostname, cpus=cpus, env=env)
+    cluster = SlurmCluster(
+        root=root, conf=conf, hostname=hostname, cpus=cpus, env=env, network=network, two_node_reason=reason
+    )
     log = cluster.daemon_log = open(root / "log" / "daemons.out", "ab")  # noqa: SIM115 (closed by stop())
     munge_dir = root / "munge"
     try:
@@ -283,15 +387,11 @@ def start_cluster(root: Path) -> SlurmCluster:
             "slurmctld to answer",
             cluster,
         )
-        cluster.procs.append(
-            subprocess.Popen(
-                [_find("slurmd"), "-D", "-f", str(conf), "-N", hostname],
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-        )
-        _wait_for(cluster.node_idle, "the node to become idle", cluster)
+        running = [hostname, *(network.nodes if network else [])]
+        for node in running:
+            (root / "spool" / node).mkdir(exist_ok=True)
+            cluster.start_slurmd(node)
+        _wait_for(lambda: cluster.node_idle(running), "the nodes to become idle", cluster)
     except BaseException:
         cluster.stop()
         raise
@@ -317,7 +417,7 @@ def _wait_for(predicate, what: str, cluster: SlurmCluster) -> None:
 
 REPO = Path(__file__).resolve().parents[2]
 _FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
-_ATTEMPT_LINE = re.compile(r"node rank 0/\d+: .*attempt (\d+)$", re.MULTILINE)
+_ATTEMPT_LINE = re.compile(r"node rank 0/\d+ .*attempt (\d+)$", re.MULTILINE)
 _RESUMED_LINE = re.compile(r"resumed from \S+ at step (\d+)")
 
 
