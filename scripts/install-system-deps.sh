@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the Slurm integration tests need (slurmctld, slurmd, the
-# client commands and munge) from Debian's archive. Idempotent: prints what it found and
+# client commands, munge, and iproute2 for the two virtual nodes' network namespaces) from
+# Debian's archive. Idempotent: prints what it found and
 # does nothing when every binary is already present. Needs root (CI runs as root).
 set -euo pipefail
 
@@ -10,10 +11,11 @@ declare -A PROVIDER=(
     [slurmd]=slurmd
     [sbatch]=slurm-client
     [munged]=munge
+    [ip]=iproute2
 )
 
 missing=()
-for bin in slurmctld slurmd sbatch munged; do
+for bin in slurmctld slurmd sbatch munged ip; do
     if command -v "$bin" >/dev/null 2>&1 || [[ -x "/usr/sbin/$bin" ]]; then
         echo "install-system-deps: $bin present"
     else

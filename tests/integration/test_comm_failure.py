@@ -54,4 +54,3 @@ def test_blocked_collective_with_a_lost_peer_exits_75_with_one_line(mode: str) -
         assert "connection to a peer rank was lost" in lines[0], lines[0]
         assert waited < TIMEOUT_S + 5, waited
     assert wall < 120, wall
-

@@ -45,7 +45,7 @@ from netns_nodes import NodeNetwork
 from netns_nodes import skip_reason as netns_skip_reason
 
 # Binaries the cluster needs; scripts/install-system-deps.sh installs them.
-_REQUIRED = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "squeue")
+_REQUIRED = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "squeue", "sdiag")
 # Fake GPUs on the node let ``sbatch --test-only`` check the GPU variant of the launch script
 # (no job asking for them ever runs here).
 FAKE_GPUS = 2
@@ -123,6 +123,15 @@ class SlurmCluster:
                 return value
         return None
 
+    def node_field(self, node: str, name: str) -> str | None:
+        """One ``scontrol show node`` field (``State`` is e.g. ``DOWN+NOT_RESPONDING``)."""
+        out = self.run("scontrol", "show", "node", "-o", node, check=False).stdout
+        for token in out.split():
+            key, _, value = token.partition("=")
+            if key == name:
+                return value
+        return None
+
     def wait_job(self, job_id: str, timeout: float, states: tuple[str, ...] = ("COMPLETED",)) -> str:
         """Waits until the job reaches a finished state; returns it. Fails on timeout, with the
         job record and the daemon logs' tails in the message."""
@@ -150,12 +159,23 @@ class SlurmCluster:
         """Waits until the job has been requeued ``restarts`` times and its previous attempt has
         left the node, then lifts the hold Slurm puts on a requeued job (it may start again only
         2 minutes later) so the test need not wait. The nodes that must be idle are those of the
-        job's partition."""
+        job's partition.
+
+        The hold also lets slurmctld deliver what it still owes a node that stopped answering:
+        after a node loss, the previous attempt's ``srun`` asked to kill its step (``StepId=J.0``)
+        and slurmctld retries that signal every 60 s until the node answers. Delivered to a new
+        attempt, whose first step has the same id, it kills that one (seen: 15 s into the
+        requeued attempt). So the hold is lifted only once slurmctld's retry queue is empty."""
         nodes = TWO_NODES if self.job_field(job, "Partition") == TWO_NODE_PARTITION else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.job_field(job, "JobState")
-            if self.job_field(job, "Restarts") == str(restarts) and state == "PENDING" and self.node_idle(nodes):
+            if (
+                self.job_field(job, "Restarts") == str(restarts)
+                and state == "PENDING"
+                and self.node_idle(nodes)
+                and self.agent_queue_size() == 0
+            ):
                 # slurmd revokes the old attempt's credential with 1 s resolution: a new one
                 # issued within the same second would be refused ("Job credential revoked").
                 time.sleep(2.0)
@@ -164,20 +184,34 @@ class SlurmCluster:
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
                 raise AssertionError(f"job {job} ended ({state}) before requeue {restarts}\n{self.diagnostics(job)}")
             time.sleep(0.3)
-        raise TimeoutError(f"job {job} not requeued {restarts} time(s) in {timeout}s\n{self.diagnostics(job)}")
+        raise TimeoutError(
+            f"job {job} not requeued {restarts} time(s) in {timeout}s (or its nodes not idle: "
+            f"{self.node_states(nodes)}, or slurmctld's agent queue not empty: {self.agent_queue_size()})\n"
+            f"{self.diagnostics(job)}"
+        )
+
+    def agent_queue_size(self) -> int | None:
+        """Messages slurmctld is still retrying to send to nodes (``sdiag``'s agent queue)."""
+        found = re.search(r"Agent queue size:\s*(\d+)", self.run("sdiag", check=False, timeout=10).stdout)
+        return int(found.group(1)) if found else None
 
     def node_states(self, nodes: tuple[str, ...] | list[str] | None = None) -> dict[str, str]:
-        """Node name -> state as sinfo prints it (``idle``, ``allocated``, ``down*`` ...); this
-        host's node by default."""
-        names = ",".join(nodes or [self.hostname])
-        out = self.run("sinfo", "-h", "-N", "-n", names, "-o", "%N %T", check=False, timeout=10).stdout
-        return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+        """Node name -> ``State`` as ``scontrol show node`` gives it (``IDLE``, ``MIXED``,
+        ``IDLE+COMPLETING``, ``DOWN+NOT_RESPONDING`` ...); this host's node by default. Not
+        sinfo: ``sinfo -n NODE`` showed a node ``mixed`` for minutes after its job had left
+        (while ``sinfo`` without ``-n`` and scontrol said idle), and a DOWN node as ``mixed*``."""
+        states = {}
+        for node in nodes or [self.hostname]:
+            state = self.node_field(node, "State")
+            if state is not None:
+                states[node] = state
+        return states
 
     def node_idle(self, nodes: tuple[str, ...] | list[str] | None = None) -> bool:
         """True when the nodes (this host's by default) run nothing: a finished job's processes
-        are gone too."""
+        are gone too (no ``+COMPLETING``)."""
         states = self.node_states(nodes)
-        return len(states) == len(nodes or [self.hostname]) and set(states.values()) == {"idle"}
+        return len(states) == len(nodes or [self.hostname]) and set(states.values()) == {"IDLE"}
 
     def require_two_nodes(self) -> None:
         """Skips the calling test where the two virtual nodes exist only on paper."""
@@ -208,6 +242,17 @@ class SlurmCluster:
         proc.wait(timeout=30)
         self.procs.remove(proc)
         return lost_at
+
+    def processes(self, node: str) -> dict[int, str]:
+        """pid -> command line of every process running in a virtual node."""
+        assert self.network is not None, self.two_node_reason
+        out = {}
+        for pid in self.network.nodes[node].pids():
+            try:
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # gone meanwhile
+        return out
 
     def restart_node(self, node: str) -> None:
         """Brings a killed node back (link up, a fresh slurmd). A DOWN node returns to service
