@@ -69,6 +69,38 @@ class NumericsConfig(ConfigModel):
     (``numerics/loss_spike`` = 1). Spikes are logged, not acted on."""
 
 
+class WatchdogConfig(ConfigModel):
+    """Hang and straggler detection on every rank (modmoe/train/watchdog.py, straggler.py)."""
+
+    enabled: bool = True
+    """Run the watchdog thread that dumps stacks when a step overruns (the step times and the
+    straggler metric are measured either way)."""
+
+    factor: float = Field(10.0, gt=1)
+    """A step overruns when it has taken longer than this many times the median of the
+    recent steps."""
+
+    floor_s: float = Field(60.0, gt=0)
+    """...and longer than this many seconds, so short steps' jitter (an evaluation, a
+    checkpoint save) does not count as a hang."""
+
+    window: int = Field(50, ge=1)
+    """How many recent steps the median is taken over."""
+
+    warmup_steps: int = Field(3, ge=1)
+    """Steps timed before the watchdog judges any (the first steps compile and warm caches)."""
+
+    check_every_s: float = Field(1.0, gt=0)
+    """How often the watchdog thread looks at the step in flight."""
+
+    straggler_factor: float = Field(2.0, gt=1)
+    """Log a straggler line when the slowest rank's own work took longer than this many times
+    the median over the ranks (and at least ``straggler_min_s`` longer)."""
+
+    straggler_min_s: float = Field(0.5, ge=0)
+    """Absolute margin the slowest rank must exceed the median by before it is logged."""
+
+
 class TrainerConfig(ConfigModel):
     """The training loop."""
 
@@ -150,6 +182,9 @@ class TrainerConfig(ConfigModel):
     memory_available_gib: float | None = Field(default=None, gt=0.0)
     """Memory one rank may use, in GiB, for ``memory_check`` (``None`` = what the device has:
     a CUDA device's total memory, or the host's available RAM shared by its local ranks)."""
+
+    watchdog: WatchdogConfig = WatchdogConfig()
+    """Stack dumps of a step that overruns, and the straggler metric (docs/slurm.md)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:

@@ -36,6 +36,8 @@ from modmoe.train.resolve import ResolvedJob, resolve_job
 from modmoe.train.run_dir import claim_run_dir
 from modmoe.train.run_lock import RunDirLockedError, RunLock
 from modmoe.train.stop import COMPLETED_FILE, STOP_FILE, open_run_dir
+from modmoe.train.straggler import straggler_metrics
+from modmoe.train.watchdog import StepWatchdog, debug_stall
 
 
 def seed_everything(seed: int) -> None:
@@ -128,6 +130,8 @@ class Trainer:
         if self.env.is_main and cfg.logging.mlflow.enabled:
             self.reporter = RunReporter(cfg, self.run_dir, self.backend.layout_tag(), run_id=mlflow_run_id)
         self.env.setup_barrier()  # the others would wait for the MLflow run in the first step's collective
+        # Every rank watches its own steps and logs its own watchdog lines.
+        self.watchdog = StepWatchdog(tc.watchdog, self.env.rank, self.run_dir / "stacks", log=self.log)
 
     def _claim_run_dir(self) -> RunLock | None:
         """Rank 0 claims the run directory (modmoe's marker) and locks it for the whole run,
@@ -216,10 +220,17 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns global metrics."""
         t0 = time.perf_counter()
+        self.watchdog.step_started(self.step + 1)  # (train() started it already, for the whole iteration)
         memory.start_step(self.env.device)
+        debug_stall(self.env.rank, self.step + 1)  # the test seam (MODMOE_DEBUG_STALL); nothing otherwise
+        t_data = time.perf_counter()
         batches = [self.sampler.next_batch() for _ in range(self.job.accum_steps)]
-        data_wait = time.perf_counter() - t0
+        data_wait = time.perf_counter() - t_data
+        # The rank's own work ends here: the forward pass meets the peers (the MoE load
+        # all-reduce; else the backward's gradient reduction), after which a fast rank waits.
+        self.watchdog.phase("forward/backward", synchronizing=True)
         stats = self.backend.forward_backward(batches, self.step)
+        self.watchdog.phase("optimizer step")
         lr = self.backend.lr()
         if self.cfg.trainer.numerics.on_nonfinite == "skip":
             grad_norm = self.backend.optimizer_step(apply=lambda norm: is_finite(stats.loss) and is_finite(norm))
@@ -230,6 +241,16 @@ class Trainer:
         decision = self.guard.decide(self.step, stats.loss, grad_norm)
         step_time = time.perf_counter() - t0
         cfg = self.cfg
+        wd = cfg.trainer.watchdog
+        self.watchdog.phase("straggler metric")
+        straggler = straggler_metrics(
+            self.step,
+            self.watchdog.local_s(),
+            self.env.device,
+            wd.straggler_factor,
+            wd.straggler_min_s,
+            log=self.log if self.env.is_main else None,
+        )
         peak = throughput.peak_tflops_per_device(self.env.device, cfg.logging.peak_tflops_per_device)
         metrics = {
             "step": self.step,
@@ -249,6 +270,7 @@ class Trainer:
         }
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
+        metrics.update(straggler)
         metrics.update(self.backend.step_metrics())
         metrics.update(memory.step_memory(self.env.device))
         metrics.update(self.spikes.update(stats.loss))
@@ -328,8 +350,11 @@ class Trainer:
                 f"{tc.max_steps}; nothing to do (raise trainer.max_steps to train on)"
             )
         error: BaseException | None = None
+        self.watchdog.start()
         try:
             while self.step < tc.max_steps:
+                # The watched step is the whole iteration: evaluation, logging and saves included.
+                self.watchdog.step_started(self.step + 1)
                 metrics = self.train_step()
                 if self.rolled_back:
                     continue
@@ -357,10 +382,12 @@ class Trainer:
                     return metrics
                 elif self.ckpt.should_save(self.step):
                     self.save_checkpoint()
+                self.watchdog.step_finished()
         except BaseException as exc:
             error = exc
             raise
         finally:
+            self.watchdog.close()
             progress.close()
             try:
                 self.ckpt.close()  # finishes an async save in flight

@@ -1,14 +1,18 @@
 """The straggler metric: how unevenly the ranks did their own work of a step.
 
-A step's wall time is the same on every rank (they meet in the gradient synchronisation), so
-it cannot show a slow rank. What differs is how long each rank took for its *own* work before
-it had to wait for the others: data and forward passes (``StepWatchdog.local_done`` marks the
-end). One small all-gather per step brings those times together; the metric is the slowest
-rank's time over the median, and which rank that is.
+A step's wall time is the same on every rank (they meet in its collectives), so it cannot show
+a slow rank. What differs is how long each rank took for its *own* work before it first met
+its peers: from the step's start to its forward pass (``StepWatchdog`` marks it), that is
+getting the step's batches and whatever else a rank does alone first. The forward pass itself
+meets the peers early (the MoE layers all-reduce their expert loads; a dense model's backward
+reduces the gradients), so a fast rank's wait there would hide which rank was slow. One small
+all-gather per step brings the ranks' times together; the metric is the slowest rank's time
+over the median, and which rank that is.
 
-Limit: in layouts whose forward pass itself synchronises (expert all-to-all, tensor parallel,
-FSDP2 all-gathers), ranks also wait inside the forward, so the spread shows only the part of a
-slow rank's delay that comes before the first such collective (its data loading, for one).
+Limit: a rank slow at computing (a throttled GPU) is not told from the others waiting for it;
+that needs device-side timing of the compute, which this does not do. A rank slow to get its
+data (a slow filesystem on one node, a stalled data worker) or held up by anything else
+before its forward pass is.
 """
 
 from __future__ import annotations

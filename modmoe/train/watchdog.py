@@ -1,15 +1,16 @@
 """A per-rank watchdog for hung or very slow steps.
 
-Every rank runs one :class:`StepWatchdog`. The training loop marks three moments of each step:
-its start, the end of the rank's own work (data and forward passes: what a rank does before it
-has to wait for its peers in the gradient synchronisation), and its end. A daemon thread
-checks every ``check_every_s``: when the step in flight has run longer than ``factor`` times
-the median of the recent steps (and at least ``floor_s``), the watchdog writes the Python stack
-of every thread of this rank with :mod:`faulthandler` to
-``RUN_DIR/stacks/rank_RRRRR-stepN.txt`` and logs one line. Once one rank stalls, its peers
-wait in a collective and their steps run long too, so every rank dumps its stacks; each line
-says whether that rank is still in its own work (the slow one) or has finished it and waits for
-a peer. :func:`debug_stall` is the test seam that makes one rank slow on purpose.
+Every rank runs one :class:`StepWatchdog`. The Trainer marks each step's start and end and the
+phase it is in: ``data`` (the rank's own work: no peer is involved yet), then
+``forward/backward`` (marked ``synchronizing``: from here on the rank meets its peers in
+collectives and may wait for them), ``optimizer step`` and so on. A daemon thread checks every
+``check_every_s``: when the step in flight has run longer than ``factor`` times the median of
+the recent steps (and at least ``floor_s``), the watchdog writes the Python stack of every
+thread of this rank with :mod:`faulthandler` to ``RUN_DIR/stacks/rank_RRRRR-stepN.txt`` and
+logs one line with the phase. Once one rank stalls, its peers wait in a collective and their
+steps run long too, so every rank dumps its stacks; a rank that overran before its first
+collective of the step is slow by itself. :func:`debug_stall` is the test seam that makes one
+rank slow on purpose.
 """
 
 from __future__ import annotations
@@ -23,44 +24,11 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import Field
-
-from modmoe.config_base import ConfigError, ConfigModel
+from modmoe.config_base import ConfigError
+from modmoe.train.config import WatchdogConfig
 
 STALL_ENV = "MODMOE_DEBUG_STALL"
 """``RANK:STEP:SECONDS``: rank RANK sleeps SECONDS at the start of step STEP (tests only)."""
-
-
-class WatchdogConfig(ConfigModel):
-    """Hang and straggler detection (every rank)."""
-
-    enabled: bool = True
-    """Run the watchdog thread that dumps stacks when a step overruns (the step times and the
-    straggler metric are measured either way)."""
-
-    factor: float = Field(10.0, gt=1)
-    """A step overruns when it has taken longer than this many times the median of the
-    recent steps."""
-
-    floor_s: float = Field(60.0, gt=0)
-    """...and longer than this many seconds, so short steps' jitter (an evaluation, a
-    checkpoint save) does not count as a hang."""
-
-    window: int = Field(50, ge=1)
-    """How many recent steps the median is taken over."""
-
-    warmup_steps: int = Field(3, ge=1)
-    """Steps timed before the watchdog judges any (the first steps compile and warm caches)."""
-
-    check_every_s: float = Field(1.0, gt=0)
-    """How often the watchdog thread looks at the step in flight."""
-
-    straggler_factor: float = Field(2.0, gt=1)
-    """Log a straggler line when the slowest rank's own work took longer than this many times
-    the median over the ranks (and at least ``straggler_min_s`` longer)."""
-
-    straggler_min_s: float = Field(0.5, ge=0)
-    """Absolute margin the slowest rank must exceed the median by before it is logged."""
 
 
 class StepWatchdog:
@@ -80,30 +48,39 @@ class StepWatchdog:
         self._step: int | None = None
         self._started = 0.0
         self._local_s: float | None = None
+        self._phase = ""
         self._dumped_step: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.dumps: list[Path] = []
 
-    # ---- marks made by the training loop
+    # ---- marks made by the training loop and the backend
     def step_started(self, step: int) -> None:
+        """Step ``step`` starts now (a second call for the step in flight changes nothing)."""
         with self._lock:
-            self._step, self._started, self._local_s = step, self.clock(), None
+            if self._step != step:
+                self._step, self._started, self._local_s, self._phase = step, self.clock(), None, "data"
 
-    def local_done(self) -> None:
-        """This rank's own work of the step is done; from here on it may wait for its peers."""
+    def phase(self, name: str, synchronizing: bool = False) -> None:
+        """The step enters phase ``name``; ``synchronizing``: from here on this rank waits for
+        its peers (its own work of the step is done; the first such mark counts)."""
         with self._lock:
-            if self._local_s is None:
+            self._phase = name
+            if synchronizing and self._local_s is None:
                 self._local_s = self.clock() - self._started
 
-    def step_finished(self) -> tuple[float, float]:
-        """Ends the step; returns (step seconds, seconds of this rank's own work)."""
+    def local_s(self) -> float:
+        """Seconds of this rank's own work in the step in flight (so far, if not yet marked)."""
+        with self._lock:
+            return self._local_s if self._local_s is not None else self.clock() - self._started
+
+    def step_finished(self) -> float:
+        """Ends the step; returns its seconds."""
         with self._lock:
             elapsed = self.clock() - self._started
-            local = self._local_s if self._local_s is not None else elapsed
             self._durations.append(elapsed)
             self._step = None
-        return elapsed, local
+        return elapsed
 
     # ---- judging
     def limit_s(self) -> float | None:
@@ -119,16 +96,21 @@ class StepWatchdog:
         Returns the stack file written, if any."""
         limit = self.limit_s()
         with self._lock:
-            step, elapsed, local_done = self._step, self.clock() - self._started, self._local_s is not None
+            step, elapsed, local_done, phase = (
+                self._step,
+                self.clock() - self._started,
+                self._local_s is not None,
+                self._phase,
+            )
             if step is None or limit is None or elapsed <= limit or self._dumped_step == step:
                 return None
             self._dumped_step = step
             median = statistics.median(self._durations)
         path = self._dump(step, elapsed)
         where = (
-            "it has done its own work of the step and waits for a slower peer in a collective"
+            f"in {phase!r}, a phase with collectives: it may be waiting for a slower peer"
             if local_done
-            else "it is still in its own work of the step (data, forward): this rank is the slow one"
+            else f"in {phase!r}, before its first collective of the step: no peer holds it up, this rank is slow by itself"
         )
         self.log(
             f"watchdog: rank {self.rank} step {step} has run {elapsed:.1f} s, over its limit of {limit:.1f} s "

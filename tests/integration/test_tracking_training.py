@@ -28,6 +28,10 @@ THROUGHPUT = [
     "executed_tflops_per_s_per_device",
     "mfu",
     "memory/cpu_rss_gib",
+    "straggler/local_max_s",
+    "straggler/local_median_s",
+    "straggler/max_over_median",
+    "straggler/slowest_rank",
 ]
 LOSSES = [
     "loss",

@@ -54,6 +54,7 @@ TRAINER_KEYS = HonouredKeys(
         "trainer.device",
         "trainer.progress_bar",
         "trainer.deterministic",
+        "trainer.watchdog",
         "checkpoint.interval_steps",
         "checkpoint.interval_minutes",
         "checkpoint.keep_last",
@@ -71,6 +72,8 @@ TRAINER_KEYS = HonouredKeys(
         "trainer.numerics.spike_zscore",
         "trainer.memory_check",
         "trainer.memory_available_gib",
+        "parallel.timeout_s",
+        "parallel.setup_timeout_s",
     )
 )
 

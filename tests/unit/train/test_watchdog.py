@@ -55,7 +55,11 @@ def test_overrun_dumps_every_thread_once_and_names_the_rank(tmp_path: Path) -> N
     # faulthandler's dump of every thread: this test's frame is in the main thread's stack.
     assert text.startswith("# rank 3, pid ") and "test_overrun_dumps_every_thread_once_and_names_the_rank" in text
     assert len(lines) == 1 and lines[0].startswith("watchdog: rank 3 step 5 has run 5.1 s, over its limit of 5.0 s")
-    assert "this rank is the slow one" in lines[0] and str(path) in lines[0]
+    assert (
+        "in 'data', before its first collective of the step: no peer holds it up, this rank is slow by itself"
+        in lines[0]
+    )
+    assert str(path) in lines[0]
     clock.now += 100
     assert wd.check() is None and len(lines) == 1  # once per step
     wd.step_finished()
@@ -66,10 +70,10 @@ def test_a_rank_waiting_for_its_peers_says_so(tmp_path: Path) -> None:
     wd, clock, lines = _watchdog(tmp_path)
     _steps(wd, clock, [1.0] * 3)
     wd.step_started(4)
-    wd.local_done()
+    wd.phase("forward/backward", synchronizing=True)
     clock.now += 50
     assert wd.check() is not None
-    assert "waits for a slower peer in a collective" in lines[0]
+    assert "in 'forward/backward', a phase with collectives: it may be waiting for a slower peer" in lines[0]
 
 
 def test_floor_holds_for_fast_steps(tmp_path: Path) -> None:
@@ -78,17 +82,17 @@ def test_floor_holds_for_fast_steps(tmp_path: Path) -> None:
     assert wd.limit_s() == 30.0
 
 
-def test_step_finished_reports_the_own_work_time(tmp_path: Path) -> None:
+def test_own_work_time_is_up_to_the_first_synchronizing_phase(tmp_path: Path) -> None:
     wd, clock, _ = _watchdog(tmp_path)
     wd.step_started(1)
     clock.now += 0.25
-    wd.local_done()
+    assert wd.local_s() == pytest.approx(0.25)  # not marked yet: so far
+    wd.phase("forward/backward", synchronizing=True)
     clock.now += 0.5
-    wd.local_done()  # the first mark counts
-    assert wd.step_finished() == (pytest.approx(0.75), pytest.approx(0.25))
-    wd.step_started(2)
-    clock.now += 0.4
-    assert wd.step_finished() == (pytest.approx(0.4), pytest.approx(0.4))  # unmarked: the whole step
+    wd.phase("optimizer step")
+    wd.phase("later", synchronizing=True)  # the first mark counts
+    assert wd.local_s() == pytest.approx(0.25)
+    assert wd.step_finished() == pytest.approx(0.75)
 
 
 def test_the_thread_catches_a_stalled_step(tmp_path: Path) -> None:
@@ -130,3 +134,11 @@ def test_bad_stall_setting_is_one_line(text: str) -> None:
     with pytest.raises(ConfigError, match=STALL_ENV) as info:
         parse_stall(text)
     assert "\n" not in str(info.value)
+
+
+def test_starting_the_step_in_flight_again_changes_nothing(tmp_path: Path) -> None:
+    wd, clock, _ = _watchdog(tmp_path)
+    wd.step_started(1)
+    clock.now += 2.0
+    wd.step_started(1)
+    assert wd.step_finished() == pytest.approx(2.0)
