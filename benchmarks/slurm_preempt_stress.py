@@ -90,7 +90,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="modmoe-preempt-stress-"))
     t0 = time.monotonic()
-    cluster = start_cluster(root / "slurm")
+    cluster = start_cluster(root / "slurm", two_nodes=False)  # one node is all it uses
     os.environ["SLURM_CONF"] = str(cluster.conf)
     try:
         overrides = tiny_job_overrides(root / "prepared", args.steps)

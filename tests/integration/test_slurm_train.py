@@ -9,10 +9,7 @@ exit without RUN_DIR/COMPLETED; ``--resume auto`` continues from the newest vali
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,14 +20,17 @@ from mlflow_server import MlflowServer
 from slurm_cluster import (
     Preemption,
     SlurmCluster,
+    SubmittedJob,
     batch_log,
     check_finished_run,
     checkpoint_meta,
     checkpoint_steps,
     last_step,
     node_logs,
+    one_thread_per_rank,  # noqa: F401 (autouse: every job of this module runs one thread per rank)
     preempt_attempt,
     resumed_steps,
+    submit_cli,
     tiny_job_overrides,
     training_records,
     validate_checkpoint,
@@ -43,16 +43,6 @@ from runs import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 150  # ~10 s of steps: room for three preemptions 15 steps apart
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_rank():
-    """Every job of this module runs its ranks with one intra-op thread (sbatch exports the
-    submitting environment). Runs compared bit for bit must use the same thread count: with
-    1 vs 2 threads the float sums round differently (seen as a 4e-8 drift from step 6)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -82,43 +72,19 @@ def _submit(shared: Path, runs: str, steps: int = STEPS, **options) -> SubmitRes
 class Submitted:
     """A job submitted through the command line, with what the command printed."""
 
-    def __init__(self, output: str, job_id: str, run_dir: Path, server: MlflowServer) -> None:
-        self.output, self.job_id, self.run_dir, self.server = output, job_id, run_dir, server
-        link = re.search(r"^MLflow run: (\S+)$", output, re.MULTILINE)
+    def __init__(self, job: SubmittedJob, server: MlflowServer) -> None:
+        self.output, self.job_id, self.run_dir, self.server = job.output, job.job_id, job.run_dir, server
+        link = re.search(r"^MLflow run: (\S+)$", job.output, re.MULTILINE)
         self.link = link.group(1) if link else None
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster: SlurmCluster, shared: Path, mlflow_server: MlflowServer) -> Submitted:
     """The reference run: ``modmoe submit`` as a user types it, tracking to an MLflow server."""
-    sets = [a for o in _overrides(shared) + [f"logging.mlflow.tracking_uri={mlflow_server.uri}"] for a in ("--set", o)]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modmoe",
-            "submit",
-            str(TINY),
-            "--procs-per-node",
-            "2",
-            "--time",
-            "20",
-            "--signal-grace",
-            "60",
-            "--runs-root",
-            str(shared / "plain"),
-            *sets,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = re.search(r"^submitted job (\d+)$", proc.stdout, re.MULTILINE)
-    assert job, proc.stdout
-    submitted = Submitted(proc.stdout, job.group(1), shared / "plain" / f"modmoe-tiny-{job.group(1)}", mlflow_server)
+    args = ["--procs-per-node", "2", "--time", "20", "--signal-grace", "60", "--runs-root", str(shared / "plain")]
+    job = submit_cli(TINY, args, _overrides(shared) + [f"logging.mlflow.tracking_uri={mlflow_server.uri}"])
+    submitted = Submitted(job, mlflow_server)
+    assert submitted.run_dir == shared / "plain" / f"modmoe-tiny-{job.job_id}"
     state = slurm_cluster.wait_job(submitted.job_id, timeout=240)
     assert state == "COMPLETED", batch_log(submitted.run_dir) + node_logs(submitted.run_dir)
     return submitted

@@ -16,12 +16,7 @@ every job submitted with ``python -m modmoe submit`` as a user types it.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,13 +29,16 @@ from slurm_cluster import (
     Attempt,
     Preemption,
     SlurmCluster,
+    SubmittedJob,
     batch_log,
     check_finished_run,
     checkpoint_steps,
     last_step,
     node_logs,
+    one_thread_per_rank,  # noqa: F401 (autouse: every job of this module runs one thread per rank)
     preempt_attempt,
     resumed_steps,
+    submit_cli,
     tiny_job_overrides,
     training_records,
     validate_checkpoint,
@@ -56,27 +54,13 @@ rank leaves on its own before Slurm sets the lost node DOWN and ends the job."""
 CHECKPOINT_EVERY = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_rank():
-    """Runs compared bit for bit must use the same thread count per rank (sbatch exports it)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Holds the prepared data of this module's runs (so they all see the same tokens)."""
     return tmp_path_factory.mktemp("slurm-two-node")
 
 
-@dataclass
-class Job:
-    job_id: str
-    run_dir: Path
-
-
-def _submit(shared: Path, runs: str, *, two_nodes: bool, max_requeues: int = 3) -> Job:
+def _submit(shared: Path, runs: str, *, two_nodes: bool, max_requeues: int = 3) -> SubmittedJob:
     """``python -m modmoe submit`` of the tiny job: 2 nodes x 1 rank on partition ``two`` (the
     ranks talk over the nodes' fabric interface) or 1 node x 2 ranks on this host. Every job has
     the same overrides; checkpoints, the collective timeout and plots do not change the numbers."""
@@ -92,42 +76,29 @@ def _submit(shared: Path, runs: str, *, two_nodes: bool, max_requeues: int = 3) 
         if two_nodes
         else ["--nodes", "1", "--procs-per-node", "2", "--partition", PARTITION]
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "modmoe", "submit", str(TINY), *layout, "--time", "20", "--signal-grace", "60"]
-        + ["--max-requeues", str(max_requeues), "--runs-root", str(shared / runs)]
-        + [a for o in overrides for a in ("--set", o)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = re.search(r"^submitted job (\d+)$", proc.stdout, re.MULTILINE)
-    run_dir = re.search(r"^run directory: (.+)$", proc.stdout, re.MULTILINE)
-    assert job and run_dir, proc.stdout
-    return Job(job.group(1), Path(run_dir.group(1)))
+    args = [*layout, "--time", "20", "--signal-grace", "60", "--max-requeues", str(max_requeues)]
+    return submit_cli(TINY, args + ["--runs-root", str(shared / runs)], overrides)
 
 
-def _finished(cluster: SlurmCluster, job: Job) -> Job:
+def _finished(cluster: SlurmCluster, job: SubmittedJob) -> SubmittedJob:
     state = cluster.wait_job(job.job_id, timeout=300)
     assert state == "COMPLETED", batch_log(job.run_dir) + node_logs(job.run_dir) + cluster.diagnostics(job.job_id)
     return job
 
 
 @pytest.fixture(scope="module")
-def two_node(slurm_cluster: SlurmCluster, shared: Path) -> Job:
+def two_node(slurm_cluster: SlurmCluster, shared: Path) -> SubmittedJob:
     """The uninterrupted two-node run (the first job: it prepares the data)."""
     slurm_cluster.require_two_nodes()
     return _finished(slurm_cluster, _submit(shared, "two-node", two_nodes=True))
 
 
 @pytest.fixture(scope="module")
-def reference(two_node: Job) -> dict[int, float]:
+def reference(two_node: SubmittedJob) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in training_records(two_node.run_dir)}
 
 
-def _wait(what: str, predicate, timeout: float, job: Job, cluster: SlurmCluster, poll: float = 0.1) -> float:
+def _wait(what: str, predicate, timeout: float, job: SubmittedJob, cluster: SlurmCluster, poll: float = 0.1) -> float:
     """Polls until ``predicate()`` holds; returns when (``time.time()``). Fails with the logs."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -141,7 +112,7 @@ def _wait(what: str, predicate, timeout: float, job: Job, cluster: SlurmCluster,
 
 
 def test_two_node_job_trains_exactly_like_the_one_node_job(
-    slurm_cluster: SlurmCluster, shared: Path, two_node: Job, reference: dict[int, float]
+    slurm_cluster: SlurmCluster, shared: Path, two_node: SubmittedJob, reference: dict[int, float]
 ) -> None:
     one_node = _finished(slurm_cluster, _submit(shared, "one-node", two_nodes=False))
     assert slurm_cluster.job_field(two_node.job_id, "NodeList") == "node[1-2]"

@@ -114,23 +114,21 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
-    def job_field(self, job_id: str, name: str) -> str | None:
-        """One ``scontrol show job`` field (``JobState``, ``Restarts``, ``ExitCode``...)."""
-        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+    def _scontrol_field(self, kind: str, what: str, name: str) -> str | None:
+        out = self.run("scontrol", "show", kind, "-o", what, check=False).stdout
         for token in out.split():
             key, _, value = token.partition("=")
             if key == name:
                 return value
         return None
 
+    def job_field(self, job_id: str, name: str) -> str | None:
+        """One ``scontrol show job`` field (``JobState``, ``Restarts``, ``ExitCode``...)."""
+        return self._scontrol_field("job", job_id, name)
+
     def node_field(self, node: str, name: str) -> str | None:
         """One ``scontrol show node`` field (``State`` is e.g. ``DOWN+NOT_RESPONDING``)."""
-        out = self.run("scontrol", "show", "node", "-o", node, check=False).stdout
-        for token in out.split():
-            key, _, value = token.partition("=")
-            if key == name:
-                return value
-        return None
+        return self._scontrol_field("node", node, name)
 
     def wait_job(self, job_id: str, timeout: float, states: tuple[str, ...] = ("COMPLETED",)) -> str:
         """Waits until the job reaches a finished state; returns it. Fails on timeout, with the
@@ -464,6 +462,43 @@ REPO = Path(__file__).resolve().parents[2]
 _FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 _ATTEMPT_LINE = re.compile(r"node rank 0/\d+ .*attempt (\d+)$", re.MULTILINE)
 _RESUMED_LINE = re.compile(r"resumed from \S+ at step (\d+)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_rank():
+    """Every job of a module that imports this runs its ranks with one intra-op thread (sbatch
+    exports the submitting environment). Runs compared bit for bit must use the same thread
+    count: with 1 vs 2 threads the float sums round differently (seen as a 4e-8 drift from step 6)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@dataclass
+class SubmittedJob:
+    """A job submitted with ``python -m modmoe submit``, and what the command printed."""
+
+    output: str
+    job_id: str
+    run_dir: Path
+
+
+def submit_cli(config: Path, args: list[str], overrides: list[str]) -> SubmittedJob:
+    """Runs ``python -m modmoe submit CONFIG ARGS --set ...`` as a user types it (one thread per
+    rank) and reads the job id and run directory from what it prints."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "modmoe", "submit", str(config), *args, *[a for o in overrides for a in ("--set", o)]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = re.search(r"^submitted job (\d+)$", proc.stdout, re.MULTILINE)
+    run_dir = re.search(r"^run directory: (.+)$", proc.stdout, re.MULTILINE)
+    assert job and run_dir, proc.stdout
+    return SubmittedJob(proc.stdout, job.group(1), Path(run_dir.group(1)))
 
 
 def tiny_job_overrides(prepared_dir: Path, steps: int) -> list[str]:
