@@ -129,3 +129,10 @@ def test_config_sections_import_only_the_config_layer_and_leaf_modules():
 def test_no_import_cycle_between_packages():
     cycle = _cycle(package_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_test_modules_have_unique_basenames():
+    # tests/ has no __init__.py files: pytest imports each test module by its basename, so two
+    # files of the same name anywhere under tests/ stop the whole collection.
+    names = [p.name for p in (PACKAGE_ROOT.parent / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
