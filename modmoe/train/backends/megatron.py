@@ -494,7 +494,13 @@ class MegatronBackend:
         get_moe_layer_wise_logging_tracker().clear()
         self.ps.destroy_model_parallel()
         if self._own_group:
-            dist.destroy_process_group()
+            if self.deepspeed is not None:
+                import deepspeed.comm
+
+                # DeepSpeed's teardown also drops the mpu and groups it cached at module level.
+                deepspeed.comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
         self._exit.close()
 
 
