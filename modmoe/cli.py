@@ -103,6 +103,14 @@ def _mount_tracking() -> None:
     app.add_typer(tracking_app, name="tracking", help="MLflow helpers (replay a spool of unsent metrics).")
 
 
+def _mount_data() -> None:
+    from modmoe.data.cli import data_app
+
+    app.add_typer(
+        data_app, name="data", help="Prepare (modmoe data prepare CONFIG --workers N) and inspect training data."
+    )
+
+
 def _mount_inference() -> None:
     """``export``, ``generate``, ``eval``: thin commands over modmoe.export / modmoe.inference."""
     from modmoe.export.cli import export_command
@@ -118,6 +126,7 @@ def _mount_inference() -> None:
 _MOUNTS = {
     "submit": _mount_launch,
     "tracking": _mount_tracking,
+    "data": _mount_data,
     "export": _mount_inference,
     "generate": _mount_inference,
     "eval": _mount_inference,

@@ -1,19 +1,33 @@
-"""The data pipeline: corpus -> BPE tokenizer -> uint16 token shards -> resumable batches."""
+"""The data pipeline: sources -> tokenizer -> token shards (modmoe or Megatron format) ->
+blended, resumable batches. The trainer's entry point is :func:`open_training_data`.
 
-from modmoe.data.config import DataConfig
-from modmoe.data.errors import DataError
-from modmoe.data.prepare import PreparedData, prepare_data
-from modmoe.data.sampler import SequenceSampler, validation_batches
-from modmoe.data.shards import TokenShards
-from modmoe.data.tokenizer import load_tokenizer
+Names are imported on first use, so a preparation worker (which needs neither torch nor the
+sampler) starts quickly.
+"""
 
-__all__ = [
-    "DataConfig",
-    "DataError",
-    "prepare_data",
-    "PreparedData",
-    "TokenShards",
-    "SequenceSampler",
-    "validation_batches",
-    "load_tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataConfig": "modmoe.data.config",
+    "SourceConfig": "modmoe.data.config",
+    "DataError": "modmoe.data.errors",
+    "prepare_data": "modmoe.data.prepare",
+    "PreparedData": "modmoe.data.prepare",
+    "TokenShards": "modmoe.data.shards",
+    "BlendSampler": "modmoe.data.sampler",
+    "SequenceSampler": "modmoe.data.sampler",
+    "validation_batches": "modmoe.data.sampler",
+    "load_tokenizer": "modmoe.data.tokenizer",
+    "TrainingData": "modmoe.data.training",
+    "open_training_data": "modmoe.data.training",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'modmoe.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

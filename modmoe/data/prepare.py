@@ -1,5 +1,12 @@
-"""``prepare_data``: corpus -> tokenizer -> train/val token shards + ``index.json``, built in a
-temporary directory and renamed into place, reused while the config fingerprint matches."""
+"""``prepare_data``: sources -> tokenizer -> per-source train/val token files + ``index.json``.
+
+The work happens in ``.<name>.partial`` next to ``data.prepared_dir`` (marked as modmoe's),
+one work unit at a time, on ``workers`` processes. Each finished unit is recorded, so a
+preparation killed at any moment resumes: finished units are verified and kept, the rest
+redone. The index is written last and the directory renamed into place, so
+``data.prepared_dir`` is always either absent, the previous complete preparation, or the new
+one. A matching preparation (same fingerprint) is reused.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +14,57 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
-import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
-from modmoe.data.config import DataConfig
-from modmoe.data.corpus import Document, iter_documents
+from modmoe.data.config import DataConfig, SourceConfig
+from modmoe.data.documents import Document, utf8_prefix
 from modmoe.data.errors import DataError
-from modmoe.data.shards import (
-    FORMAT_VERSION,
-    INDEX_NAME,
-    SPLITS,
-    TOKENIZER_NAME,
-    ShardWriter,
-    Split,
-    TokenShards,
-    read_index,
-    sha256_file,
+from modmoe.data.inputs import Unit, plan_units, stdlib_root
+from modmoe.data.megatron_format import MegatronWriter, writer_dtype
+from modmoe.data.ownership import (
+    PRODUCER,
+    check_replaceable,
+    clear_leftovers,
+    install,
+    marker_fingerprint,
+    remove_ours,
+    write_marker,
 )
-from modmoe.data.tokenizer import EOT, PAD, load_tokenizer, train_tokenizer
+from modmoe.data.progress import PrepareProgress
+from modmoe.data.readers import Skipped, read_unit
+from modmoe.data.shards import SPLITS, TokenShards, dtype_name, sha256_file
+from modmoe.data.tokenizer import (
+    CONFIG_NAME,
+    EOT,
+    PAD,
+    TOKENIZER_NAME,
+    TokenizerFiles,
+    document_separator,
+    load_tokenizer,
+    token_dtype,
+    train_tokenizer,
+    vocab_bound,
+)
+from modmoe.data.units import UnitContext, finished_record, process_unit, unit_dir
 
 Log = Callable[[str], None]
-_ENCODE_BATCH_BYTES = 4_000_000  # text per encode_batch call: enough to keep all cores busy, bounded memory
+FORMAT_VERSION = 2
+INDEX_NAME = "index.json"
+
+
+# --- what a preparation is ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -48,10 +74,13 @@ class PreparedData:
     dir: Path
     tokenizer_path: Path
     vocab_size: int
-    """The tokenizer's real vocabulary size (can be below ``vocab_size`` on a tiny corpus)."""
+    """One more than the tokenizer's largest token id."""
     eot_id: int
+    """The document separator's id."""
+    eos_token: str
     pad_id: int | None
     fingerprint: str
+    index: dict[str, Any]
 
     @classmethod
     def load(cls, directory: str | Path) -> PreparedData:
@@ -66,37 +95,123 @@ class PreparedData:
             tokenizer_path=tokenizer_path,
             vocab_size=int(index["vocab_size"]),
             eot_id=int(index["eot_id"]),
+            eos_token=str(index["eos_token"]),
             pad_id=index.get("pad_id"),
             fingerprint=index["fingerprint"],
+            index=index,
         )
 
-    def open(self, split: Split, verify: bool = False) -> TokenShards:
-        return TokenShards(self.dir, split, verify=verify)
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.index["sources"])
+
+    def open(self, split: str, source: str | None = None, verify: bool = False) -> Any:
+        """One split of one source as a token stream (``TokenShards`` or ``MegatronStream``);
+        ``source`` may be left out when there is only one."""
+        from modmoe.data.megatron_format import MegatronStream
+
+        if split not in SPLITS:
+            raise DataError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
+        names = self.source_names
+        if source is None:
+            if len(names) != 1:
+                raise DataError(f"{self.dir}: holds sources {', '.join(names)}; name the one to open")
+            source = names[0]
+        if source not in names:
+            raise DataError(f"{self.dir}: no source {source!r} (it holds {', '.join(names)})")
+        entry = self.index["sources"][source]
+        label = f"{split} split of source {source!r} in {self.dir}"
+        if self.index["output_format"] == "megatron":
+            split_entry = entry["splits"][split]
+            stream = MegatronStream(self.dir / split_entry["prefix"])
+            if verify:
+                for suffix in ("bin", "idx"):
+                    if sha256_file(Path(f"{stream.prefix}.{suffix}")) != split_entry[f"{suffix}_sha256"]:
+                        raise DataError(f"{stream.prefix}.{suffix}: sha256 does not match the index (corrupted)")
+            stream.label = label
+            return stream
+        return TokenShards(
+            self.dir / "sources" / source / "units", entry["splits"][split], self.index["dtype"], label, verify
+        )
 
     def load_tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.tokenizer_path)
 
 
+def read_index(directory: Path) -> dict[str, Any]:
+    """Parses ``index.json``; a missing, malformed or foreign index is a one-line :class:`DataError`."""
+    path = Path(directory) / INDEX_NAME
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (not a prepared data directory)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable index ({err})") from None
+    if not isinstance(index, dict) or index.get("producer") != PRODUCER:
+        raise DataError(f"{path}: not an index written by modmoe (no producer {PRODUCER!r})")
+    if index.get("format_version") != FORMAT_VERSION:
+        found = index.get("format_version")
+        raise DataError(f"{path}: format_version {found!r} is not the supported {FORMAT_VERSION} (prepare again)")
+    return index
+
+
+# --- the fingerprint -------------------------------------------------------------------------
+
+
+def prepared_sources(cfg: DataConfig) -> list[tuple[int, SourceConfig]]:
+    """The sources a preparation tokenizes (Megatron datasets are read in place), with their
+    position in the config."""
+    return [(i, s) for i, s in enumerate(cfg.source_list()) if s.resolved_kind() != "megatron"]
+
+
+def source_label(cfg: DataConfig, position: int) -> str:
+    return "data.corpus_glob" if cfg.sources is None else f"data.sources.{position}.path"
+
+
+def _tokenizer_sha256(path: str) -> str:
+    files = TokenizerFiles.find(path)
+    digest = hashlib.sha256(sha256_file(files.tokenizer_json).encode())
+    if files.config_json is not None:
+        digest.update(sha256_file(files.config_json).encode())
+    return digest.hexdigest()
+
+
 def fingerprint_fields(cfg: DataConfig) -> dict[str, Any]:
-    """The inputs that change the prepared tokens; sequence length, workers and the output
-    directory do not, so they are left out."""
+    """The inputs that change the prepared tokens. Blend weights (unless they pick the
+    tokenizer's training text), sequence length, workers and the output directory do not."""
+    sources = prepared_sources(cfg)
     fields: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "corpus": cfg.corpus,
-        "max_corpus_bytes": cfg.max_corpus_bytes,
+        "sources": [
+            {
+                "name": s.resolved_name(),
+                "kind": s.resolved_kind(),
+                "path": s.path,
+                "text_field": s.text_field,
+                "hf_split": s.hf_split,
+                "max_bytes": s.max_bytes,
+            }
+            for _, s in sources
+        ],
         "shard_tokens": cfg.shard_tokens,
+        "unit_bytes": cfg.unit_bytes,
         "val_fraction": cfg.val_fraction,
+        "max_document_bytes": cfg.max_document_bytes,
+        "output_format": cfg.output_format,
+        "eos_token": cfg.eos_token,
     }
-    if cfg.corpus == "stdlib":
+    if any(s.resolved_kind() == "stdlib" for _, s in sources):
         fields["python"] = platform.python_version()  # each release ships different sources
-    else:
-        fields["corpus_glob"] = cfg.corpus_glob
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer)  # one-line error naming the file if it is missing or bad
-        fields["tokenizer_sha256"] = sha256_file(Path(cfg.tokenizer))
+        fields["tokenizer_sha256"] = _tokenizer_sha256(cfg.tokenizer)
     else:
-        fields["vocab_size"] = cfg.vocab_size
-        fields["tokenizers"] = tokenizers.__version__  # trainer changes may change the merges
+        fields["trained_tokenizer"] = {
+            "vocab_size": cfg.vocab_size,
+            "train_bytes": cfg.tokenizer_train_bytes,
+            "weights": [s.weight for _, s in sources] if len(sources) > 1 else None,
+            "tokenizers": tokenizers.__version__,  # trainer changes may change the merges
+        }
     return fields
 
 
@@ -104,92 +219,24 @@ def fingerprint(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _val_score(key: str) -> float:
-    """Uniform in [0, 1), a function of the document key only."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first key where two fingerprint field sets differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+            if found:
+                return found
+        return None
+    return None if a == b else f"{prefix} ({a!r} there, {b!r} here)"
 
 
-def split_keys(keys: Iterable[str], val_fraction: float) -> set[str]:
-    """The keys held out for validation. Both splits get at least one document: on a tiny
-    corpus the lowest-scoring key is held out, or the highest-scoring one kept for training."""
-    scores = {key: _val_score(key) for key in keys}
-    if len(scores) < 2:
-        raise DataError(f"corpus has {len(scores)} document(s); at least 2 are needed for a train/val split")
-    val = {key for key, score in scores.items() if score < val_fraction}
-    if not val:
-        val = {min(scores, key=scores.__getitem__)}
-    elif len(val) == len(scores):
-        val.discard(max(scores, key=scores.__getitem__))
-    return val
-
-
-def _batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc.text)
-        if size >= _ENCODE_BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _build(cfg: DataConfig, out: Path, fields: dict[str, Any], log: Log) -> dict[str, Any]:
-    """Writes tokenizer, shards and (last) index.json into ``out``; returns the index."""
-    t0 = time.perf_counter()
-    keys: list[str] = []
-
-    def texts() -> Iterator[str]:  # first pass over the corpus: collect keys, feed the trainer
-        for doc in iter_documents(cfg, log):
-            keys.append(doc.key)
-            yield doc.text
-
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-        shutil.copyfile(cfg.tokenizer, out / TOKENIZER_NAME)
-        for _ in texts():
-            pass
-    else:
-        tok = train_tokenizer(texts(), cfg.vocab_size)  # on all documents, as is usual for BPE
-        tok.save(str(out / TOKENIZER_NAME))
-        log(f"tokenizer: trained byte-level BPE, {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s")
-    val_keys = split_keys(keys, cfg.val_fraction)
-    eot_id = tok.token_to_id(EOT)
-    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a source file is text, not a separator
-
-    writers = {split: ShardWriter(out, split, cfg.shard_tokens) for split in SPLITS}
-    t1 = time.perf_counter()
-    for batch in _batches(iter_documents(cfg, log=lambda _: None)):
-        encodings = tok.encode_batch_fast([d.text for d in batch], add_special_tokens=False)  # rayon-parallel
-        for doc, enc in zip(batch, encodings):
-            tokens = np.array([*enc.ids, eot_id], dtype=np.uint16)  # (doc_len + 1,)
-            writers["val" if doc.key in val_keys else "train"].add(tokens)
-    index = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint(fields),
-        "fingerprint_fields": fields,
-        "vocab_size": tok.get_vocab_size(),
-        "eot_id": eot_id,
-        "pad_id": tok.token_to_id(PAD),
-        "dtype": "uint16",
-        "splits": {split: writer.close() for split, writer in writers.items()},
-    }
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1), encoding="utf-8")
-    s = index["splits"]
-    log(
-        f"data: {s['train']['num_tokens']:,} train tokens ({len(s['train']['shards'])} shards), "
-        f"{s['val']['num_tokens']:,} val tokens ({s['val']['num_documents']} documents); "
-        f"encoded in {time.perf_counter() - t1:.1f}s, total {time.perf_counter() - t0:.1f}s"
-    )
-    return index
+# --- the preparation -------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def _locked(target: Path) -> Iterator[None]:
-    """Serializes preparations of one directory between processes on this host (e.g. all
-    ranks of a node calling ``prepare_data`` at once: one prepares, the others reuse)."""
+    """Serializes preparations of one directory between processes (e.g. a preparation job and
+    a trainer started too early); the lock dies with its process, even under SIGKILL."""
     lock_path = target.parent / f".{target.name}.lock"
     with lock_path.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -200,63 +247,341 @@ def _locked(target: Path) -> Iterator[None]:
 
 
 def _existing_fingerprint(target: Path) -> str | None:
-    """The fingerprint of a preparation at ``target``, None if there is none; refuses to touch
-    a directory that holds something else."""
-    if not target.exists():
-        return None
-    if not target.is_dir():
-        raise DataError(f"data.prepared_dir {target}: exists and is not a directory")
-    if not (target / INDEX_NAME).exists():
-        if any(target.iterdir()):
-            raise DataError(
-                f"data.prepared_dir {target}: non-empty directory without {INDEX_NAME}; refusing to overwrite it"
-            )
+    """The fingerprint of the preparation at ``target`` (None: absent, empty, or modmoe's own
+    but damaged or outdated); refuses a directory that is not modmoe's."""
+    if not check_replaceable(target, "data.prepared_dir"):
         return None
     try:
         return read_index(target).get("fingerprint")
     except DataError:
-        return None  # our own damaged index: prepare again
+        return None
 
 
-def _sibling(target: Path, kind: str) -> Path:
-    """A new hidden directory next to ``target`` (plain mkdir, so the umask applies)."""
-    path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir()
-    return path
+def _work_dir(target: Path, wanted: str, log: Log) -> Path:
+    """``.<name>.partial``: resumed when it holds this fingerprint's work, else started anew."""
+    work = target.parent / f".{target.name}.partial"
+    if work.exists():
+        if marker_fingerprint(work) == wanted:
+            log(f"data: resuming the interrupted preparation in {work}")
+            return work
+        remove_ours(work, "preparation work directory")
+    work.mkdir()
+    write_marker(work, wanted)
+    return work
 
 
-def _install(tmp: Path, target: Path) -> None:
-    """Moves the finished ``tmp`` to ``target``: at every instant ``target`` is either the old
-    complete preparation, absent, or the new complete one."""
-    if target.exists():
-        old = _sibling(target, "old")
-        os.replace(target, old / "data")
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
+def _read_documents(units: list[Unit], max_doc: int) -> Iterator[Document]:
+    """Whole documents of some units (for the tokenizer's training text)."""
+    for unit in units:
+        for doc, rest in read_unit(unit, max_doc, Skipped()):
+            yield doc if rest is None else Document(doc.text + "".join(rest), doc.where)
 
 
-def prepare_data(cfg: DataConfig, log: Log = print) -> PreparedData:
-    """Prepares (or reuses) the tokenized corpus described by ``cfg`` in ``cfg.prepared_dir``."""
-    target = Path(cfg.prepared_dir).resolve()
+def corpus_documents(cfg: DataConfig, source: int = 0) -> Iterator[Document]:
+    """The whole documents of the ``source``-th prepared source, in stream order (what the
+    preparation reads; for inspection and tests)."""
+    position, src = prepared_sources(cfg)[source]
+    units = plan_units(src, src.resolved_name(), source_label(cfg, position), cfg.unit_bytes)
+    return _read_documents(units, cfg.max_document_bytes)
+
+
+def _training_text(cfg: DataConfig, plans: dict[str, list[Unit]], weights: list[float]) -> Iterator[str]:
+    """The first documents of each source, up to its weight's share of ``tokenizer_train_bytes``."""
+    total = sum(weights)
+    for units, weight in zip(plans.values(), weights):
+        left = int(cfg.tokenizer_train_bytes * weight / total)
+        for doc in _read_documents(units, cfg.max_document_bytes):
+            if left <= 0:
+                break
+            text = doc.text if len(doc.text) * 4 <= left else utf8_prefix(doc.text, left)
+            left -= len(text.encode("utf-8"))
+            yield text
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _tokenizer(cfg: DataConfig, work: Path, plans: dict[str, list[Unit]], weights: list[float], log: Log) -> Tokenizer:
+    """The preparation's tokenizer in ``work`` (kept from an interrupted run, copied from
+    ``data.tokenizer``, or trained)."""
+    path = work / TOKENIZER_NAME
+    if path.is_file():
+        return load_tokenizer(path)
+    if cfg.tokenizer:
+        files = TokenizerFiles.find(cfg.tokenizer)
+        if files.config_json is not None:
+            shutil.copyfile(files.config_json, work / CONFIG_NAME)
+        tmp = work / f".{TOKENIZER_NAME}.tmp"
+        shutil.copyfile(files.tokenizer_json, tmp)
+        os.replace(tmp, path)
+        return load_tokenizer(path)
+    t0 = time.perf_counter()
+    tok = train_tokenizer(_training_text(cfg, plans, weights), cfg.vocab_size)
+    _write_atomic(path, tok.to_str())
+    log(f"tokenizer: trained byte-level BPE, {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s")
+    return tok
+
+
+def _clean_units(work: Path, name: str, keep: list[dict[str, Any]]) -> None:
+    """Deletes the files of unfinished units (all inside the work directory)."""
+    directory = unit_dir(work, name)
+    if not directory.is_dir():
+        return
+    kept = {f"{r['unit']:06d}.json" for r in keep}
+    for r in keep:
+        for entry in r["splits"].values():
+            kept.update(s["file"] for s in entry.get("shards", []))
+            if "prefix" in entry:
+                kept.update({f"{entry['prefix']}.bin", f"{entry['prefix']}.idx"})
+    for path in directory.iterdir():
+        if path.name not in kept:
+            path.unlink()
+
+
+# Worker processes: the context is installed once per process by the pool's initializer.
+_CTX: UnitContext | None = None
+_QUEUE: Any = None
+
+
+def _init_worker(ctx: UnitContext, queue: Any) -> None:
+    global _CTX, _QUEUE
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: --workers N means N cores
+    _CTX, _QUEUE = ctx, queue
+
+
+def _worker_task(unit: Unit) -> dict[str, Any]:
+    assert _CTX is not None
+    return process_unit(_CTX, unit, lambda nbytes, tokens: _QUEUE.put((nbytes, tokens)))
+
+
+def _run_units(ctx: UnitContext, todo: list[Unit], workers: int, progress: PrepareProgress) -> list[dict[str, Any]]:
+    """Tokenizes ``todo`` (in process for one worker, on a pool of spawned processes otherwise)."""
+    if workers == 1 or len(todo) <= 1:
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, like one worker process
+        try:
+            return [process_unit(ctx, unit, progress.update) for unit in todo]
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+    mp = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    queue = mp.Queue()
+    records: list[dict[str, Any]] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                progress.update(*queue.get_nowait())
+            except Exception:  # queue.Empty
+                return
+
+    with ProcessPoolExecutor(workers, mp_context=mp, initializer=_init_worker, initargs=(ctx, queue)) as pool:
+        pending: set[Future] = {pool.submit(_worker_task, unit) for unit in todo}
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                drain()
+                for future in done:
+                    records.append(future.result())  # re-raises a worker's DataError
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    drain()
+    return records
+
+
+def _source_summary(name: str, where: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    skipped = {k: sum(r["skipped"][k] for r in records) for k in ("unreadable", "empty")}
+    documents = sum(r["documents"] for r in records)
+    if documents == 0:
+        raise DataError(
+            f"source {name}: corpus is empty: no readable UTF-8 text among {where} "
+            f"({skipped['unreadable']} unreadable, {skipped['empty']} empty skipped)"
+        )
+    return {"documents": documents, "bytes": sum(r["bytes"] for r in records), "skipped": skipped}
+
+
+def _merge_modmoe(records: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    return {
+        "num_tokens": sum(r["splits"][split]["num_tokens"] for r in records),
+        "num_documents": sum(r["splits"][split]["num_documents"] for r in records),
+        "shards": [s for r in records for s in r["splits"][split]["shards"]],
+    }
+
+
+def _merge_megatron(work: Path, name: str, records: list[dict[str, Any]], split: str, dtype: type) -> dict[str, Any]:
+    """Concatenates the units' pairs into one ``<split>_text_document`` pair (megatron-core's
+    own ``add_index``)."""
+    base = work / "sources" / name
+    final = f"{split}_text_document"
+    tmp = str(base / f".{final}.tmp")
+    writer = MegatronWriter(tmp, dtype)
+    for r in records:
+        entry = r["splits"][split]
+        writer.add_index(str(unit_dir(work, name) / entry["prefix"]), entry["num_tokens"], entry["num_documents"])
+    writer.close()
+    out: dict[str, Any] = {
+        "prefix": f"sources/{name}/{final}",
+        "num_tokens": writer.num_tokens,
+        "num_documents": writer.num_documents,
+    }
+    for suffix in ("bin", "idx"):
+        os.replace(f"{tmp}.{suffix}", base / f"{final}.{suffix}")
+        out[f"{suffix}_sha256"] = sha256_file(base / f"{final}.{suffix}")
+    return out
+
+
+def _check_splits(name: str, splits: dict[str, Any], val_fraction: float) -> None:
+    for split, entry in splits.items():
+        if entry["num_documents"] == 0:
+            total = sum(e["num_documents"] for e in splits.values())
+            raise DataError(
+                f"source {name}: no document fell into the {split} split ({total} documents, data.val_fraction = "
+                f"{val_fraction}); add documents or change data.val_fraction"
+            )
+
+
+def prepare_data(
+    cfg: DataConfig, log: Log = print, workers: int | None = None, bar: bool | None = None
+) -> PreparedData | None:
+    """Prepares (or reuses) the sources of ``cfg`` in ``cfg.prepared_dir`` with ``workers``
+    processes (default ``cfg.prepare_workers``). Returns None when every source is a Megatron
+    dataset (read in place, nothing to prepare)."""
+    sources = prepared_sources(cfg)
+    if not sources:
+        log("data: every source is a Megatron indexed dataset, read in place: nothing to prepare")
+        return None
+    workers = workers or cfg.prepare_workers
+    target = Path(cfg.prepared_dir).expanduser().resolve()
     fields = fingerprint_fields(cfg)
     wanted = fingerprint(fields)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target):
+        clear_leftovers(target)
         found = _existing_fingerprint(target)
         if found == wanted:
             log(f"data: reusing {target} (fingerprint {wanted})")
             return PreparedData.load(target)
-        for stale in target.parent.iterdir():  # leftovers of a crashed preparation
-            if stale.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")):
-                shutil.rmtree(stale, ignore_errors=True)
         log(f"data: preparing {target} (fingerprint {wanted}" + (f", replacing {found})" if found else ")"))
-        tmp = _sibling(target, "tmp")
-        try:
-            _build(cfg, tmp, fields, log)
-            _install(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        work = _work_dir(target, wanted, log)
+        if not _finished_index(work, wanted):
+            _build(cfg, work, sources, fields, wanted, workers, bar, log)
+        elif cfg.output_format == "megatron":  # killed after the index, while removing merged units
+            for _, src in sources:
+                shutil.rmtree(unit_dir(work, src.resolved_name()), ignore_errors=True)
+        install(work, target)
     return PreparedData.load(target)
+
+
+def _finished_index(work: Path, wanted: str) -> bool:
+    try:
+        return read_index(work).get("fingerprint") == wanted
+    except DataError:
+        return False
+
+
+def _build(
+    cfg: DataConfig,
+    work: Path,
+    sources: list[tuple[int, SourceConfig]],
+    fields: dict[str, Any],
+    wanted: str,
+    workers: int,
+    bar: bool | None,
+    log: Log,
+) -> None:
+    """Tokenizes every unfinished unit into ``work`` and writes the index (last)."""
+    t0 = time.perf_counter()
+    plans = {
+        s.resolved_name(): plan_units(s, s.resolved_name(), source_label(cfg, i), cfg.unit_bytes) for i, s in sources
+    }
+    tok = _tokenizer(cfg, work, plans, [s.weight for _, s in sources], log)
+    if cfg.tokenizer or cfg.eos_token is not None:
+        eos_token, eos_id = document_separator(tok, work / TOKENIZER_NAME, cfg.eos_token)
+    else:
+        eos_token, eos_id = EOT, int(tok.token_to_id(EOT))
+    vocab = vocab_bound(tok)
+    megatron = cfg.output_format == "megatron"
+    dtype = writer_dtype(vocab) if megatron else token_dtype(vocab)
+    ctx = UnitContext(
+        root=str(work),
+        tokenizer_path=str(work / TOKENIZER_NAME),
+        eos_id=eos_id,
+        dtype=dtype.__name__ if megatron else dtype.str,
+        output_format=cfg.output_format,
+        shard_tokens=cfg.shard_tokens,
+        val_fraction=cfg.val_fraction,
+        max_document_bytes=cfg.max_document_bytes,
+    )
+    units = [u for plan in plans.values() for u in plan]
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # verifying kept units reads their files
+        found = list(pool.map(lambda u: finished_record(work, u, cfg.output_format), units))
+    kept = {(u.source, u.index): r for u, r in zip(units, found) if r is not None}
+    for name in plans:
+        _clean_units(work, name, [r for (src, _), r in kept.items() if src == name])
+    todo = [u for u in units if (u.source, u.index) not in kept]
+    total = sum(u.nbytes for u in todo)
+    log(
+        f"data: {len(plans)} source(s), {len(units)} work unit(s)"
+        + (f" ({len(kept)} kept from the interrupted run)" if kept else "")
+        + f", {total / 1e6:,.1f} MB to tokenize on {min(workers, max(1, len(todo)))} worker(s)"
+    )
+    progress = PrepareProgress(total, log, bar=bar)
+    try:
+        for record in _run_units(ctx, todo, workers, progress):
+            kept[(record["source"], record["unit"])] = record
+    finally:
+        progress.close()
+    mb_s, tok_s = progress.rates()
+    index: dict[str, Any] = {
+        "producer": PRODUCER,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": wanted,
+        "fingerprint_fields": fields,
+        "tokenizer": TOKENIZER_NAME,
+        "vocab_size": vocab,
+        "eos_token": eos_token,
+        "eot_id": eos_id,
+        "pad_id": tok.token_to_id(PAD),
+        "output_format": cfg.output_format,
+        "dtype": dtype.__name__ if megatron else dtype_name(dtype),
+        "sources": {},
+    }
+    for i, src in sources:
+        name = src.resolved_name()
+        records = [kept[(name, u.index)] for u in plans[name]]
+        entry = _source_summary(name, _where(cfg, i, src), records)
+        log(
+            f"corpus {name}: {entry['documents']} documents, {entry['bytes']:,} bytes from {_where(cfg, i, src)} "
+            f"({entry['skipped']['unreadable']} unreadable/binary skipped)"
+        )
+        entry["max_token_id"] = max(r["max_token_id"] for r in records)
+        if megatron:
+            entry["splits"] = {split: _merge_megatron(work, name, records, split, dtype) for split in SPLITS}
+        else:
+            entry["splits"] = {split: _merge_modmoe(records, split) for split in SPLITS}
+        _check_splits(name, entry["splits"], cfg.val_fraction)
+        index["sources"][name] = entry
+    _write_atomic(work / INDEX_NAME, json.dumps(index, indent=1))
+    if megatron:  # the units' pairs are now inside the merged pairs
+        for name in plans:
+            shutil.rmtree(unit_dir(work, name))
+    for name, entry in index["sources"].items():
+        s = entry["splits"]
+        log(
+            f"data: {name}: {s['train']['num_tokens']:,} train tokens, {s['val']['num_tokens']:,} val tokens "
+            f"({s['val']['num_documents']} documents), {index['dtype']}"
+        )
+    log(f"data: tokenized at {mb_s:.2f} MB/s, {tok_s:,.0f} tokens/s; total {time.perf_counter() - t0:.1f}s")
+
+
+def _where(cfg: DataConfig, position: int, src: SourceConfig) -> str:
+    if src.resolved_kind() == "stdlib":
+        return f"the standard library at {stdlib_root()}"
+    return f"{source_label(cfg, position)} = {src.path!r}"

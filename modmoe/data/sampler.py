@@ -1,26 +1,50 @@
-"""Training and validation batches drawn from a split's token stream.
+"""Training and validation batches drawn from a blend of token streams.
 
-The split is cut into non-overlapping samples of ``seq_len + 1`` tokens. Training visits them
-as one global stream: epoch ``e`` is a permutation seeded by ``(seed, e)``, and the stream is
-cut into global micro-batches of ``global_micro_batch`` samples, of which rank ``r`` of
-``world`` takes rows ``[r*b, (r+1)*b)``. The stream does not depend on the rank layout, so a
-checkpoint taken at one world size resumes bit-identically at another.
+Each source's stream is cut into non-overlapping samples of ``seq_len + 1`` tokens. The global
+stream takes its samples from the sources by the blend schedule (``blend.py``); a source's
+``c``-th sample is sample ``perm_e(c mod N)`` of its epoch ``e = c div N``, where ``perm_e`` is
+a computed permutation keyed by ``(seed, source, e)`` (``permutation.py``: no per-epoch array,
+so memory does not grow with the dataset). The global stream is cut into global micro-batches
+of ``global_micro_batch`` samples, of which rank ``r`` of ``world`` takes rows
+``[r*b, (r+1)*b)``. Nothing depends on the rank layout, so a checkpoint taken at one world size
+resumes bit-identically at another; the state is the position and the per-source counts.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from modmoe.config_base import field_error
+from modmoe.data.blend import BlendSchedule, counts_at, normalise
 from modmoe.data.errors import DataError
+from modmoe.data.permutation import Permutation
 from modmoe.data.prefetch import Prefetcher
-from modmoe.data.shards import TokenShards
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TokenStream(Protocol):
+    """What a source offers the sampler: modmoe shards or a Megatron dataset."""
+
+    num_tokens: int
+    label: str
+
+    def read(self, offset: int, length: int) -> np.ndarray: ...
+
+    def where(self, offset: int) -> str: ...
+
+
+@dataclass(frozen=True)
+class BlendSource:
+    name: str
+    weight: float
+    stream: TokenStream
 
 
 def _rows_per_rank(global_batch: int, rank: int, world: int, name: str) -> int:
@@ -31,118 +55,185 @@ def _rows_per_rank(global_batch: int, rank: int, world: int, name: str) -> int:
     return global_batch // world
 
 
-def _num_samples(shards: TokenShards, seq_len: int) -> int:
+def num_samples(stream: TokenStream, seq_len: int) -> int:
     if seq_len < 1:
         raise field_error("data.seq_len", seq_len, "must be >= 1")
-    count = shards.num_tokens // (seq_len + 1)
+    count = stream.num_tokens // (seq_len + 1)
     if count == 0:
         raise DataError(
-            f"{shards.split} split in {shards.dir}: {shards.num_tokens} tokens, "
-            f"fewer than one sample of seq_len + 1 = {seq_len + 1}"
+            f"{stream.label}: {stream.num_tokens} tokens, fewer than one sample of seq_len + 1 = {seq_len + 1}"
         )
     return count
 
 
-def _load_samples(shards: TokenShards, sample_ids: list[int], seq_len: int) -> Batch:
-    """Reads whole samples and splits them into inputs and next-token targets."""
+def load_samples(rows: Sequence[tuple[TokenStream, int]], seq_len: int, vocab_size: int | None = None) -> Batch:
+    """Reads whole samples (stream, sample id) and splits them into inputs and next-token
+    targets; a token id outside ``[0, vocab_size)`` is a one-line error naming its file."""
     span = seq_len + 1
-    rows = np.stack([shards.read(i * span, span) for i in sample_ids])  # (b, seq_len + 1) uint16
-    tokens = torch.from_numpy(rows.astype(np.int64))
+    arrays = [stream.read(i * span, span).astype(np.int64) for stream, i in rows]
+    tokens = torch.from_numpy(np.stack(arrays))  # (b, seq_len + 1)
+    if vocab_size is not None:
+        for (stream, i), row in zip(rows, arrays):
+            bad = np.flatnonzero((row < 0) | (row >= vocab_size))
+            if bad.size:
+                offset = i * span + int(bad[0])
+                raise DataError(
+                    f"{stream.where(offset)}: token id {int(row[bad[0]])} is outside the model vocabulary "
+                    f"(model.vocab_size = {vocab_size}; data tokenized with another tokenizer?)"
+                )
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (b, seq_len) each
 
 
-def epoch_permutation(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """The visiting order of epoch ``epoch``: a function of ``(seed, epoch)`` only."""
-    digest = hashlib.sha256(f"modmoe-sampler:{seed}:{epoch}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)  # 63-bit seed
-    return torch.randperm(num_samples, generator=gen)  # (num_samples,)
+def _state_error(key: str, saved: Any, ours: Any) -> DataError:
+    return DataError(
+        f"sampler state: {key} = {saved} was saved, this sampler has {ours} "
+        "(the data or its settings changed since the checkpoint)"
+    )
 
 
-class SequenceSampler:
+class BlendSampler:
     """Endless, resumable, layout-independent training batches for one rank."""
 
     def __init__(
         self,
-        shards: TokenShards,
+        sources: Sequence[BlendSource],
         seq_len: int,
         global_micro_batch: int,
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
         num_workers: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
-        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        if not sources:
+            raise DataError("a sampler needs at least one source")
+        self.sources = list(sources)
+        self.names = [s.name for s in self.sources]
+        self.weights = normalise([s.weight for s in self.sources])
+        self.seq_len, self.seed, self.vocab_size = seq_len, seed, vocab_size
         self.global_micro_batch, self.rank, self.world = global_micro_batch, rank, world
         self.local_batch = _rows_per_rank(global_micro_batch, rank, world, "global_micro_batch")
-        self.samples_per_epoch = _num_samples(shards, seq_len)
-        self.epoch, self.consumed = 0, 0  # position after the last batch handed out
-        self._planned = (0, 0)  # position after the last batch queued for prefetch
-        self._perms: dict[int, torch.Tensor] = {}
+        self.per_epoch = [num_samples(s.stream, seq_len) for s in self.sources]
+        self.position, self.counts = 0, [0] * len(self.sources)  # after the last batch handed out
+        self._planned: tuple[int, list[int]] = (0, list(self.counts))  # after the last batch queued
+        self._perms: dict[tuple[int, int], Permutation] = {}
         self._prefetch: Prefetcher[Batch] | None = Prefetcher(num_workers) if num_workers > 0 else None
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # keep at most two
-            self._perms[epoch] = epoch_permutation(self.seed, epoch, self.samples_per_epoch)
-        return self._perms[epoch]
+    def _permutation(self, source: int, epoch: int) -> Permutation:
+        key = (source, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 4 * len(self.sources):
+                self._perms.clear()
+            name = self.names[source]
+            self._perms[key] = Permutation(self.per_epoch[source], f"{self.seed}:{name}:{epoch}")
+        return self._perms[key]
 
-    def _plan(self, epoch: int, consumed: int) -> tuple[list[int], tuple[int, int]]:
-        """This rank's sample ids for the global batch starting at ``(epoch, consumed)``, and
-        the position after it (a batch may run over into the next epoch)."""
-        ids: list[int] = []
-        while len(ids) < self.global_micro_batch:
-            take = min(self.global_micro_batch - len(ids), self.samples_per_epoch - consumed)
-            ids.extend(self._permutation(epoch)[consumed : consumed + take].tolist())
-            consumed += take
-            if consumed == self.samples_per_epoch:
-                epoch, consumed = epoch + 1, 0
-        mine = ids[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
-        return mine, (epoch, consumed)
+    def _plan(self, position: int, counts: list[int]) -> tuple[list[tuple[TokenStream, int]], tuple[int, list[int]]]:
+        """This rank's (stream, sample id) rows of the global micro-batch that starts at
+        ``position`` with per-source ``counts``, and the state after it."""
+        schedule = BlendSchedule(self.weights, counts)
+        picks = schedule.take(self.global_micro_batch)
+        mine = picks[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+        groups: dict[tuple[int, int], list[int]] = {}  # (source, epoch) -> rows, permuted in one call
+        for row, (source, drawn) in enumerate(mine):
+            groups.setdefault((source, drawn // self.per_epoch[source]), []).append(row)
+        samples = [0] * len(mine)
+        for (source, epoch), members in groups.items():
+            at = [mine[r][1] - epoch * self.per_epoch[source] for r in members]
+            for r, sample in zip(members, self._permutation(source, epoch)(at).tolist()):
+                samples[r] = sample
+        rows = [(self.sources[source].stream, samples[r]) for r, (source, _) in enumerate(mine)]
+        return rows, (position + self.global_micro_batch, schedule.counts)
 
     def next_batch(self) -> Batch:
         """``(inputs, targets)``, LongTensors of shape ``(local_batch, seq_len)``."""
         if self._prefetch is None:
-            ids, (self.epoch, self.consumed) = self._plan(self.epoch, self.consumed)
-            return _load_samples(self.shards, ids, self.seq_len)
+            rows, (self.position, self.counts) = self._plan(self.position, self.counts)
+            return load_samples(rows, self.seq_len, self.vocab_size)
         self._fill()
-        (self.epoch, self.consumed), batch = self._prefetch.pop()
+        (self.position, self.counts), batch = self._prefetch.pop()
         self._fill()  # keep the workers busy while the caller trains on this batch
         return batch
 
     def _fill(self) -> None:
         assert self._prefetch is not None
         while not self._prefetch.full():
-            ids, self._planned = self._plan(*self._planned)
-            self._prefetch.push(self._planned, _load_samples, self.shards, ids, self.seq_len)
+            rows, self._planned = self._plan(*self._planned)
+            self._prefetch.push(self._planned, load_samples, rows, self.seq_len, self.vocab_size)
 
-    def __iter__(self) -> SequenceSampler:
+    def __iter__(self) -> BlendSampler:
         return self
 
     def __next__(self) -> Batch:
         return self.next_batch()
 
-    def state_dict(self) -> dict[str, int]:
-        """Plain ints; ``consumed`` counts global samples, so any world size can resume it."""
+    # ------------------------------------------------------------------ metrics and state
+    def source_token_counts(self) -> dict[str, int]:
+        """Training tokens (inputs) drawn from each source so far, over all ranks."""
+        return {name: count * self.seq_len for name, count in zip(self.names, self.counts)}
+
+    def metrics(self) -> dict[str, float]:
+        """``data/tokens_<source>`` (tokens seen) and ``data/epochs_<source>`` (passes over it)."""
+        out: dict[str, float] = {}
+        for name, count, per_epoch in zip(self.names, self.counts, self.per_epoch):
+            out[f"data/tokens_{name}"] = count * self.seq_len
+            out[f"data/epochs_{name}"] = count / per_epoch
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints, floats and strings; ``position`` counts global samples, so any world
+        size can resume it."""
         return {
-            "epoch": self.epoch,
-            "consumed": self.consumed,
+            "position": self.position,
+            "counts": dict(zip(self.names, self.counts)),
             "seed": self.seed,
             "seq_len": self.seq_len,
-            "samples_per_epoch": self.samples_per_epoch,
+            "samples_per_epoch": dict(zip(self.names, self.per_epoch)),
+            "weights": dict(zip(self.names, self.weights)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "seq_len", "samples_per_epoch"):
+        if "position" not in state:
+            state = self._from_single_source_state(state)
+        for key in ("seed", "seq_len"):
             if int(state[key]) != getattr(self, key):
-                raise DataError(
-                    f"sampler state: {key} = {state[key]} was saved, this sampler has {getattr(self, key)} "
-                    "(the data or its settings changed since the checkpoint)"
-                )
-        epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if epoch < 0 or not 0 <= consumed < self.samples_per_epoch:
-            raise DataError(f"sampler state: epoch = {epoch}, consumed = {consumed} out of range")
-        self.epoch, self.consumed = epoch, consumed
-        self._planned = (epoch, consumed)
+                raise _state_error(key, state[key], getattr(self, key))
+        ours = dict(zip(self.names, self.per_epoch))
+        if dict(state["samples_per_epoch"]) != ours:
+            raise _state_error("samples_per_epoch", state["samples_per_epoch"], ours)
+        saved_w = dict(state["weights"])
+        if set(saved_w) != set(self.names) or any(
+            not math.isclose(saved_w[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights)
+        ):
+            raise _state_error("weights", saved_w, dict(zip(self.names, self.weights)))
+        position = int(state["position"])
+        counts = [int(state["counts"][n]) for n in self.names]
+        if position < 0 or counts != counts_at(self.weights, position):
+            raise DataError(f"sampler state: position = {position}, counts = {state['counts']} are inconsistent")
+        self._restore(position, counts)
+
+    def _from_single_source_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Reads the state of the single-source sampler of earlier versions (epoch, consumed)."""
+        if len(self.sources) != 1:
+            raise DataError("sampler state: saved by a single-source sampler, this run blends several sources")
+        name, per_epoch = self.names[0], int(state["samples_per_epoch"])
+        position = int(state["epoch"]) * per_epoch + int(state["consumed"])
+        return {
+            **state,
+            "position": position,
+            "counts": {name: position},
+            "samples_per_epoch": {name: per_epoch},
+            "weights": {name: 1.0},
+        }
+
+    def seek(self, samples: int) -> None:
+        """Continues the stream after its first ``samples`` global samples (for a checkpoint
+        that recorded no sampler state)."""
+        self._restore(samples, counts_at(self.weights, samples))
+
+    def _restore(self, position: int, counts: list[int]) -> None:
+        self.position, self.counts = position, counts
+        self._planned = (position, list(counts))
         if self._prefetch is not None:
             self._prefetch.clear()
 
@@ -152,27 +243,69 @@ class SequenceSampler:
             self._prefetch.close()
             self._prefetch = None
 
-    def __enter__(self) -> SequenceSampler:
+    def __enter__(self) -> BlendSampler:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def validation_batches(
-    shards: TokenShards, seq_len: int, batch_size: int, num_batches: int, rank: int = 0, world: int = 1
+class SequenceSampler(BlendSampler):
+    """A sampler over one stream (a blend of one source)."""
+
+    def __init__(
+        self,
+        stream: TokenStream,
+        seq_len: int,
+        global_micro_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        vocab_size: int | None = None,
+    ) -> None:
+        source = BlendSource("main", 1.0, stream)
+        super().__init__([source], seq_len, global_micro_batch, seed, rank, world, num_workers, vocab_size)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.per_epoch[0]
+
+
+def blend_validation_batches(
+    sources: Sequence[BlendSource],
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    rank: int = 0,
+    world: int = 1,
+    vocab_size: int | None = None,
 ) -> list[Batch]:
-    """The same ``num_batches`` global batches every time: samples ``0, 1, 2, …`` from the
-    start of the split, in order, rank ``r`` taking rows ``[r*b, (r+1)*b)`` of each."""
+    """The same ``num_batches`` global batches every time: the blend schedule from its start,
+    each source's samples ``0, 1, 2, …`` in order (no shuffle), rank ``r`` taking rows
+    ``[r*b, (r+1)*b)`` of each batch."""
     local = _rows_per_rank(batch_size, rank, world, "batch_size")
-    available = _num_samples(shards, seq_len)
-    if num_batches < 1 or num_batches * batch_size > available:
-        raise DataError(
-            f"{shards.split} split in {shards.dir}: num_batches = {num_batches} of {batch_size} samples needs "
-            f"{num_batches * batch_size} samples of {seq_len + 1} tokens, only {available} fit"
-        )
+    if num_batches < 1:
+        raise DataError(f"num_batches = {num_batches}: must be >= 1")
+    schedule = BlendSchedule([s.weight for s in sources])
+    picks = schedule.take(num_batches * batch_size)
+    for source, needed in zip(sources, schedule.counts):
+        available = num_samples(source.stream, seq_len)
+        if needed > available:
+            raise DataError(
+                f"{source.stream.label}: {num_batches} batches of {batch_size} samples need {needed} samples of "
+                f"{seq_len + 1} tokens from it, only {available} fit"
+            )
     batches = []
     for k in range(num_batches):
         first = k * batch_size + rank * local
-        batches.append(_load_samples(shards, list(range(first, first + local)), seq_len))
+        rows = [(sources[i].stream, n) for i, n in picks[first : first + local]]
+        batches.append(load_samples(rows, seq_len, vocab_size))
     return batches
+
+
+def validation_batches(
+    stream: TokenStream, seq_len: int, batch_size: int, num_batches: int, rank: int = 0, world: int = 1
+) -> list[Batch]:
+    """:func:`blend_validation_batches` of one stream: its samples ``0, 1, 2, …`` in order."""
+    return blend_validation_batches([BlendSource("main", 1.0, stream)], seq_len, batch_size, num_batches, rank, world)

@@ -22,7 +22,7 @@ from modmoe.checkpoint import CheckpointManager
 from modmoe.checkpoint.manifest import CheckpointError, read_manifest
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError
-from modmoe.data import SequenceSampler, prepare_data, validation_batches
+from modmoe.data import open_training_data
 from modmoe.errors import UserError
 from modmoe.model.flops import count_flops, parameter_counts
 from modmoe.parallel.distributed import DistEnv, broadcast_from_main, init_distributed, shutdown
@@ -84,17 +84,15 @@ class Trainer:
         torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
         seed_everything(tc.seed)
 
-        # Data: rank 0 prepares (or reuses) the shards; the others then open the same files.
-        if self.env.is_main:
-            self.data = prepare_data(cfg.data, log=self._log_main)
-        self.env.setup_barrier()
-        if not self.env.is_main:
-            self.data = prepare_data(cfg.data, log=lambda _: None)
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"config error: model.vocab_size = {cfg.model.vocab_size}: must be >= the tokenizer's "
-                f"vocabulary ({self.data.vocab_size}, {self.data.tokenizer_path})"
-            )
+        # Data: rank 0 of a single-node job may prepare; every rank then opens the same files
+        # (the wait is bounded by parallel.setup_timeout_s: a preparation may be long).
+        self.data = open_training_data(
+            cfg.data,
+            model_vocab_size=cfg.model.vocab_size,
+            is_main=self.env.is_main,
+            barrier=self.env.setup_barrier,
+            log=self._log_main,
+        )
         self.step = 0
         self.backend = build_backend(self.job, self.env)
 
@@ -103,18 +101,8 @@ class Trainer:
         # Data is split over the data-parallel ranks only: tensor/pipeline peers read the same rows.
         dp, dp_rank = self.job.dp, self.backend.dp_rank()
         rows = tc.micro_batch_size * dp
-        self.sampler = SequenceSampler(
-            self.data.open("train"),
-            cfg.data.seq_len,
-            rows,
-            seed=tc.seed,
-            rank=dp_rank,
-            world=dp,
-            num_workers=cfg.data.num_workers,
-        )
-        self.val_batches = validation_batches(
-            self.data.open("val"), cfg.data.seq_len, rows, tc.eval_batches, rank=dp_rank, world=dp
-        )
+        self.sampler = self.data.train_sampler(rows, seed=tc.seed, rank=dp_rank, world=dp)
+        self.val_batches = self.data.validation_batches(rows, tc.eval_batches, rank=dp_rank, world=dp)
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
         self.last_eval: dict[str, float] = {}
         self.guard = NonFiniteGuard(tc.numerics)
@@ -169,10 +157,8 @@ class Trainer:
         else:
             # A converted checkpoint (checkpoints_tools convert) records no data position:
             # continue after the samples ``step`` optimizer steps would have drawn.
-            drawn, per_epoch = self.step * self.cfg.trainer.global_batch_size, self.sampler.samples_per_epoch
-            self.sampler.load_state_dict(
-                {**self.sampler.state_dict(), "epoch": drawn // per_epoch, "consumed": drawn % per_epoch}
-            )
+            drawn = self.step * self.cfg.trainer.global_batch_size
+            self.sampler.seek(drawn)
             self._log_main(f"{path} has no sampler position: starting the data stream at sample {drawn}")
         self._log_main(f"resumed from {path} at step {self.step}")
         if self.env.is_main:  # the record continues from the checkpoint: later steps are redone
@@ -271,6 +257,7 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         metrics.update(straggler)
+        metrics.update(self.sampler.metrics())  # data/tokens_<source>, data/epochs_<source>
         metrics.update(self.backend.step_metrics())
         metrics.update(memory.step_memory(self.env.device))
         metrics.update(self.spikes.update(stats.loss))

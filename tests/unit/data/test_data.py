@@ -19,13 +19,12 @@ from modmoe.data import (
     DataError,
     PreparedData,
     SequenceSampler,
-    TokenShards,
-    load_tokenizer,
+        load_tokenizer,
     prepare_data,
     validation_batches,
 )
-from modmoe.data.corpus import read_corpus
-from modmoe.data.prepare import split_keys
+from modmoe.data.documents import val_score
+from modmoe.data.prepare import corpus_documents
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 SMALL = dict(max_corpus_bytes=300_000, vocab_size=512, shard_tokens=4096, val_fraction=0.2)
@@ -35,9 +34,21 @@ def small_cfg(directory: Path, **overrides) -> DataConfig:
     return DataConfig(prepared_dir=str(directory), **{**SMALL, **overrides})
 
 
+def splits(prepared: PreparedData) -> dict:
+    (entry,) = json.loads((prepared.dir / "index.json").read_text())["sources"].values()
+    return entry["splits"]
+
+
 def shard_hashes(prepared: PreparedData) -> dict[str, list[str]]:
-    index = json.loads((prepared.dir / "index.json").read_text())
-    return {split: [s["sha256"] for s in entry["shards"]] for split, entry in index["splits"].items()}
+    return {split: [s["sha256"] for s in entry["shards"]] for split, entry in splits(prepared).items()}
+
+
+def shard_path(prepared: PreparedData, split: str, k: int) -> Path:
+    return prepared.dir / "sources" / "stdlib" / "units" / splits(prepared)[split]["shards"][k]["file"]
+
+
+def read_corpus(cfg: DataConfig) -> list:
+    return list(corpus_documents(cfg))
 
 
 def assert_one_line(err: pytest.ExceptionInfo, *fragments: str) -> None:
@@ -69,7 +80,7 @@ def test_preparation_is_deterministic_and_reused_by_fingerprint(prepared, tmp_pa
     assert len(shard_hashes(again)["train"]) > 3  # several shards, so windows cross files
 
     # Same fingerprint: reused without tokenizing (a rebuild would hit the patched _build).
-    shard = again.dir / "train_00000.bin"
+    shard = shard_path(again, "train", 0)
     inode = shard.stat().st_ino
     val_tokens = again.open("val").num_tokens
     monkeypatch.setattr(prepare_mod, "_build", lambda *a, **k: pytest.fail("re-prepared a matching dir"))
@@ -92,15 +103,22 @@ def test_crash_leaves_previous_preparation_intact(prepared, tmp_path, monkeypatc
     target = tmp_path / "prep"
     first = prepare_data(small_cfg(target), log=lambda _: None)
 
-    def crash(self):
+    def crash(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prepare_mod.ShardWriter, "close", crash)
+    monkeypatch.setattr(prepare_mod, "process_unit", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_data(small_cfg(target, val_fraction=0.3), log=lambda _: None)
     assert PreparedData.load(target).fingerprint == first.fingerprint
     first.open("train", verify=True)
+    # The interrupted work stays beside it, marked as modmoe's, for a re-run to resume.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prep.lock", ".prep.partial", "prep"]
+    assert (tmp_path / ".prep.partial" / "MODMOE_PREPARED.json").is_file()
+    monkeypatch.undo()
+    again = prepare_data(small_cfg(target, val_fraction=0.3), log=lambda _: None)
+    assert again.fingerprint != first.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == [".prep.lock", "prep"]
+    monkeypatch.setattr(prepare_mod, "process_unit", crash)
 
     # A crash on a fresh directory leaves nothing that looks prepared.
     with pytest.raises(RuntimeError, match="disk full"):
@@ -133,9 +151,9 @@ def test_concurrent_preparations_prepare_once(tmp_path):
 
 
 def test_train_and_val_hold_disjoint_whole_documents(prepared):
-    docs = {d.key: d.text for d in read_corpus(small_cfg(prepared.dir), log=lambda _: None)}
-    val_keys = split_keys(docs, 0.2)
-    assert 0 < len(val_keys) < len(docs)
+    docs = [d.text for d in read_corpus(small_cfg(prepared.dir))]
+    val_docs = [t for t in docs if val_score(t) < 0.2]
+    assert 0 < len(val_docs) < len(docs)
     tok = prepared.load_tokenizer()
     decoded: dict[str, list[str]] = {}
     for split in ("train", "val"):
@@ -145,33 +163,30 @@ def test_train_and_val_hold_disjoint_whole_documents(prepared):
         cuts = np.flatnonzero(stream == prepared.eot_id)
         pieces = np.split(stream, cuts + 1)[:-1]
         decoded[split] = [tok.decode(p[:-1].tolist(), skip_special_tokens=False) for p in pieces]
-    # Byte-level BPE round-trips exactly: every document comes back, once, in its split.
-    assert sorted(decoded["val"]) == sorted(docs[k] for k in val_keys)
-    assert sorted(decoded["train"]) == sorted(text for k, text in docs.items() if k not in val_keys)
+    # Byte-level BPE round-trips exactly: every document comes back, once, in its split, in order.
+    assert decoded["val"] == val_docs
+    assert decoded["train"] == [t for t in docs if val_score(t) >= 0.2]
 
 
-def test_split_is_stable_when_the_corpus_grows():
-    keys = [f"pkg/module_{i}.py" for i in range(400)]
-    small = split_keys(keys[:200], 0.1)
-    large = split_keys(keys, 0.1)
-    assert small == {k for k in large if k in set(keys[:200])}
-    assert 20 <= len(large) <= 60  # ~10% held out
-    assert len(split_keys(["a.py", "b.py"], 0.01)) == 1  # never an empty val split
-    assert len(split_keys(["a.py", "b.py"], 0.99)) == 1  # nor an empty train split
-    with pytest.raises(DataError):
-        split_keys(["only.py"], 0.1)
+def test_split_is_a_function_of_the_text_only():
+    texts = [f"def module_{i}():\n    return {i}\n" for i in range(400)]
+    scores = [val_score(t) for t in texts]
+    assert 20 <= sum(s < 0.1 for s in scores) <= 60  # ~10% held out
+    assert scores == [val_score(t) for t in texts]  # where a text comes from does not matter
+    long = "x" * 100_000
+    assert val_score(long) == val_score(long + "tail")  # reads a bounded prefix only
 
 
 def test_window_across_shards_decodes_to_corpus_text(prepared):
     shards = prepared.open("train")
-    index = json.loads((prepared.dir / "index.json").read_text())
-    files = [prepared.dir / s["file"] for s in index["splits"]["train"]["shards"]]
+    entry = splits(prepared)["train"]
+    files = [shard_path(prepared, "train", k) for k in range(len(entry["shards"]))]
     raw = np.concatenate([np.fromfile(f, dtype="<u2") for f in files])
-    assert shards.num_tokens == len(raw) == index["splits"]["train"]["num_tokens"]
-    boundary = index["splits"]["train"]["shards"][0]["tokens"]
+    assert shards.num_tokens == len(raw) == entry["num_tokens"]
+    boundary = entry["shards"][0]["tokens"]
     window = shards.read(boundary - 300, 700)  # spans shard 0 -> shard 1
     np.testing.assert_array_equal(window, raw[boundary - 300 : boundary + 400])
-    corpus = "".join(d.text for d in read_corpus(small_cfg(prepared.dir), log=lambda _: None))
+    corpus = "".join(d.text for d in read_corpus(small_cfg(prepared.dir)))
     text = prepared.load_tokenizer().decode(window[50:650].tolist(), skip_special_tokens=True)
     assert len(text) > 500 and text[5:-5] in corpus
     with pytest.raises(IndexError):
@@ -191,47 +206,49 @@ def test_vocab_and_special_tokens(prepared):
 
 
 def test_missing_shard(damaged_copy):
-    (damaged_copy.dir / "train_00002.bin").unlink()
+    path = shard_path(damaged_copy, "train", 2)
+    path.unlink()
     with pytest.raises(DataError) as err:
         damaged_copy.open("train")
-    assert_one_line(err, "train_00002.bin", "missing")
+    assert_one_line(err, path.name, "missing")
     damaged_copy.open("val")  # the other split is fine
 
 
 def test_empty_shard(damaged_copy):
-    (damaged_copy.dir / "train_00001.bin").write_bytes(b"")
+    path = shard_path(damaged_copy, "train", 1)
+    path.write_bytes(b"")
     with pytest.raises(DataError) as err:
         damaged_copy.open("train")
-    assert_one_line(err, "train_00001.bin", "empty")
+    assert_one_line(err, path.name, "empty")
 
 
 def test_truncated_shard(damaged_copy):
-    path = damaged_copy.dir / "val_00000.bin"
+    path = shard_path(damaged_copy, "val", 0)
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(DataError) as err:
         damaged_copy.open("val")
-    assert_one_line(err, "val_00000.bin", "truncated")
+    assert_one_line(err, path.name, "truncated")
 
 
 def test_corrupted_shard_caught_by_sha256_only_when_asked(damaged_copy):
-    path = damaged_copy.dir / "train_00000.bin"
+    path = shard_path(damaged_copy, "train", 0)
     data = bytearray(path.read_bytes())
     data[10] ^= 0xFF
     path.write_bytes(bytes(data))
     damaged_copy.open("train")  # sizes still match
     with pytest.raises(DataError) as err:
         damaged_copy.open("train", verify=True)
-    assert_one_line(err, "train_00000.bin", "sha256")
+    assert_one_line(err, path.name, "sha256")
 
 
 def test_missing_or_bad_index(damaged_copy):
     (damaged_copy.dir / "index.json").write_text("{not json")
     with pytest.raises(DataError) as err:
-        TokenShards(damaged_copy.dir, "train")
+        PreparedData.load(damaged_copy.dir)
     assert_one_line(err, "index.json")
     (damaged_copy.dir / "index.json").unlink()
     with pytest.raises(DataError) as err:
-        TokenShards(damaged_copy.dir, "train")
+        PreparedData.load(damaged_copy.dir)
     assert_one_line(err, "index.json", "not found")
 
 
@@ -253,7 +270,7 @@ def test_missing_and_unreadable_tokenizer(tmp_path):
 
 def test_files_corpus_with_glob_and_loaded_tokenizer(prepared, tmp_path):
     src = tmp_path / "src"
-    stdlib_docs = read_corpus(small_cfg(prepared.dir, max_corpus_bytes=60_000), log=lambda _: None)
+    stdlib_docs = read_corpus(small_cfg(prepared.dir, max_corpus_bytes=60_000))
     n = len(stdlib_docs)
     assert n >= 6
     for i, doc in enumerate(stdlib_docs):
@@ -268,7 +285,8 @@ def test_files_corpus_with_glob_and_loaded_tokenizer(prepared, tmp_path):
     logs: list[str] = []
     files = prepare_data(cfg, log=logs.append)
     index = json.loads((files.dir / "index.json").read_text())
-    assert index["splits"]["train"]["num_documents"] + index["splits"]["val"]["num_documents"] == n + 1
+    parts = index["sources"]["files"]["splits"]
+    assert parts["train"]["num_documents"] + parts["val"]["num_documents"] == n + 1
     assert index["fingerprint_fields"]["tokenizer_sha256"]
     assert files.tokenizer_path.read_bytes() == prepared.tokenizer_path.read_bytes()
     assert any(f"{n + 1} documents" in line and "1 unreadable" in line for line in logs)
@@ -292,8 +310,8 @@ def test_empty_corpus_and_missing_glob_errors(tmp_path):
 
 
 def test_stdlib_corpus_is_sorted_capped_and_skips_site_packages(prepared):
-    docs = read_corpus(small_cfg(prepared.dir), log=lambda _: None)
-    keys = [d.key for d in docs]
+    docs = read_corpus(small_cfg(prepared.dir))
+    keys = [d.where for d in docs]
     assert keys == sorted(keys) and all(k.endswith(".py") for k in keys)
     assert not any("site-packages" in k for k in keys)
     assert sum(len(d.text.encode()) for d in docs) == 300_000
@@ -351,7 +369,8 @@ def test_state_restore_is_bit_identical_across_world_sizes(prepared, num_workers
     run = SequenceSampler(shards, 16, 8, seed=7, num_workers=num_workers)
     take(run, 5)
     state = run.state_dict()
-    assert state["consumed"] == 40 and all(type(v) is int for v in state.values())
+    assert state["position"] == 40 and state["counts"] == {"main": 40}
+    assert json.loads(json.dumps(state)) == state  # plain JSON values
     expected = take(run, 3)
     run.close()
 
@@ -364,7 +383,7 @@ def test_state_restore_is_bit_identical_across_world_sizes(prepared, num_workers
         with SequenceSampler(shards, 16, 8, seed=7, rank=r, world=2, num_workers=num_workers) as s:
             s.load_state_dict(state)
             halves.append(take(s, 3))
-            assert s.state_dict() == {**state, "consumed": 64}
+            assert s.state_dict() == {**state, "position": 64, "counts": {"main": 64}}
     assert_same(merge_ranks(halves), expected)
 
     # Saved at world=2, restored at world=1.
@@ -383,8 +402,8 @@ def test_prefetch_keeps_order_and_restores(prepared):
     with SequenceSampler(shards, 16, 4, seed=2, num_workers=3) as fetched:
         first = take(fetched, 7)
         state = fetched.state_dict()
-        assert state["consumed"] == 28  # counts handed-out batches, not prefetched ones
-        fetched.load_state_dict({**state, "consumed": 8})
+        assert state["position"] == 28  # counts handed-out batches, not prefetched ones
+        fetched.load_state_dict({**state, "position": 8, "counts": {"main": 8}})
         assert_same(take(fetched, 5), plain[2:7])
     assert_same(first, plain[:7])
 
@@ -395,7 +414,7 @@ def test_epoch_rollover(prepared):
     sampler = SequenceSampler(shards, seq_len, 4, seed=0)
     assert sampler.samples_per_epoch == 11
     rows = torch.cat([x for x, _ in take(sampler, 11)])  # 44 samples = 4 epochs
-    assert sampler.state_dict()["epoch"] == 4 and sampler.state_dict()["consumed"] == 0
+    assert sampler.state_dict()["position"] == 44 and sampler.metrics()["data/epochs_main"] == 4.0
     all_samples = torch.from_numpy(shards.read(0, 11 * (seq_len + 1)).astype(np.int64)).view(11, seq_len + 1)[:, :-1]
     orders = []
     for epoch in range(4):
@@ -407,9 +426,9 @@ def test_epoch_rollover(prepared):
 
     # Restoring mid-epoch, with a batch that runs over into the next epoch.
     replay = SequenceSampler(shards, seq_len, 4, seed=0)
-    replay.load_state_dict({**sampler.state_dict(), "epoch": 0, "consumed": 8})
+    replay.load_state_dict({**sampler.state_dict(), "position": 8, "counts": {"main": 8}})
     x, _ = replay.next_batch()
-    assert torch.equal(x, rows[8:12]) and replay.state_dict()["epoch"] == 1
+    assert torch.equal(x, rows[8:12]) and replay.metrics()["data/epochs_main"] == 12 / 11
     with pytest.raises(DataError) as err:
         replay.load_state_dict({**replay.state_dict(), "seq_len": seq_len + 1})
     assert_one_line(err, "seq_len")
