@@ -27,7 +27,8 @@ class SourceConfig(ConfigModel):
     kind: SourceKind = "auto"
     """The format; ``auto`` decides from the path: ``.jsonl[.gz|.zst]`` -> jsonl, ``.parquet`` ->
     parquet, a directory holding ``dataset_info.json``/``dataset_dict.json`` -> hf, a ``.bin`` or
-    ``.idx`` (or a prefix that has both) -> megatron, anything else -> text."""
+    ``.idx`` (or a prefix that has both) -> megatron, a directory by the first Parquet or JSONL
+    file in it, anything else -> text."""
 
     name: str | None = None
     """Names the source in the prepared directory and in metrics (``data/tokens_<name>``).
@@ -72,6 +73,13 @@ class SourceConfig(ConfigModel):
                 return "hf"
             if Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file():
                 return "megatron"
+            if p.is_dir():  # a directory of one format: decided by the first data file found
+                for found in p.rglob("*"):
+                    name = found.name.lower()
+                    if name.endswith(".parquet"):
+                        return "parquet"
+                    if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+                        return "jsonl"
         return "text"
 
     def resolved_name(self) -> str:

@@ -57,7 +57,7 @@ from modmoe.data.tokenizer import (
     train_tokenizer,
     vocab_bound,
 )
-from modmoe.data.units import UnitContext, finished_record, process_unit, unit_dir
+from modmoe.data.units import UnitContext, finished_record, process_unit, unit_dir, use_tokenizer
 
 Log = Callable[[str], None]
 FORMAT_VERSION = 2
@@ -203,7 +203,6 @@ def fingerprint_fields(cfg: DataConfig) -> dict[str, Any]:
     if any(s.resolved_kind() == "stdlib" for _, s in sources):
         fields["python"] = platform.python_version()  # each release ships different sources
     if cfg.tokenizer:
-        load_tokenizer(cfg.tokenizer)  # one-line error naming the file if it is missing or bad
         fields["tokenizer_sha256"] = _tokenizer_sha256(cfg.tokenizer)
     else:
         fields["trained_tokenizer"] = {
@@ -304,19 +303,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _tokenizer(cfg: DataConfig, work: Path, plans: dict[str, list[Unit]], weights: list[float], log: Log) -> Tokenizer:
-    """The preparation's tokenizer in ``work`` (kept from an interrupted run, copied from
-    ``data.tokenizer``, or trained)."""
+def _tokenizer(
+    cfg: DataConfig, work: Path, given: Tokenizer | None, plans: dict[str, list[Unit]], weights: list[float], log: Log
+) -> Tokenizer:
+    """The preparation's tokenizer in ``work``: ``data.tokenizer`` copied (``given``, already
+    loaded), kept from an interrupted run, or trained."""
     path = work / TOKENIZER_NAME
-    if path.is_file():
-        return load_tokenizer(path)
-    if cfg.tokenizer:
+    if given is not None:
+        assert cfg.tokenizer is not None
         files = TokenizerFiles.find(cfg.tokenizer)
         if files.config_json is not None:
             shutil.copyfile(files.config_json, work / CONFIG_NAME)
         tmp = work / f".{TOKENIZER_NAME}.tmp"
         shutil.copyfile(files.tokenizer_json, tmp)
         os.replace(tmp, path)
+        return given
+    if path.is_file():
         return load_tokenizer(path)
     t0 = time.perf_counter()
     tok = train_tokenizer(_training_text(cfg, plans, weights), cfg.vocab_size)
@@ -357,9 +359,12 @@ def _worker_task(unit: Unit) -> dict[str, Any]:
     return process_unit(_CTX, unit, lambda nbytes, tokens: _QUEUE.put((nbytes, tokens)))
 
 
-def _run_units(ctx: UnitContext, todo: list[Unit], workers: int, progress: PrepareProgress) -> list[dict[str, Any]]:
+def _run_units(
+    ctx: UnitContext, tok: Tokenizer, todo: list[Unit], workers: int, progress: PrepareProgress
+) -> list[dict[str, Any]]:
     """Tokenizes ``todo`` (in process for one worker, on a pool of spawned processes otherwise)."""
     if workers == 1 or len(todo) <= 1:
+        use_tokenizer(ctx.tokenizer_path, tok)
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, like one worker process
         try:
@@ -459,6 +464,10 @@ def prepare_data(
         return None
     workers = workers or cfg.prepare_workers
     target = Path(cfg.prepared_dir).expanduser().resolve()
+    given = None
+    if cfg.tokenizer:  # a bad tokenizer or a missing separator is refused before any work
+        given = load_tokenizer(cfg.tokenizer)
+        document_separator(given, cfg.tokenizer, cfg.eos_token)
     fields = fingerprint_fields(cfg)
     wanted = fingerprint(fields)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -471,7 +480,7 @@ def prepare_data(
         log(f"data: preparing {target} (fingerprint {wanted}" + (f", replacing {found})" if found else ")"))
         work = _work_dir(target, wanted, log)
         if not _finished_index(work, wanted):
-            _build(cfg, work, sources, fields, wanted, workers, bar, log)
+            _build(cfg, work, given, sources, fields, wanted, workers, bar, log)
         elif cfg.output_format == "megatron":  # killed after the index, while removing merged units
             for _, src in sources:
                 shutil.rmtree(unit_dir(work, src.resolved_name()), ignore_errors=True)
@@ -489,6 +498,7 @@ def _finished_index(work: Path, wanted: str) -> bool:
 def _build(
     cfg: DataConfig,
     work: Path,
+    given: Tokenizer | None,
     sources: list[tuple[int, SourceConfig]],
     fields: dict[str, Any],
     wanted: str,
@@ -501,9 +511,9 @@ def _build(
     plans = {
         s.resolved_name(): plan_units(s, s.resolved_name(), source_label(cfg, i), cfg.unit_bytes) for i, s in sources
     }
-    tok = _tokenizer(cfg, work, plans, [s.weight for _, s in sources], log)
+    tok = _tokenizer(cfg, work, given, plans, [s.weight for _, s in sources], log)
     if cfg.tokenizer or cfg.eos_token is not None:
-        eos_token, eos_id = document_separator(tok, work / TOKENIZER_NAME, cfg.eos_token)
+        eos_token, eos_id = document_separator(tok, cfg.tokenizer or work / TOKENIZER_NAME, cfg.eos_token)
     else:
         eos_token, eos_id = EOT, int(tok.token_to_id(EOT))
     vocab = vocab_bound(tok)
@@ -534,7 +544,7 @@ def _build(
     )
     progress = PrepareProgress(total, log, bar=bar)
     try:
-        for record in _run_units(ctx, todo, workers, progress):
+        for record in _run_units(ctx, tok, todo, workers, progress):
             kept[(record["source"], record["unit"])] = record
     finally:
         progress.close()

@@ -103,14 +103,51 @@ def _read_text_file(span: Span, skipped: Skipped) -> Iterator[tuple[Document, It
 # --- JSONL -------------------------------------------------------------------------------
 
 
+class _ZstdReader(io.RawIOBase):
+    """A zstd file (one or more frames) decompressed as a stream; input that ends inside a
+    frame raises, where zstandard's stream reader would just stop."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._fh = path.open("rb")
+        self._dec = zstandard.ZstdDecompressor().decompressobj()
+        self._buf, self._done, self._fresh = b"", False, True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        while not self._buf and not self._done:
+            chunk = self._fh.read(_READ_BLOCK)
+            if not chunk:
+                if not self._fresh and not self._dec.eof:
+                    raise self._zstd.ZstdError("the data ends inside a frame (truncated)")
+                self._done = True
+                break
+            while chunk:
+                if self._dec.eof:  # the next frame
+                    self._dec = self._zstd.ZstdDecompressor().decompressobj()
+                self._fresh = False
+                self._buf += self._dec.decompress(chunk)
+                chunk = self._dec.unused_data if self._dec.eof else b""
+        n = min(len(out), len(self._buf))
+        out[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def _open_jsonl(path: Path) -> io.BufferedIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
+        return io.BufferedReader(_ZstdReader(path), _READ_BLOCK)
     return path.open("rb")
 
 
@@ -162,8 +199,10 @@ def _read_jsonl(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Itera
             if not line:
                 break
 
+            line_start = position
+
             def where() -> str:
-                number = line_no or _line_number(path, position)
+                number = line_no or _line_number(path, line_start)
                 return f"{path}:{number}"
 
             if len(line) > max_doc + 1 or (len(line) == max_doc + 1 and not line.endswith(b"\n")):
@@ -183,7 +222,7 @@ def _read_jsonl(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Itera
                 shown = ", ".join(list(record)[:8]) or "none"
                 text = _text_value(record.get(field), field, where(), lambda: f"keys: {shown}")
                 if text:
-                    yield Document(text, where() if line_no else f"{path} (byte {position - len(line)})")
+                    yield Document(text, where() if line_no else f"{path} (byte {line_start})")
                 else:
                     skipped.empty += 1
             if line_no:

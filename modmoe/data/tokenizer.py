@@ -59,7 +59,10 @@ def _first_line(err: BaseException) -> str:
 
 def vocab_bound(tok: Tokenizer) -> int:
     """One more than the largest token id (ids of added tokens may lie above the base vocabulary)."""
-    return max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab(with_added_tokens=True).values()) + 1)
+    bound = max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_added_tokens_decoder(), default=-1) + 1)
+    if tok.id_to_token(bound) is not None:  # sparse ids: look at all of them (slower)
+        bound = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    return bound
 
 
 def token_dtype(vocab: int) -> np.dtype:

@@ -88,11 +88,15 @@ def record_path(root: Path, unit: Unit) -> Path:
 _TOKENIZERS: dict[str, Any] = {}
 
 
+def use_tokenizer(path: str, tok: Any) -> None:
+    """Makes ``tok`` (already loaded from ``path``) the one this process encodes with."""
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a separator
+    _TOKENIZERS[path] = tok
+
+
 def _tokenizer(path: str) -> Any:
     if path not in _TOKENIZERS:
-        tok = load_tokenizer(path)
-        tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a separator
-        _TOKENIZERS[path] = tok
+        use_tokenizer(path, load_tokenizer(path))
     return _TOKENIZERS[path]
 
 
