@@ -47,22 +47,31 @@ def megatron_available() -> bool:
     return _megatron_indexed() is not None
 
 
+def _check_header(idx_path: str) -> tuple[int, int, int]:
+    """(dtype code, sequence count, document count) of a well-formed ``.idx``: the layout is a
+    header, then int32 sequence lengths, int64 byte pointers, int64 document indices."""
+    size = Path(idx_path).stat().st_size
+    with open(idx_path, "rb") as fh:
+        head = fh.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise DataError(f"{idx_path}: {size} bytes, too short for a Megatron index header")
+    magic, version, code, count, docs = _HEADER.unpack(head)
+    if magic != _MAGIC or version != 1:
+        raise DataError(f"{idx_path}: not a Megatron index (bad header)")
+    if code not in _CODES:
+        raise DataError(f"{idx_path}: dtype code {code} does not hold token ids")
+    need = _HEADER.size + count * 4 + count * 8 + docs * 8
+    if size < need:
+        raise DataError(f"{idx_path}: {size} bytes, its header promises {need} (truncated)")
+    return code, count, docs
+
+
 class _OwnIndex:
-    """The ``.idx`` layout, read without megatron-core: header, then int32 sequence lengths,
-    int64 byte pointers, int64 document indices (sequence numbers)."""
+    """The ``.idx`` arrays, read without megatron-core."""
 
     def __init__(self, idx_path: str, bin_path: str) -> None:
+        code, count, docs = _check_header(idx_path)
         raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        if len(raw) < _HEADER.size:
-            raise DataError(f"{idx_path}: {len(raw)} bytes, too short for a Megatron index header")
-        magic, version, code, count, docs = _HEADER.unpack(bytes(raw[: _HEADER.size]))
-        if magic != _MAGIC or version != 1:
-            raise DataError(f"{idx_path}: not a Megatron index (bad header)")
-        if code not in _CODES:
-            raise DataError(f"{idx_path}: dtype code {code} does not hold token ids")
-        need = _HEADER.size + count * 4 + count * 8 + docs * 8
-        if len(raw) < need:
-            raise DataError(f"{idx_path}: {len(raw)} bytes, its header promises {need} (truncated)")
         self.dtype = np.dtype(_CODES[code])
         offset = _HEADER.size
         self.sequence_lengths = np.frombuffer(raw, np.int32, count, offset)
@@ -130,6 +139,7 @@ class MegatronStream:
         for path in (self.bin_path, self.idx_path):
             if not Path(path).is_file():
                 raise DataError(f"Megatron dataset {self.prefix}: {path} not found")
+        _check_header(self.idx_path)  # also spares megatron-core's reader a file it would choke on
         module = _megatron_indexed() if use_core else None
         self.reader = "megatron-core" if module is not None else "modmoe"
         self._index = _CoreIndex(module, self.prefix) if module is not None else _OwnIndex(self.idx_path, self.bin_path)

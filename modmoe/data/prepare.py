@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -280,21 +281,49 @@ def corpus_documents(cfg: DataConfig, source: int = 0) -> Iterator[Document]:
     """The whole documents of the ``source``-th prepared source, in stream order (what the
     preparation reads; for inspection and tests)."""
     position, src = prepared_sources(cfg)[source]
-    units = plan_units(src, src.resolved_name(), source_label(cfg, position), cfg.unit_bytes)
-    return _read_documents(units, cfg.max_document_bytes)
+    return _read_documents(_plans(cfg, [(position, src)])[src.resolved_name()], cfg.max_document_bytes)
 
 
 def _training_text(cfg: DataConfig, plans: dict[str, list[Unit]], weights: list[float]) -> Iterator[str]:
-    """The first documents of each source, up to its weight's share of ``tokenizer_train_bytes``."""
-    total = sum(weights)
+    """The first text of each source, up to its weight's share of ``tokenizer_train_bytes``,
+    streamed: a document of hundreds of MB is read only as far as the budget goes."""
+    total, found = sum(weights), 0
     for units, weight in zip(plans.values(), weights):
         left = int(cfg.tokenizer_train_bytes * weight / total)
-        for doc in _read_documents(units, cfg.max_document_bytes):
+        for unit in units:
+            for doc, rest in read_unit(unit, cfg.max_document_bytes, Skipped()):
+                for part in itertools.chain([doc.text], rest or ()):
+                    if left <= 0:
+                        break
+                    text = part if len(part) * 4 <= left else utf8_prefix(part, left)
+                    left -= len(text.encode("utf-8"))
+                    found += len(text)
+                    yield text
+                if left <= 0:
+                    break
             if left <= 0:
                 break
-            text = doc.text if len(doc.text) * 4 <= left else utf8_prefix(doc.text, left)
-            left -= len(text.encode("utf-8"))
-            yield text
+    if not found:
+        names = ", ".join(plans)
+        raise DataError(f"corpus is empty: no readable UTF-8 text in source(s) {names} to train the tokenizer on")
+
+
+def train_corpus_tokenizer(cfg: DataConfig, log: Log = print) -> Tokenizer:
+    """The byte-level BPE a preparation of ``cfg`` trains: on at most
+    ``data.tokenizer_train_bytes`` of text, which bounds its time and memory on any input."""
+    sources = prepared_sources(cfg)
+    return _train(cfg, _plans(cfg, sources), [s.weight for _, s in sources], log)
+
+
+def _plans(cfg: DataConfig, sources: list[tuple[int, SourceConfig]]) -> dict[str, list[Unit]]:
+    return {s.resolved_name(): plan_units(s, s.resolved_name(), source_label(cfg, i), cfg.unit_bytes) for i, s in sources}
+
+
+def _train(cfg: DataConfig, plans: dict[str, list[Unit]], weights: list[float], log: Log) -> Tokenizer:
+    t0 = time.perf_counter()
+    tok = train_tokenizer(_training_text(cfg, plans, weights), cfg.vocab_size)
+    log(f"tokenizer: trained byte-level BPE, {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s")
+    return tok
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -320,10 +349,8 @@ def _tokenizer(
         return given
     if path.is_file():
         return load_tokenizer(path)
-    t0 = time.perf_counter()
-    tok = train_tokenizer(_training_text(cfg, plans, weights), cfg.vocab_size)
+    tok = _train(cfg, plans, weights, log)
     _write_atomic(path, tok.to_str())
-    log(f"tokenizer: trained byte-level BPE, {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s")
     return tok
 
 

@@ -248,7 +248,7 @@ def test_checkpoint_resumes_under_another_layout(runs):
     saved = json.loads((runs["tp2_sp"] / "checkpoints" / "step_00000002" / "manifest.json").read_text())["meta"]
     meta = json.loads((runs["resumed"] / "checkpoints" / "step_00000004" / "manifest.json").read_text())["meta"]
     assert saved["layout"].startswith("tp2-") and meta["layout"].startswith("tp1-")  # e.g. tp2-pp1-cp1-ep1-dp1-...
-    assert saved["backend"] == meta["backend"] == "megatron" and meta["sampler"]["consumed"] == 32
+    assert saved["backend"] == meta["backend"] == "megatron" and meta["sampler"]["position"] == 32
 
 
 def _expert_biases(run: Path) -> torch.Tensor:

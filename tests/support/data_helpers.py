@@ -112,12 +112,11 @@ def write_hf_dataset(path: Path, texts: Sequence[str], num_shards: int = 2) -> P
 def write_megatron_pair(prefix: Path, documents: Sequence[np.ndarray], dtype: type = np.int32) -> str:
     """A ``.bin``/``.idx`` pair written by megatron-core's ``IndexedDatasetBuilder`` (one sequence
     per document, as ``preprocess_data.py`` writes); returns the prefix."""
-    import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     for doc in documents:
-        builder.add_document(torch.from_numpy(np.asarray(doc, dtype=np.int64)), [len(doc)])
+        builder.add_document(np.asarray(doc, dtype=np.int64), [len(doc)])
     builder.finalize(f"{prefix}.idx")
     return str(prefix)
