@@ -169,11 +169,12 @@ def _decode_error(path: Path, where: str, err: BaseException) -> DataError:
     return DataError(f"{path}: undecodable {kind} data {where} ({err or type(err).__name__})")
 
 
-def _text_value(value: Any, field: str, where: str, keys: Callable[[], str]) -> str:
+def _text_value(value: Any, field: str, where: Callable[[], str], keys: Callable[[], str]) -> str:
+    """``value`` if it is a string; ``where`` and ``keys`` are only called for the message."""
     if value is None:
-        raise DataError(f"{where}: {field!r} is missing or null ({keys()})")
+        raise DataError(f"{where()}: {field!r} is missing or null ({keys()})")
     if not isinstance(value, str):
-        raise DataError(f"{where}: {field!r} is {type(value).__name__}, expected a string")
+        raise DataError(f"{where()}: {field!r} is {type(value).__name__}, expected a string")
     return value
 
 
@@ -219,8 +220,8 @@ def _read_jsonl(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Itera
                     raise DataError(f"{where()}: not valid JSON ({err.msg}, column {err.colno})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where()}: a JSON {type(record).__name__}, expected an object with {field!r}")
-                shown = ", ".join(list(record)[:8]) or "none"
-                text = _text_value(record.get(field), field, where(), lambda: f"keys: {shown}")
+                keys = lambda: "keys: " + (", ".join(list(record)[:8]) or "none")
+                text = _text_value(record.get(field), field, where, keys)
                 if text:
                     yield Document(text, where() if line_no else f"{path} (byte {line_start})")
                 else:
@@ -250,7 +251,7 @@ def _rows(
 ) -> Iterator[Document]:
     for i, text in enumerate(values):
         where = f"{label}: row {first_row + i}"
-        text = _text_value(text, field, where, lambda: "null value")
+        text = _text_value(text, field, lambda: where, lambda: "null value")
         if len(text) > max_doc // 4 and len(text.encode("utf-8")) > max_doc:
             raise DataError(f"{where}: text longer than data.max_document_bytes = {max_doc} bytes")
         if text:

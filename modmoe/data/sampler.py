@@ -281,14 +281,16 @@ def blend_validation_batches(
     world: int = 1,
     vocab_size: int | None = None,
 ) -> list[Batch]:
-    """The same ``num_batches`` global batches every time: the blend schedule from its start,
-    each source's samples ``0, 1, 2, …`` in order (no shuffle), rank ``r`` taking rows
-    ``[r*b, (r+1)*b)`` of each batch."""
+    """The same ``num_batches`` global batches every time: the blend schedule from its start;
+    a source that gives ``c`` of them out of the ``N`` samples of its split gives samples
+    ``n * N // c`` (evenly spread over the whole split, in order, so every part of it is
+    measured, not only its first documents); rank ``r`` takes rows ``[r*b, (r+1)*b)`` of each batch."""
     local = _rows_per_rank(batch_size, rank, world, "batch_size")
     if num_batches < 1:
         raise DataError(f"num_batches = {num_batches}: must be >= 1")
     schedule = BlendSchedule([s.weight for s in sources])
     picks = schedule.take(num_batches * batch_size)
+    stride = []
     for source, needed in zip(sources, schedule.counts):
         available = num_samples(source.stream, seq_len)
         if needed > available:
@@ -296,10 +298,11 @@ def blend_validation_batches(
                 f"{source.stream.label}: {num_batches} batches of {batch_size} samples need {needed} samples of "
                 f"{seq_len + 1} tokens from it, only {available} fit"
             )
+        stride.append((available, max(needed, 1)))
     batches = []
     for k in range(num_batches):
         first = k * batch_size + rank * local
-        rows = [(sources[i].stream, n) for i, n in picks[first : first + local]]
+        rows = [(sources[i].stream, n * stride[i][0] // stride[i][1]) for i, n in picks[first : first + local]]
         batches.append(load_samples(rows, seq_len, vocab_size))
     return batches
 
@@ -307,5 +310,5 @@ def blend_validation_batches(
 def validation_batches(
     stream: TokenStream, seq_len: int, batch_size: int, num_batches: int, rank: int = 0, world: int = 1
 ) -> list[Batch]:
-    """:func:`blend_validation_batches` of one stream: its samples ``0, 1, 2, …`` in order."""
+    """:func:`blend_validation_batches` of one stream: samples spread evenly over it, in order."""
     return blend_validation_batches([BlendSource("main", 1.0, stream)], seq_len, batch_size, num_batches, rank, world)
