@@ -45,9 +45,10 @@ class SourceConfig(ConfigModel):
     """For a saved ``DatasetDict``: which split to read (default ``train``, or its only split)."""
 
     max_bytes: int | None = Field(default=None, ge=1)
-    """Read at most this many input bytes of the source (files in sorted order; a text file
-    that crosses the limit is cut there; JSONL, Parquet and dataset sources stop at the end of
-    the work unit that crosses it). ``None`` = all of it."""
+    """Read at most this many input bytes of the source (files in sorted order; a text file or a
+    plain JSONL file that crosses the limit is cut there, at a line for JSONL; compressed JSONL,
+    Parquet and dataset sources stop after the file, row group or row range that crosses it).
+    ``None`` = all of it."""
 
     val_path: str | None = None
     """Megatron sources only: the prefix of a separate validation ``.bin``/``.idx`` pair. Without

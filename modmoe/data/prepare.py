@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import tokenizers
@@ -409,7 +410,7 @@ def _run_units(
         while True:
             try:
                 progress.update(*queue.get_nowait())
-            except Exception:  # queue.Empty
+            except Empty:
                 return
 
     with ProcessPoolExecutor(workers, mp_context=mp, initializer=_init_worker, initargs=(ctx, queue)) as pool:

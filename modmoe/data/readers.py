@@ -113,28 +113,30 @@ class _ZstdReader(io.RawIOBase):
         self._zstd = zstandard
         self._fh = path.open("rb")
         self._dec = zstandard.ZstdDecompressor().decompressobj()
-        self._buf, self._done, self._fresh = b"", False, True
+        self._buf, self._pos, self._done, self._fresh = b"", 0, False, True
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, out: Any) -> int:
-        while not self._buf and not self._done:
+        while self._pos == len(self._buf) and not self._done:
             chunk = self._fh.read(_READ_BLOCK)
             if not chunk:
                 if not self._fresh and not self._dec.eof:
                     raise self._zstd.ZstdError("the data ends inside a frame (truncated)")
                 self._done = True
                 break
+            parts = []
             while chunk:
                 if self._dec.eof:  # the next frame
                     self._dec = self._zstd.ZstdDecompressor().decompressobj()
                 self._fresh = False
-                self._buf += self._dec.decompress(chunk)
+                parts.append(self._dec.decompress(chunk))
                 chunk = self._dec.unused_data if self._dec.eof else b""
-        n = min(len(out), len(self._buf))
-        out[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
+            self._buf, self._pos = b"".join(parts), 0
+        n = min(len(out), len(self._buf) - self._pos)
+        out[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
         return n
 
     def close(self) -> None:

@@ -251,21 +251,11 @@ class BlendSampler:
 
 
 class SequenceSampler(BlendSampler):
-    """A sampler over one stream (a blend of one source)."""
+    """A sampler over one stream (a blend of one source named ``main``); the other arguments
+    are :class:`BlendSampler`'s."""
 
-    def __init__(
-        self,
-        stream: TokenStream,
-        seq_len: int,
-        global_micro_batch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
-        num_workers: int = 0,
-        vocab_size: int | None = None,
-    ) -> None:
-        source = BlendSource("main", 1.0, stream)
-        super().__init__([source], seq_len, global_micro_batch, seed, rank, world, num_workers, vocab_size)
+    def __init__(self, stream: TokenStream, *args: Any, **kwargs: Any) -> None:
+        super().__init__([BlendSource("main", 1.0, stream)], *args, **kwargs)
 
     @property
     def samples_per_epoch(self) -> int:
