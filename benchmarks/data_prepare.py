@@ -168,17 +168,18 @@ _RSS_PROBE = textwrap.dedent("""
         with path.open("wb") as fh:
             fh.truncate(count * 4)  # sparse: no disk, reads as zeros
         shards.append({"file": path.name, "tokens": count, "bytes": count * 4, "sha256": ""})
-    def high_water_mb():  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's before exec)
-        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    def status_mb(key):  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's before exec)
+        line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
         return int(line.split()[1]) / 1024
-    before = high_water_mb()
+    before = status_mb("VmHWM")
     stream = TokenShards(directory, {"shards": shards}, "uint32", "synthetic")
     sampler = BlendSampler([BlendSource("s", 1.0, stream)], 256, 16, seed=0)
     for _ in range(200):
         sampler.next_batch()
     sampler.load_state_dict(sampler.state_dict())
-    after = high_water_mb()
-    print(json.dumps({"samples": sampler.per_epoch[0], "rss_mb": after, "added_mb": after - before}))
+    after = status_mb("VmHWM")
+    print(json.dumps({"samples": sampler.per_epoch[0], "rss_mb": after, "added_mb": after - before,
+                      "anon_mb": status_mb("RssAnon"), "file_mb": status_mb("RssFile")}))
 """)
 
 
@@ -248,11 +249,12 @@ def main() -> None:
     print(f"\nloader: {loader:,.0f} tokens/s from uint32 shards; CPU training step (configs/tiny.yaml): "
           f"{training:,.0f} tokens/s; headroom {headroom:,.0f}x")  # fmt: skip
     small_rss, huge_rss = sampler_rss(work, 10**6), sampler_rss(work, 10**10)
-    print(
-        f"sampler RSS: {small_rss['rss_mb']:.0f} MB at 10^6 tokens ({small_rss['samples']:,} samples), "
-        f"{huge_rss['rss_mb']:.0f} MB at 10^10 tokens ({huge_rss['samples']:,} samples); "
-        f"added by opening and sampling: {small_rss['added_mb']:.1f} vs {huge_rss['added_mb']:.1f} MB"
-    )
+    for label, r in (("10^6", small_rss), ("10^10", huge_rss)):
+        print(
+            f"sampler at {label} tokens ({r['samples']:,} samples), 200 batches of 16 x 257: peak RSS "
+            f"{r['rss_mb']:.0f} MB (+{r['added_mb']:.1f} MB by opening and sampling), anonymous "
+            f"{r['anon_mb']:.0f} MB, file-backed {r['file_mb']:.0f} MB"
+        )
     ours, theirs = results[("modmoe", 2)], results[("megatron", 2)]
     print(
         f"prepare_mb_s={ours[0]:.2f} megatron_mb_s={theirs[0]:.2f} ratio={ours[0] / theirs[0]:.2f} "

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from modmoe.data.errors import DataError
+from modmoe.data.shards import random_access_map
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
@@ -77,7 +78,7 @@ class _OwnIndex:
         self.sequence_lengths = np.frombuffer(raw, np.int32, count, offset)
         self.sequence_pointers = np.frombuffer(raw, np.int64, count, offset + count * 4)
         self.document_indices = np.frombuffer(raw, np.int64, docs, offset + count * 12)
-        self._bin = np.memmap(bin_path, dtype=self.dtype, mode="r") if Path(bin_path).stat().st_size else None
+        self._bin = random_access_map(Path(bin_path), self.dtype) if Path(bin_path).stat().st_size else None
 
     def read(self, count: int, byte_offset: int) -> np.ndarray:
         assert self._bin is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import mmap
 import os
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -99,6 +100,16 @@ class ShardWriter:
         }
 
 
+def random_access_map(path: Path, dtype: np.dtype) -> np.memmap:
+    """A read-only memory map told that reads are random (samples): the kernel then reads no
+    pages ahead, so resident memory grows with the samples read, not with the file's size."""
+    mapped = np.memmap(path, dtype=dtype, mode="r")
+    raw = getattr(mapped, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        raw.madvise(mmap.MADV_RANDOM)
+    return mapped
+
+
 def check_shard(path: Path, shard: dict[str, Any], itemsize: int, verify: bool) -> None:
     """The file exists with the recorded size (and, with ``verify``, the recorded sha256)."""
     hint = f" (delete {path.parent} to prepare again)"
@@ -135,7 +146,7 @@ class TokenShards:
         for shard in entry["shards"]:
             path = self.dir / shard["file"]
             check_shard(path, shard, self.dtype.itemsize, verify)
-            self._maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
+            self._maps.append(random_access_map(path, self.dtype))
             self._files.append(path)
             starts.append(starts[-1] + int(shard["tokens"]))
         self._starts = starts  # global offset of each shard's first token, then the total

@@ -139,7 +139,10 @@ def process_unit(ctx: UnitContext, unit: Unit, report: Report) -> dict[str, Any]
     for doc, rest in read_unit(unit, ctx.max_document_bytes, skipped):
         stream = chunk_stream([doc.text] if rest is None else itertools.chain([doc.text], rest))
         split = None
-        piece = next(stream)
+        piece = next(stream, None)
+        if piece is None:  # nothing but an empty text
+            skipped.empty += 1
+            continue
         while piece is not None:
             following = next(stream, None)
             if split is None:  # the first piece holds the characters the split hash reads
