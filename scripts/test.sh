@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv with the test extras (dev, deepspeed, export, megatron, data, gpu: torchao for the FP8 tests),
-# checks ruff (lint + format),
-# then runs the whole test suite.
+# checks ruff (lint + format), then runs the whole test suite.
 #   bash scripts/test.sh [pytest args]      (MODMOE_SLOW=1 adds the long soak tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
