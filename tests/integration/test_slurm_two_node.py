@@ -16,6 +16,9 @@ every job submitted with ``python -m modmoe submit`` as a user types it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,8 +59,21 @@ CHECKPOINT_EVERY = 10
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Holds the prepared data of this module's runs (so they all see the same tokens)."""
-    return tmp_path_factory.mktemp("slurm-two-node")
+    """Holds the prepared data of this module's runs (so they all see the same tokens). A
+    multi-node job never prepares: it opens a finished preparation, made here by
+    ``modmoe data prepare`` as a cluster's preparation job would."""
+    root = tmp_path_factory.mktemp("slurm-two-node")
+    overrides = [a for o in tiny_job_overrides(root / "prepared", STEPS) for a in ("--set", o)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "modmoe", "data", "prepare", str(TINY), "--no-bar", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
 
 
 def _submit(shared: Path, runs: str, *, two_nodes: bool, max_requeues: int = 3) -> SubmittedJob:
@@ -88,7 +104,7 @@ def _finished(cluster: SlurmCluster, job: SubmittedJob) -> SubmittedJob:
 
 @pytest.fixture(scope="module")
 def two_node(slurm_cluster: SlurmCluster, shared: Path) -> SubmittedJob:
-    """The uninterrupted two-node run (the first job: it prepares the data)."""
+    """The uninterrupted two-node run (the first job)."""
     slurm_cluster.require_two_nodes()
     return _finished(slurm_cluster, _submit(shared, "two-node", two_nodes=True))
 
