@@ -97,6 +97,12 @@ def _mount_launch() -> None:
     app.command("submit")(submit_command)
 
 
+def _mount_sweep() -> None:
+    from modmoe.sweep.cli import sweep_command
+
+    app.command("sweep")(sweep_command)
+
+
 def _mount_tracking() -> None:
     from modmoe.tracking.cli import tracking_app
 
@@ -125,6 +131,7 @@ def _mount_inference() -> None:
 # only when named, so every rank of `modmoe train` starts without them.
 _MOUNTS = {
     "submit": _mount_launch,
+    "sweep": _mount_sweep,
     "tracking": _mount_tracking,
     "data": _mount_data,
     "export": _mount_inference,

@@ -80,38 +80,50 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any, source: str | None = None) -> dict[str, Any]:
+    """Sets ``data["model"]["num_layers"] = value`` for ``key = "model.num_layers"``, creating
+    sections on the way; ``source`` names the override in errors (default ``--set KEY``)."""
+    path = key.strip().split(".")
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: {source or '--set ' + key}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"config error: --set {item}: {'.'.join(path[: i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, ".".join(path), value, source=f"--set {item}")
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (not validated yet), read bounded (see config_yaml)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config error: config file {p} does not exist")
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        text = raw.decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"config error: config file {p}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config error: config file {p}: not UTF-8 text (byte {err.start})") from None
+    data = parse_yaml(text, str(p))
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {p} must hold a mapping of sections, got {type(data).__name__}")
     return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Reads a YAML config (None = all defaults), applies overrides, validates."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config error: config file {p} does not exist")
-        try:
-            with open(p, "rb") as f:
-                raw = f.read(MAX_BYTES + 1)
-            text = raw.decode("utf-8")
-        except OSError as err:
-            raise ConfigError(f"config error: config file {p}: {err.strerror}") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config error: config file {p}: not UTF-8 text (byte {err.start})") from None
-        data = parse_yaml(text, str(p))
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error: {p} must hold a mapping of sections, got {type(data).__name__}")
+    data = read_config_file(path) if path is not None else {}
     return validate_config(JobConfig, apply_overrides(data, list(overrides)))
 
 

@@ -14,6 +14,23 @@ from modmoe.launch.slurm_time import parse_slurm_time
 _NAME = r"^[A-Za-z0-9_.+\-]+$"
 
 
+def check_slurm_time(value: str) -> str:
+    """Pydantic check of a Slurm time limit (one line naming the accepted forms)."""
+    try:
+        parse_slurm_time(value)
+    except ValueError as err:  # custom error type: no "Value error," prefix in the message
+        raise PydanticCustomError("slurm_time", str(err)) from None
+    return value.strip()
+
+
+def check_sbatch_options(value: list[str]) -> list[str]:
+    """Pydantic check of extra ``#SBATCH`` lines: options only, one line each."""
+    for arg in value:
+        if not arg.startswith("-") or "\n" in arg:
+            raise PydanticCustomError("sbatch_option", "each entry must be an sbatch option such as --account=NAME")
+    return value
+
+
 class SubmitConfig(ConfigModel):
     """A Slurm training job: the allocation, the launch settings and the training config."""
 
@@ -78,19 +95,12 @@ class SubmitConfig(ConfigModel):
     @field_validator("time")
     @classmethod
     def _time_format(cls, value: str) -> str:
-        try:
-            parse_slurm_time(value)
-        except ValueError as err:  # custom error type: no "Value error," prefix in the message
-            raise PydanticCustomError("slurm_time", str(err)) from None
-        return value.strip()
+        return check_slurm_time(value)
 
     @field_validator("sbatch_args")
     @classmethod
     def _options_only(cls, value: list[str]) -> list[str]:
-        for arg in value:
-            if not arg.startswith("-") or "\n" in arg:
-                raise PydanticCustomError("sbatch_option", "each entry must be an sbatch option such as --account=NAME")
-        return value
+        return check_sbatch_options(value)
 
     def check(self) -> SubmitConfig:
         """Checks that span fields (kept out of pydantic so the error stays one plain line)."""

@@ -45,6 +45,10 @@ class DepthRoutingConfig(ConfigModel):
     bce_loss_coef: float = Field(default=0.01, ge=0.0)
     """Weight of the BCE loss that teaches sigmoid(r) to predict top-k membership."""
 
+    bce_detach_input: bool = False
+    """Compute the BCE on the router applied to the detached residual stream, so it trains
+    only the router's weight; ``false``: its gradient also reaches the blocks below."""
+
     predictor: bool = False
     """Train the stop-gradient predictor MLP (required when causal_router = predictor)."""
 

@@ -39,6 +39,7 @@ class DepthRouter(nn.Module):
         super().__init__()
         d = cfg.depth
         self.capacity, self.weight_fn, self.causal_router = d.capacity, d.router_weight, d.causal_router
+        self.bce_detach_input = d.bce_detach_input
         self.proj = nn.Linear(cfg.dim, 1, bias=False)
         self.predictor = (
             nn.Sequential(nn.Linear(cfg.dim, d.predictor_hidden), nn.SiLU(), nn.Linear(d.predictor_hidden, 1))
@@ -53,7 +54,9 @@ class DepthRouter(nn.Module):
         topk_index = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k)
         topk_mask = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_index, True)
         target = topk_mask.float()
-        bce = F.binary_cross_entropy_with_logits(logits, target)
+        # Detached: the membership loss moves the router's weight only, never the trunk below.
+        bce_logits = self.proj(x.detach()).squeeze(-1).float() if self.bce_detach_input else logits  # (B, T)
+        bce = F.binary_cross_entropy_with_logits(bce_logits, target)
         predictor_loss, predictor_logits = None, None
         if self.predictor is not None:
             # Stop-gradient: the predictor learns from the trunk without changing it.

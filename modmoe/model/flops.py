@@ -50,7 +50,7 @@ def count_flops(cfg: ModelConfig, seq_len: int) -> FlopsReport:
         n = cfg.depth_capacity_tokens(T) if routed else T  # tokens entering the block
         frac = n / T
         if routed:
-            report.add("depth_router", 2 * D)
+            report.add("depth_router", 2 * D * (2 if cfg.depth.bce_detach_input else 1))  # + the BCE's own pass
             if cfg.depth.predictor:
                 report.add("depth_predictor", 2 * D * cfg.depth.predictor_hidden + 2 * cfg.depth.predictor_hidden)
         report.add("attention_proj", frac * attn_proj)

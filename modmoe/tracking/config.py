@@ -30,6 +30,11 @@ class TrackingConfig(ConfigModel):
     run_name: str | None = Field(default=None, min_length=1, max_length=250)
     """Display name of the run; ``None`` lets MLflow pick one."""
 
+    tags: dict[str, str] = {}
+    """Extra tags of the run (``modmoe sweep`` sets ``sweep``, ``budget``, ``variant``, ``size``,
+    ...), added to the ones modmoe sets itself (commit, engine, layout, host, Slurm job) and
+    refreshed on resume."""
+
     system_metrics: bool = False
     """Also log MLflow's system metrics (CPU, memory, disk, network; GPU when pynvml is
     installed) under ``system/…``, sampled with psutil."""

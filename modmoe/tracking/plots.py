@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 DPI = 100
 
 
-def _figure(size: tuple[float, float]) -> Figure:
+def new_figure(size: tuple[float, float]) -> Figure:
     # matplotlib is imported here, at the first plot: most processes that import the tracking
     # package never draw one.
     from matplotlib.figure import Figure
@@ -30,7 +30,7 @@ def _check_names(names: list[str], rows: int, what: str) -> None:
         raise ValueError(f"layer_names has {len(names)} entries but {what} has {rows} rows")
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(path)
@@ -54,7 +54,7 @@ def expert_load_heatmap(loads: np.ndarray, layer_names: list[str], path: str | P
         raise ValueError(f"loads must be a non-empty (layers, experts) array, got shape {loads.shape}")
     layers, experts = loads.shape
     _check_names(layer_names, layers, "loads")
-    fig = _figure(heatmap_size(layers, experts))
+    fig = new_figure(heatmap_size(layers, experts))
     ax = fig.add_subplot()
     image = ax.imshow(loads, aspect="auto", cmap="viridis", interpolation="nearest")  # (L, E)
     ax.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=8)
@@ -68,7 +68,7 @@ def expert_load_heatmap(loads: np.ndarray, layer_names: list[str], path: str | P
             ax.text(
                 j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > mid else "white"
             )
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _token_label(token: str, limit: int = 10) -> str:
@@ -96,7 +96,7 @@ def depth_routing_map(tokens: list[str], chosen: np.ndarray, layer_names: list[s
         raise ValueError(f"tokens has {len(tokens)} entries but chosen has {seq} columns")
     _check_names(layer_names, routed, "chosen")
     chosen = chosen.astype(bool)
-    fig = _figure(routing_map_size(routed, seq))
+    fig = new_figure(routing_map_size(routed, seq))
     ax = fig.add_subplot()
     ax.imshow(chosen, aspect="auto", cmap="Blues", vmin=0, vmax=1.25, interpolation="nearest")  # (R, T)
     ax.set_xticks(range(seq), [_token_label(t) for t in tokens], rotation=90, fontsize=7, fontfamily="monospace")
@@ -109,4 +109,4 @@ def depth_routing_map(tokens: list[str], chosen: np.ndarray, layer_names: list[s
     right.set_yticks(range(routed), [f"{f:.0%}" for f in chosen.mean(axis=1)], fontsize=7)
     right.set_ylabel("fraction chosen", fontsize=8)
     ax.set_title("tokens chosen by each routed block (dark = enters the block)", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)

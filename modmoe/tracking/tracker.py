@@ -63,7 +63,7 @@ class MlflowTracker:
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, self.run_dir)
         self.spool_file = spool.spool_path(self.run_dir)
         self._client = make_client(self.tracking_uri, cfg.http_timeout_s)
-        tags = {k: str(v) for k, v in (tags or {}).items()}
+        tags = {k: str(v) for k, v in {**(tags or {}), **cfg.tags}.items()}
         for key in tags:
             records.check_key(key, "tag")
 

@@ -94,6 +94,10 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
 
 def _check_model(m: ModelConfig, g: MegatronConfig) -> None:
     d, e = m.depth, m.moe
+    if d.enabled and d.bce_detach_input:
+        raise field_error(
+            "model.depth.bce_detach_input", True, "must be false with the megatron engine (native engine only)"
+        )
     if d.enabled and d.variant == "integrated":
         raise field_error(
             "model.depth.variant",

@@ -209,6 +209,7 @@ def test_layout_optimizer_fp8_recompute_and_model_kwargs():
 
 REJECTED = {
     "integrated": ({"depth": {"variant": "integrated", "noop_experts": 2}}, {}, {}, 1, "model.depth.variant"),
+    "bce_detach_input": ({"depth": {"bce_detach_input": True}}, {}, {}, 1, "model.depth.bce_detach_input"),
     "capacity_factor": ({"moe": {"capacity_factor": 1.25}}, {}, {}, 1, "model.moe.capacity_factor"),
     "sigmoid_top1": ({"moe": {"top_k": 1, "score": "sigmoid"}}, {}, {}, 1, "model.moe.top_k"),
     "softmax_top1_normalized": ({"moe": {"top_k": 1}}, {}, {}, 1, "model.moe.normalize_top_k"),

@@ -143,6 +143,18 @@ def test_predictor_is_stop_gradient():
     assert all(b.router.predictor[0].weight.grad.abs().sum() > 0 for b in routed_blocks(model))
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_bce_reaches_the_trunk_unless_detached(detach):
+    torch.manual_seed(3)
+    model = MoDETransformer(small_cfg(bce_detach_input=detach))
+    out = model(torch.randint(0, 97, (2, 32)))
+    bce = sum(a.depth.bce_loss for a in out.layers if a.depth is not None)
+    bce.backward()
+    trunk = model.tok_embeddings.weight.grad
+    assert (trunk is not None and trunk.abs().sum() > 0) is not detach
+    assert all(b.router.proj.weight.grad.abs().sum() > 0 for b in routed_blocks(model))
+
+
 def test_sigmoid_router_weight_scales_by_sigmoid():
     torch.manual_seed(3)
     model = MoDETransformer(small_cfg(router_weight="sigmoid"))

@@ -1,0 +1,210 @@
+"""A sweep's points: one training config per (budget, size, variant, learning rate), trained to
+the budget's executed training FLOPs, and where each stands (new, interrupted, finished).
+
+The run directory is the contract with the trainer (``modmoe train``): it writes
+``config.yaml`` when it starts, ``metrics.jsonl`` as it goes, checkpoints, and ``COMPLETED`` when
+the last step is done; ``--resume auto`` continues from the newest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from modmoe.config import JobConfig, read_config_file, set_dotted
+from modmoe.config_base import ConfigError, validate_config
+from modmoe.model.flops import count_flops
+from modmoe.sweep.spec import SweepSpec
+
+COMPLETED = "COMPLETED"  # written by the trainer after its last step
+RECORDED_CONFIG = "config.yaml"  # written by the trainer when it starts
+# Parts of a config that do not change what a run computes: a recorded run still counts as this
+# point when only these differ (a new MLflow server, another checkpoint interval, no progress bar).
+_NOT_COMPARED = (("logging",), ("checkpoint",), ("trainer", "progress_bar"))
+
+State = Literal["new", "interrupted", "finished"]
+
+
+class SweepError(ConfigError):
+    """A sweep problem (bad budget, a run directory that belongs to another config, ...): one line."""
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int
+    name: str
+    budget: float
+    size: str
+    variant: str
+    lr: float
+    config: JobConfig
+    flops_per_token: float  # executed training FLOPs per token (3 x forward)
+    tokens_per_step: int
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.trainer.max_steps
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.flops_per_token * self.tokens_per_step
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.trainer.run_dir)
+
+    @property
+    def executed_flops(self) -> float:
+        """Training FLOPs of all ``max_steps`` steps (<= budget, within one step of it)."""
+        return self.max_steps * self.flops_per_step
+
+
+def budget_label(budget: float) -> str:
+    """``5e12``, ``1.5e13``: the budget in point names and tags."""
+    mantissa, exponent = f"{budget:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def steps_for_budget(budget: float, flops_per_step: float) -> int:
+    """Whole optimizer steps the budget pays for: executed <= budget < executed + one step."""
+    # The tolerance keeps float rounding (0.3 / 0.1 = 2.9999999999999996) from costing a step.
+    return math.floor(budget / flops_per_step * (1 + 1e-9))
+
+
+def tracking_uri(spec: SweepSpec) -> str:
+    return spec.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{spec.sweep_dir() / 'mlflow.db'}"
+
+
+def expand(spec: SweepSpec) -> list[Point]:
+    """Every point of the sweep, in a fixed order (budget, size, variant, learning rate); raises
+    :class:`ConfigError` naming the point and field for any config or budget problem."""
+    base = read_config_file(spec.base_config)
+    lrs = spec.learning_rates
+    uri = tracking_uri(spec)
+    points: list[Point] = []
+    for budget in spec.budgets:
+        for size in spec.sizes:
+            for variant in spec.variants:
+                for lr in lrs or [None]:
+                    name = f"{budget_label(budget)}_{size.name}_{variant.name}" + (f"_lr{lr:g}" if lrs else "")
+                    data = copy.deepcopy(base)
+                    for where, overrides in (
+                        ("overrides", spec.overrides),
+                        (f"sizes.{size.name}.overrides", size.overrides),
+                        (f"variants.{variant.name}.overrides", variant.overrides),
+                    ):
+                        for key, value in overrides.items():
+                            set_dotted(data, key, value, source=f"sweep {where}.{key}")
+                    if lr is not None:
+                        set_dotted(data, "optimizer.lr", lr)
+                    points.append(_resolve(spec, len(points), name, budget, size.name, variant.name, data, uri))
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise SweepError("sweep error: budgets: two budgets share a name at 4 significant digits; space them further")
+    return points
+
+
+def _resolve(
+    spec: SweepSpec, index: int, name: str, budget: float, size: str, variant: str, data: dict, uri: str
+) -> Point:
+    def validated(what: str) -> JobConfig:
+        try:
+            return validate_config(JobConfig, data)
+        except ConfigError as err:
+            raise SweepError(f"sweep point {name}{what}: {err}") from None
+
+    probe = validated("")
+    flops_per_token = count_flops(probe.model, probe.data.seq_len).training_per_token
+    tokens_per_step = probe.trainer.global_batch_size * probe.data.seq_len
+    steps = steps_for_budget(budget, flops_per_token * tokens_per_step)
+    if steps < spec.schedule.min_steps:
+        raise SweepError(
+            f"sweep error: budgets: {budget:g} FLOPs buy point {name} only {steps} step(s) of "
+            f"{flops_per_token * tokens_per_step:.3g} FLOPs (schedule.min_steps = {spec.schedule.min_steps})"
+        )
+    rule = spec.schedule
+    owned = {
+        "trainer.max_steps": steps,
+        "optimizer.warmup_steps": round(rule.warmup_fraction * steps),
+        "trainer.eval_every": math.ceil(steps / rule.evaluations) if rule.evaluations > 1 else 0,
+        "trainer.run_dir": str(spec.sweep_dir() / name),
+        "logging.mlflow.experiment": spec.name,
+        "logging.mlflow.run_name": name,
+        "logging.mlflow.tracking_uri": uri,
+        "logging.mlflow.tags": {
+            "sweep": spec.name,
+            "sweep_point": name,
+            "budget": f"{budget:.6g}",
+            "variant": variant,
+            "size": size,
+            "lr": f"{probe.optimizer.lr:g}",
+            "max_steps": str(steps),
+        },
+    }
+    for key, value in owned.items():
+        set_dotted(data, key, value)
+    cfg = validated(" (with the sweep's budget and schedule)")
+    return Point(index, name, budget, size, variant, cfg.optimizer.lr, cfg, flops_per_token, tokens_per_step)
+
+
+def find_point(points: list[Point], key: str) -> Point:
+    """A point by index (a Slurm array task id) or by name."""
+    if key.isdigit() and int(key) < len(points):
+        return points[int(key)]
+    for p in points:
+        if p.name == key:
+            return p
+    raise SweepError(
+        f"sweep error: --point {key}: no such point (0..{len(points) - 1} or a name such as {points[0].name})"
+    )
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(config)
+    for path in _NOT_COMPARED:
+        node = out
+        for part in path[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+            if found:
+                return found
+        return None
+    return None if a == b else (prefix, a, b)
+
+
+def state(point: Point) -> State:
+    """``finished`` (COMPLETED, and the recorded config is this point's), ``interrupted``
+    (started with this config, not finished: the trainer resumes it from its newest
+    checkpoint), or ``new``. A run directory holding another config is an error: the sweep
+    never trains over a run it cannot account for, and never deletes one."""
+    recorded_file = point.run_dir / RECORDED_CONFIG
+    if not recorded_file.is_file():
+        return "new"
+    try:
+        recorded = yaml.safe_load(recorded_file.read_text())
+    except yaml.YAMLError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise SweepError(f"sweep error: {recorded_file}: not a readable config; move the run directory away")
+    diff = first_difference(comparable(recorded), comparable(point.config.model_dump(mode="json")))
+    if diff is not None:
+        key, theirs, ours = diff
+        raise SweepError(
+            f"sweep error: point {point.name}: {point.run_dir} holds a run with {key} = {theirs!r}, the spec "
+            f"gives {ours!r}; move that directory away or change runs_root"
+        )
+    return "finished" if (point.run_dir / COMPLETED).is_file() else "interrupted"
