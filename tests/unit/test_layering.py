@@ -119,6 +119,12 @@ def test_model_and_parallel_import_nothing_from_train_or_above():
             assert not target.startswith(above), (source, target)
 
 
+def test_sweep_drives_training_only_through_the_command_line():
+    for source, target in imports():
+        if source.startswith("modmoe.sweep"):
+            assert not target.startswith(("modmoe.train", "modmoe.engines", "modmoe.parallel")), (source, target)
+
+
 def test_config_sections_import_only_the_config_layer_and_leaf_modules():
     leaves = leaf_modules()
     for source, target in imports():
