@@ -14,9 +14,7 @@ def _fail(msg: str) -> typer.Exit:
 
 
 def sweep_command(
-    spec_path: Annotated[
-        Path, typer.Argument(help="Sweep spec (YAML); fields in modmoe/sweep/spec.py")
-    ],
+    spec_path: Annotated[Path, typer.Argument(help="Sweep spec (YAML); fields in modmoe/sweep/spec.py")],
     point: Annotated[
         str | None, typer.Option(help="Train only this point (index or name): what each Slurm array task runs")
     ] = None,

@@ -193,6 +193,10 @@ def state(point: Point) -> State:
     never trains over a run it cannot account for, and never deletes one."""
     recorded_file = point.run_dir / RECORDED_CONFIG
     if not recorded_file.is_file():
+        if (point.run_dir / COMPLETED).exists():
+            raise SweepError(
+                f"sweep error: point {point.name}: {point.run_dir} says COMPLETED but records no config; move it away"
+            )
         return "new"
     try:
         recorded = yaml.safe_load(recorded_file.read_text())

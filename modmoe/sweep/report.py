@@ -30,6 +30,7 @@ class PointResult:
     loss_causal: float | None = None
     causal_agreement: float | None = None
     wall_s: float = 0.0  # all attempts, as measured around `modmoe train`
+    cpu_s: float | None = None  # CPU time of all attempts (None when an attempt did not record it)
     step_time_s: float = 0.0  # sum of the trainer's step times (training only)
 
     @property
@@ -58,6 +59,7 @@ class PointResult:
             "loss_causal": self.loss_causal,
             "causal_agreement": self.causal_agreement,
             "wall_s": round(self.wall_s, 1),
+            "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 1),
             "step_time_s": round(self.step_time_s, 1),
             "status": self.status,
         }
@@ -68,7 +70,9 @@ def read_result(point: Point) -> PointResult:
         status: State | str = state(point)
     except SweepError:
         return PointResult(point, "conflict")
-    result = PointResult(point, status, wall_s=sum(a.get("wall_s", 0.0) for a in attempts(point)))
+    tries = attempts(point)
+    cpu = None if not tries or any("cpu_s" not in a for a in tries) else sum(a["cpu_s"] for a in tries)
+    result = PointResult(point, status, wall_s=sum(a.get("wall_s", 0.0) for a in tries), cpu_s=cpu)
     metrics = point.run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return result
@@ -161,15 +165,15 @@ def markdown(spec: SweepSpec, summary: list[dict[str, Any]], rows: list[dict[str
         "## Every point",
         "",
         "| point | params (active) | MFLOP/token | steps | budget used | loss top-k | loss causal | agreement | "
-        "wall s | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "wall s | CPU s | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['point']} | {r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M) | "
             f"{r['train_flops_per_token'] / 1e6:.2f} | {r['steps']}/{r['max_steps']} | {r['budget_used']:.4f} | "
             f"{_fmt(r['loss_topk'])} | {_fmt(r['loss_causal'])} | {_fmt(r['causal_agreement'], 3)} | "
-            f"{r['wall_s']:.0f} | {r['status']} |"
+            f"{r['wall_s']:.0f} | {_fmt(r['cpu_s'], 0)} | {r['status']} |"
         )
     return "\n".join(out) + "\n"
 

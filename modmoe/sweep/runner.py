@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -57,7 +58,7 @@ def run_point(spec: SweepSpec, point: Point, echo: Callable[[str], None] = print
         f"({point.flops_per_token / 1e6:.2f} MFLOP/token x {point.tokens_per_step} tokens/step, budget "
         f"{point.budget:.3g} FLOPs); log {run_dir / TRAIN_LOG}"
     )
-    started, t0 = time.time(), time.perf_counter()
+    started, t0, cpu0 = time.time(), time.perf_counter(), _children_cpu_s()
     with (run_dir / TRAIN_LOG).open("a") as log:
         proc = subprocess.Popen(
             train_command(config_path), env=point_env(spec), stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd()
@@ -77,11 +78,12 @@ def run_point(spec: SweepSpec, point: Point, echo: Callable[[str], None] = print
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    wall_s = time.perf_counter() - t0
+    wall_s, cpu_s = time.perf_counter() - t0, _children_cpu_s() - cpu0
     finished = (run_dir / COMPLETED).is_file()
     record = {
         "started": started,
         "wall_s": round(wall_s, 3),
+        "cpu_s": round(cpu_s, 3),  # user + system CPU time of the trainer: wall time on a quiet machine
         "returncode": returncode,
         "finished": finished,
         "resumed": before == "interrupted",
@@ -90,8 +92,15 @@ def run_point(spec: SweepSpec, point: Point, echo: Callable[[str], None] = print
     }
     with (run_dir / ATTEMPTS).open("a") as f:
         f.write(json.dumps(record) + "\n")
-    echo(f"{point.name}: {'finished' if finished else f'not finished (exit {returncode})'} after {wall_s:.1f} s")
+    outcome = "finished" if finished else f"not finished (exit {returncode})"
+    echo(f"{point.name}: {outcome} after {wall_s:.1f} s ({cpu_s:.1f} s of CPU)")
     return 0 if finished else (returncode or 1)
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def attempts(point: Point) -> list[dict]:

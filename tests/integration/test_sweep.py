@@ -76,7 +76,8 @@ def test_sweep_trains_resumes_skips_and_reports(tmp_path: Path, small_data_dir: 
     rows = {r["point"]: r for r in results["points"]}
     assert rows["2e10_base_mode"]["steps"] == 45 and rows["2e10_base_mode"]["status"] == "finished"
     assert rows["2e10_base_mode"]["loss_topk"] == read_metrics(mode_dir)[-1]["eval/loss_topk"]
-    assert rows["2e10_base_mode"]["wall_s"] > 0 and rows["2e10_base_mode"]["budget_used"] <= 1.0
+    assert rows["2e10_base_mode"]["wall_s"] > rows["2e10_base_mode"]["cpu_s"] / 2 > 0  # both attempts counted
+    assert rows["2e10_base_mode"]["budget_used"] <= 1.0
     assert {r["variant"] for r in results["summary"]} == {"moe", "mode"}
     assert "| 2e+10 | mode |" in (sweep_dir / "sweep.md").read_text()
     assert (sweep_dir / "points.csv").read_text().startswith("point,budget,size,variant,lr,")

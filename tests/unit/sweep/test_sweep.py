@@ -88,8 +88,12 @@ def test_bad_specs_give_one_line_naming_the_field(tmp_path: Path, fields: dict, 
 
 
 def test_point_states_and_a_run_directory_of_another_config(tmp_path: Path) -> None:
-    point = expand(_spec(tmp_path))[0]
+    point, other = expand(_spec(tmp_path))
     assert state(point) == "new"
+    other.run_dir.mkdir(parents=True)
+    (other.run_dir / "COMPLETED").write_text("{}")
+    with pytest.raises(SweepError, match="records no config"):
+        state(other)
     point.run_dir.mkdir(parents=True)
     recorded = point.config.model_dump(mode="json")
     recorded["logging"]["mlflow"]["tracking_uri"] = "http://elsewhere:5000"  # where metrics go is not compared
