@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from modmoe.config import JobConfig, read_config_file, set_dotted
 from modmoe.config_base import ConfigError, validate_config
 from modmoe.model.flops import count_flops
@@ -199,8 +197,8 @@ def state(point: Point) -> State:
             )
         return "new"
     try:
-        recorded = yaml.safe_load(recorded_file.read_text())
-    except yaml.YAMLError:
+        recorded = read_config_file(recorded_file)  # bounded YAML, as every config is read
+    except ConfigError:
         recorded = None
     if not isinstance(recorded, dict):
         raise SweepError(f"sweep error: {recorded_file}: not a readable config; move the run directory away")

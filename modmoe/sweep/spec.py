@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from modmoe.config import read_config_file
 from modmoe.config_base import ConfigError, ConfigModel, field_error, validate_config
 from modmoe.launch.config import check_sbatch_options, check_slurm_time
 
@@ -197,13 +197,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep error: spec file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep error: {p} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"sweep error: {p} must hold a mapping, got {type(data).__name__}")
-    spec = validate_config(SweepSpec, data)
+    spec = validate_config(SweepSpec, read_config_file(p))  # bounded YAML, a mapping
     base = spec.base_config if spec.base_config.is_absolute() else p.resolve().parent / spec.base_config
     if not base.is_file():
         raise field_error("base_config", str(spec.base_config), f"no such file ({base})")
