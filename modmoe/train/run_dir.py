@@ -2,7 +2,8 @@
 
 A run writes, truncates (``metrics.jsonl`` after a resume) and cleans (interrupted saves, old
 checkpoints) inside ``trainer.run_dir``. It does so only when the directory is new or empty
-(but for what modmoe's Slurm launcher puts there first: ``logs/``, ``STOP``), or carries
+(but for what modmoe's launchers put there first: the Slurm launcher's ``logs/`` and ``STOP``,
+``modmoe sweep``'s point config, log and attempt record), or carries
 modmoe's marker file :data:`MARKER` (written when a run claims the directory). Anything
 else, a home directory given by mistake, a file, someone else's data, is refused in one line
 naming the path, before any work.
@@ -29,9 +30,11 @@ MARKER = ".modmoe-run"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 # What may be there before a run first claims the directory: the Slurm launcher's logs and stop
-# file (launch/train.sbatch creates RUN_DIR/logs before the trainer starts), a lock, a marker
-# being written.
-LAUNCHER_ENTRIES = frozenset({"logs", "STOP", ".modmoe.lock", f"{MARKER}.tmp"})
+# file (launch/train.sbatch creates RUN_DIR/logs before the trainer starts), what `modmoe sweep`
+# writes before it starts a point's trainer (modmoe/sweep/runner.py: POINT_CONFIG, TRAIN_LOG,
+# ATTEMPTS), a lock, a marker being written.
+SWEEP_ENTRIES = frozenset({"sweep-point.yaml", "train.log", "sweep-attempts.jsonl"})
+LAUNCHER_ENTRIES = frozenset({"logs", "STOP", ".modmoe.lock", f"{MARKER}.tmp"}) | SWEEP_ENTRIES
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -15,7 +15,9 @@ from modmoe.model.flops import count_flops
 from modmoe.sweep import SweepError, expand, load_spec, state
 from modmoe.sweep.points import budget_label, steps_for_budget
 from modmoe.sweep.report import PointResult, markdown, summarize
+from modmoe.sweep.runner import ATTEMPTS, POINT_CONFIG, TRAIN_LOG
 from modmoe.sweep.slurm import array_indices, render_array, render_report
+from modmoe.train.run_dir import LAUNCHER_ENTRIES, check_run_dir
 
 
 def _spec(tmp_path: Path, **fields):
@@ -105,6 +107,15 @@ def test_point_states_and_a_run_directory_of_another_config(tmp_path: Path) -> N
     (point.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
     with pytest.raises(SweepError, match=r"model\.dim = 96, the spec gives 64"):
         state(point)
+
+
+def test_the_trainer_accepts_what_the_sweep_writes_before_a_point_starts(tmp_path: Path) -> None:
+    # A point's first attempt finds its run directory holding the sweep's own files; the trainer's
+    # run-directory guard must take that for an unclaimed directory, not someone else's data.
+    assert {POINT_CONFIG, TRAIN_LOG, ATTEMPTS} <= LAUNCHER_ENTRIES
+    for name in (POINT_CONFIG, TRAIN_LOG, ATTEMPTS):
+        (tmp_path / name).write_text("")
+    assert check_run_dir(tmp_path) == "empty"
 
 
 def test_slurm_array_script_runs_each_unfinished_point(tmp_path: Path) -> None:
