@@ -174,6 +174,16 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with the current defaults filled in for the keys it lacks: a run written
+    by an earlier modmoe, before a key existed, ran with what that key's default now means. One
+    that no longer validates is compared as it is, so the difference names the key."""
+    try:
+        return validate_config(JobConfig, copy.deepcopy(recorded)).model_dump(mode="json")
+    except ConfigError:
+        return recorded
+
+
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -202,7 +212,7 @@ def state(point: Point) -> State:
         recorded = None
     if not isinstance(recorded, dict):
         raise SweepError(f"sweep error: {recorded_file}: not a readable config; move the run directory away")
-    diff = first_difference(comparable(recorded), comparable(point.config.model_dump(mode="json")))
+    diff = first_difference(comparable(with_defaults(recorded)), comparable(point.config.model_dump(mode="json")))
     if diff is not None:
         key, theirs, ours = diff
         raise SweepError(

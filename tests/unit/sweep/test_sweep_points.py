@@ -103,6 +103,9 @@ def test_point_states_and_a_run_directory_of_another_config(tmp_path: Path) -> N
     assert state(point) == "interrupted"
     (point.run_dir / "COMPLETED").write_text(json.dumps({"step": point.max_steps}))
     assert state(point) == "finished"
+    del recorded["parallel"]["setup_timeout_s"]  # a run from before the key existed: its default
+    (point.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert state(point) == "finished"
     recorded["model"]["dim"] = 96
     (point.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
     with pytest.raises(SweepError, match=r"model\.dim = 96, the spec gives 64"):
