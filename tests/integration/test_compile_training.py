@@ -9,9 +9,11 @@ Backends and tolerances. ``aot_eager`` traces forward and backward exactly as in
 (the same graph breaks, the same ``fullgraph`` checks) and runs the eager kernels, so it must
 reproduce eager to rounding: losses, gradient norms and eval losses within 1e-6 relative
 (observed: bit-identical). Inductor generates its own fused kernels, whose sums run in another
-order; its compile takes minutes on this CPU, so its test is ``slow``: losses within 1e-4
-relative and gradient norms within 5e-3 (observed 1.5e-5 and 1.2e-3 after 4 steps of the
-4-block model: Adam amplifies rounding in elements with tiny gradients).
+order; its compile takes minutes on this CPU, so its test is ``slow``: the first step (same
+weights) within 1e-5 relative, later steps' losses within 1e-3 and gradient norms within 5e-3.
+Adam amplifies rounding in elements with tiny gradients, so the gap grows step by step:
+observed 1.5e-5 and 1.2e-3 after 4 steps of the 4-block model; 2e-7, 3e-5 and 1.4e-4 (loss) at
+steps 1-3 of this model on the data pipeline's batches (2026-12-02).
 """
 
 from __future__ import annotations
@@ -90,4 +92,7 @@ def test_compiled_training_matches_eager(name, eager, small_data_dir, tmp_path):
 @pytest.mark.slow
 def test_inductor_compiled_training_matches_eager(eager, small_data_dir, tmp_path):
     run = train(small_data_dir, tmp_path / "inductor", 1, "trainer.compile=blocks")
-    assert_close_training(eager(1), run, loss_rel=1e-4, norm_rel=5e-3)
+    ref = eager(1)
+    for key in ("loss", "grad_norm"):  # the same weights: only the kernels differ
+        assert run[0][key] == pytest.approx(ref[0][key], rel=1e-5), key
+    assert_close_training(ref, run, loss_rel=1e-3, norm_rel=5e-3)
