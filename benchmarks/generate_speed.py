@@ -31,22 +31,19 @@ sys.path.insert(0, str(REPO))
 
 from modmoe.config import load_config  # noqa: E402
 from modmoe.export import export_checkpoint  # noqa: E402
-from modmoe.inference.core import CoreConfig, MoDEDecoder  # noqa: E402
 from modmoe.inference.evaluate import evaluate, load_validation  # noqa: E402
 from modmoe.inference.generate import Generator  # noqa: E402
 from modmoe.inference.loading import LoadedModel, load_exported  # noqa: E402
 from modmoe.inference.sampling import SamplingConfig  # noqa: E402
-from modmoe.model import ModelConfig, MoDETransformer  # noqa: E402
+from modmoe.model import MoDETransformer  # noqa: E402
+from modmoe.model_config import ModelConfig  # noqa: E402
 
 
 def build(cfg: ModelConfig, device: str, seed: int) -> LoadedModel:
-    """A random model initialized as training initializes it, as the runtime's decoder."""
+    """A random model initialized as training initializes it (the runtime runs the same class)."""
     torch.manual_seed(seed)
-    native = MoDETransformer(cfg)
-    model = MoDEDecoder(CoreConfig.from_dict(cfg.model_dump(mode="json")))
-    model.load_state_dict(native.state_dict())
-    del native
-    return LoadedModel(Path("."), model.to(device).eval(), cfg, {}, None, None)
+    model = MoDETransformer(cfg)
+    return LoadedModel(Path("."), model.to(device).eval(), cfg.to_args(), {}, None, None)
 
 
 @torch.no_grad()
@@ -60,13 +57,20 @@ def calibrate_entry(gen: Generator, prompt_len: int, new_tokens: int) -> None:
         if block.router is None:
             continue
         seen: list[torch.Tensor] = []
-        hook = block.router.register_forward_hook(
-            lambda mod, args, out: seen.append(args[0]) if args[0].shape[1] == 1 else None
-        )
+        router_logits = block.router.logits
+
+        def recording(x: torch.Tensor, router_logits=router_logits, seen=seen) -> torch.Tensor:
+            if x.dim() == 3 and x.shape[1] == 1:  # a decode step's states
+                seen.append(x)
+            return router_logits(x)
+
+        block.router.logits = recording
         prompts = torch.randint(2, vocab, (16, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
-        for _ in gen.stream_ids(prompts, sampling(new_tokens, 1)):
-            pass
-        hook.remove()
+        try:
+            for _ in gen.stream_ids(prompts, sampling(new_tokens, 1)):
+                pass
+        finally:
+            del block.router.logits  # back to the method
         pred = block.router.predictor
         x = torch.cat(seen).float().flatten(0, 1)  # (steps * rows, D)
         logits = pred[2](pred[1](pred[0](x))).flatten()  # with the current bias

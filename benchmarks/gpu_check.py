@@ -114,7 +114,7 @@ def autocast(device: torch.device, enabled: bool = True):
 def training_step(model, tokens, bf16: bool):
     with autocast(tokens.device, bf16):
         out = model(tokens, tokens)
-    (out.loss + out.aux_loss).backward()
+    (out.loss + out.aux_total).backward()
     return out.loss.detach().float()
 
 

@@ -32,9 +32,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from modmoe.config import load_config
-from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model import MoDETransformer
 from modmoe.model.flops import count_flops
 from modmoe.model.moe import GroupedExperts
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.compile import apply_compile
 
 
@@ -73,7 +74,7 @@ def alternate(models: dict, tokens: dict, reps: int) -> dict[str, list[float]]:
 def step(model: torch.nn.Module, tokens: torch.Tensor) -> float:
     t0 = time.perf_counter()
     out = model(tokens, tokens)
-    (out.loss + out.aux_loss).backward()
+    (out.loss + out.aux_total).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 

@@ -13,7 +13,7 @@ from modmoe.config_base import ConfigError, ConfigModel, validate_config
 from modmoe.config_yaml import MAX_BYTES, MAX_DEPTH, parse_yaml
 from modmoe.data.config import DataConfig
 from modmoe.engines.megatron.config import MegatronConfig
-from modmoe.model.config import ModelConfig
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 from modmoe.tracking.config import TrackingConfig
 from modmoe.train.config import OptimizerConfig, TrainerConfig

@@ -29,11 +29,12 @@ from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, PAD, load_tokenizer
 from modmoe.export.source import CheckpointSource, ExportError, TensorSpec, open_checkpoint
 from modmoe.inference import export_format as layout
-from modmoe.inference.core import CoreConfig, MoDEDecoder
-from modmoe.model.config import ModelConfig
+from modmoe.model import ModelArgs, MoDETransformer
+from modmoe.model_config import ModelConfig
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 TEMPLATE_DIR = Path(__file__).parent / "hf_template"  # the transformers wrapper shipped in each export
+MODEL_DIR = Path(__file__).parents[1] / "model"  # the model package, copied file by file
 
 
 @dataclass
@@ -54,18 +55,18 @@ def _out_dtype(spec: TensorSpec, target: torch.dtype) -> torch.dtype:
     return torch.float32 if layout.keeps_fp32(spec.name) else target
 
 
-def _model_config(source: CheckpointSource) -> tuple[ModelConfig, CoreConfig]:
+def _model_config(source: CheckpointSource) -> tuple[ModelConfig, ModelArgs]:
     model = source.model_config()
     try:
-        return model, CoreConfig.from_dict(model.model_dump(mode="json"))
+        return model, model.to_args()
     except (ConfigError, ValueError) as err:
         raise ExportError(f"{source.path}/manifest.json: {err}") from None
 
 
-def _match_tensors(source: CheckpointSource, core: CoreConfig) -> tuple[list[TensorSpec], list[str]]:
-    """The checkpoint tensors inference needs, in the model's order, and the unused keys."""
+def _match_tensors(source: CheckpointSource, args: ModelArgs) -> tuple[list[TensorSpec], list[str]]:
+    """The checkpoint tensors the model needs, in the model's order, and the unused keys."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MoDEDecoder(core).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in MoDETransformer(args).state_dict().items()}
     available = {s.name: s for s in source.tensors}
     specs = []
     for name, shape in expected.items():
@@ -141,8 +142,8 @@ def export_checkpoint(
         raise ExportError(f"--out {out}: exists; choose a new directory or pass --overwrite")
     src = open_checkpoint(source)
     log(f"export: reading {src.path} (step {src.manifest.step}, written by {src.manifest.world_size} rank(s))")
-    model_cfg, core_cfg = _model_config(src)
-    specs, dropped = _match_tensors(src, core_cfg)
+    model_cfg, args = _model_config(src)
+    specs, dropped = _match_tensors(src, args)
     tok_path = _find_tokenizer(src, tokenizer)
     try:
         tok = load_tokenizer(tok_path)
@@ -213,8 +214,8 @@ def export_checkpoint(
         )
         for name in layout.TEMPLATE_FILES:
             shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
-        shutil.copyfile(Path(__file__).parents[1] / "inference" / "core.py", tmp / layout.CORE_NAME)
-        shutil.copyfile(Path(__file__).parents[1] / "model" / "rules.py", tmp / layout.RULES_NAME)
+        for name in layout.MODEL_FILES:
+            shutil.copyfile(MODEL_DIR / name, tmp / name)
         files = {
             p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
         }

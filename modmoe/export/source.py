@@ -31,7 +31,7 @@ from modmoe.checkpoint.reader import TensorSpec, load_tensor_groups, model_tenso
 from modmoe.config_base import ConfigError, validate_config
 from modmoe.config_yaml import parse_yaml
 from modmoe.errors import UserError
-from modmoe.model.config import ModelConfig
+from modmoe.model_config import ModelConfig
 
 log = logging.getLogger("modmoe.export")
 

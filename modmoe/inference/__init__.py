@@ -1,8 +1,9 @@
-"""Inference runtime: causal MoDE generation with a ragged KV cache (no transformers needed).
+"""Inference runtime: what is specific to generation and evaluation, around the one model
+(``modmoe.model``, which also computes causal routing over its ragged KV cache).
 
-``core`` holds the model for inference (torch only; it is also shipped inside every export),
-``loading`` opens an export directory, ``generate`` runs batched, streamed generation,
-``evaluate`` compares top-k and causal routing on validation data.
+``loading`` opens an export directory, ``generate`` runs the batched, streamed decode loop,
+``sampling`` picks tokens, ``evaluate`` compares top-k and causal routing on validation data,
+``flops`` counts what generation executed.
 """
 
 from modmoe.inference.evaluate import EvalResult, evaluate, load_validation

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from modmoe.checkpoint.fsutil import sha256_file
 from modmoe.data import DataError, PreparedData, validation_batches
 from modmoe.inference import export_format as layout
-from modmoe.inference.core import Trace
+from modmoe.inference.flops import trace_of_sequences
 from modmoe.inference.loading import InferenceError, LoadedModel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -90,15 +90,16 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(loaded: LoadedModel, batches: list[Batch], causal_router: str | None = None) -> EvalResult:
     model, device = loaded.model, loaded.device
+    use_predictor = model.uses_predictor(causal_router)
     topk_losses, causal_losses = [], []
     agree: dict[int, int] = {}
     entered: dict[int, int] = {}
     tokens = 0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
-        trace = Trace()
-        topk_losses.append(_loss(model.run_topk(inputs, causal_router=causal_router, trace=trace), targets))
-        for lt in trace.layers:
+        output = model(inputs, routing="topk")
+        topk_losses.append(_loss(output.logits, targets))
+        for lt in trace_of_sequences(output, inputs.shape[1], use_predictor).layers:
             if lt.topk is not None:
                 agree[lt.layer] = agree.get(lt.layer, 0) + int((lt.enter == lt.topk).sum())
                 entered[lt.layer] = entered.get(lt.layer, 0) + int(lt.enter.sum())

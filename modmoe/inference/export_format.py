@@ -8,7 +8,8 @@ An export is a Hugging Face style directory::
     model.safetensors.index.json     (sharded only) tensor -> shard file
     tokenizer.json                   the run's byte-level BPE
     tokenizer_config.json, special_tokens_map.json
-    configuration_modmoe.py, modeling_modmoe.py, modmoe_core.py    the self-contained model code
+    configuration_modmoe.py, modeling_modmoe.py    the transformers classes (trust_remote_code)
+    args.py, transformer.py, block.py, ...         modmoe/model's files, copied: the model code itself
     modmoe_export.json               size and sha256 of every file above (modmoe checks sizes on load)
 """
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 EXPORT_FORMAT = "modmoe-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the model package's own files replace modmoe_core.py and modmoe_rules.py
+READABLE_VERSIONS = (1, 2)  # the weights and the config record are the same in both
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -26,12 +28,24 @@ TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 SPECIAL_TOKENS_NAME = "special_tokens_map.json"
 RECORD_NAME = "modmoe_export.json"
-CORE_NAME = "modmoe_core.py"
-RULES_NAME = "modmoe_rules.py"  # the routing rules the core imports (modmoe/model/rules.py)
 TEMPLATE_FILES = ("configuration_modmoe.py", "modeling_modmoe.py")  # modmoe/export/hf_template
+# modmoe/model's files that the decoder imports (relative imports, torch only), copied verbatim.
+MODEL_FILES = (
+    "args.py",
+    "attention.py",
+    "block.py",
+    "depth_router.py",
+    "grouped_gemm.py",
+    "kv_cache.py",
+    "layers.py",
+    "moe.py",
+    "routing.py",
+    "trace.py",
+    "transformer.py",
+)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Small tensors that make discrete routing choices stay float32 in every export dtype.
-_FP32_SUFFIXES = ("router.proj.weight", "mlp.gate.weight", "expert_bias")
+_FP32_SUFFIXES = ("router.proj.weight", "mlp.gate.weight", "mlp.shared_gate.weight", "expert_bias")
 _FP32_PARTS = (".router.predictor.",)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modmoe.inference.core import Trace
-from modmoe.model.config import ModelConfig
+from modmoe.model import ModelArgs, ModelOutput
+from modmoe.model.trace import LayerTrace, Trace
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,14 @@ class UnitCosts:
     moe_router: dict[int, float]  # per token, by layer (no-op experts widen the gate)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> UnitCosts:
+    def from_config(cls, cfg: ModelArgs) -> UnitCosts:
         D, hd, m, d = cfg.dim, cfg.head_dim, cfg.moe, cfg.depth
         return cls(
-            attn_proj=2 * D * hd * (2 * cfg.num_heads + 2 * cfg.kv_heads),
+            attn_proj=2 * D * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads),
             attn_pair=2 * 2 * cfg.num_heads * hd,
             dense_mlp=3 * 2 * D * cfg.ffn_hidden,
             expert_slot=3 * 2 * D * m.expert_hidden,
-            shared=3 * 2 * D * m.num_shared_experts * m.expert_hidden,
+            shared=3 * 2 * D * m.shared_hidden + (2 * D if m.shared_hidden and m.shared_expert_gate else 0),
             depth_router=2 * D,
             predictor=2 * D * d.predictor_hidden + 2 * d.predictor_hidden,
             lm_head=2 * D * cfg.vocab_size,
@@ -47,7 +47,7 @@ class UnitCosts:
         )
 
 
-def trace_flops(trace: Trace, cfg: ModelConfig) -> dict[str, float]:
+def trace_flops(trace: Trace, cfg: ModelArgs) -> dict[str, float]:
     """Executed forward FLOPs by component (names as in ``modmoe.model.flops``)."""
     u = UnitCosts.from_config(cfg)
     out: dict[str, float] = {}
@@ -69,3 +69,28 @@ def trace_flops(trace: Trace, cfg: ModelConfig) -> dict[str, float]:
             add("mlp", lt.tokens * u.dense_mlp)
     add("lm_head", trace.lm_head_tokens * u.lm_head)
     return out
+
+
+def trace_of_sequences(output: ModelOutput, seq_len: int, use_predictor: bool) -> Trace:
+    """The :class:`Trace` of a whole-sequence forward (top-k routing, static shapes): what each
+    block ran, from the routing details the model returns. ``enter`` is the causal decision of
+    the router ``use_predictor`` names, ``topk`` the top-k membership it is compared with."""
+    trace = Trace()
+    batch = output.logits.shape[0]
+    for i, aux in enumerate(output.layers):
+        layer = LayerTrace(i)
+        n = seq_len
+        if aux.depth is not None:
+            sel = aux.depth
+            n = sel.index.shape[1]
+            decision = sel.predictor_logits if use_predictor else sel.logits
+            layer.enter, layer.topk = decision > 0, sel.topk_mask
+            layer.router_tokens = batch * seq_len
+            layer.predictor_tokens = layer.router_tokens if use_predictor else 0
+        layer.tokens = batch * n
+        layer.attn_pairs = batch * n * (n + 1) // 2
+        if aux.moe is not None:
+            layer.expert_slots = int(aux.moe.dispatched_slots)
+        trace.layers.append(layer)
+    trace.lm_head_tokens = batch * seq_len
+    return trace

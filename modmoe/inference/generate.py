@@ -21,11 +21,12 @@ from typing import Literal
 
 import torch
 
-from modmoe.inference.core import RaggedKVCache, Trace
-from modmoe.inference.flops import trace_flops
+from modmoe.inference.flops import trace_flops, trace_of_sequences
 from modmoe.inference.loading import InferenceError, LoadedModel
 from modmoe.inference.sampling import SamplingConfig, next_tokens
 from modmoe.inference.text import StopTextStream
+from modmoe.model.kv_cache import RaggedKVCache
+from modmoe.model.trace import Trace
 
 Routing = Literal["causal", "topk"]
 FinishReason = Literal["eos", "stop", "length", "context"]
@@ -107,6 +108,7 @@ class Generator:
                     f"prompt {i}: {len(ids)} tokens, longer than the context (model.max_seq_len = {limit})"
                 )
 
+    @torch.no_grad()
     def _forward_causal(self, cache: RaggedKVCache, rows: list[list[int]], decode: bool) -> torch.Tensor:
         """Appends ``rows`` (token lists, one per cached sequence) and returns (n, V) logits
         at each row's last token."""
@@ -125,14 +127,16 @@ class Generator:
             self._account(trace, decode)
         return logits[:, -1]
 
+    @torch.no_grad()
     def _forward_topk(self, sequences: list[list[int]], decode: bool) -> torch.Tensor:
         outs = []
+        use_predictor = self.model.uses_predictor(self.causal_router)
         for seq in sequences:  # sequences differ in length; top-k is per whole sequence
-            trace = Trace() if self.count_flops else None
             tokens = torch.tensor([seq], device=self.loaded.device)
-            outs.append(self.model.run_topk(tokens, causal_router=self.causal_router, trace=trace)[0, -1])
-            if trace is not None:
-                self._account(trace, decode)
+            output = self.model(tokens, routing="topk")
+            outs.append(output.logits[0, -1])
+            if self.count_flops:
+                self._account(trace_of_sequences(output, len(seq), use_predictor), decode)
         return torch.stack(outs)
 
     def _account(self, trace: Trace, decode: bool) -> None:

@@ -22,8 +22,8 @@ from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, load_tokenizer
 from modmoe.errors import UserError
 from modmoe.inference import export_format as layout
-from modmoe.inference.core import CoreConfig, MoDEDecoder
-from modmoe.model.config import ModelConfig
+from modmoe.model import ModelArgs, MoDETransformer
+from modmoe.model_config import ModelConfig
 
 
 class InferenceError(UserError, ValueError):
@@ -33,8 +33,8 @@ class InferenceError(UserError, ValueError):
 @dataclass
 class LoadedModel:
     dir: Path
-    model: MoDEDecoder
-    config: ModelConfig
+    model: MoDETransformer
+    config: ModelArgs  # the architecture the model was built from
     record: dict[str, Any]  # config.json's ``modmoe`` section (source, data, eval settings)
     tokenizer: Tokenizer | None
     eos_id: int | None
@@ -53,7 +53,7 @@ def _read_json(path: Path) -> Any:
         raise InferenceError(f"{path}: unreadable JSON ({err})") from None
 
 
-def read_config(directory: Path) -> tuple[ModelConfig, CoreConfig, dict[str, Any]]:
+def read_config(directory: Path) -> tuple[ModelArgs, dict[str, Any]]:
     """The architecture recorded in ``config.json``, validated."""
     path = directory / layout.CONFIG_NAME
     data = _read_json(path)
@@ -64,17 +64,16 @@ def read_config(directory: Path) -> tuple[ModelConfig, CoreConfig, dict[str, Any
     record = data.get("modmoe")
     if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
         raise InferenceError(f"{path}: has no modmoe.model section (not written by `modmoe export`)")
-    if record.get("format") != layout.EXPORT_FORMAT or record.get("format_version") != layout.EXPORT_VERSION:
+    if record.get("format") != layout.EXPORT_FORMAT or record.get("format_version") not in layout.READABLE_VERSIONS:
         raise InferenceError(
             f"{path}: modmoe.format {record.get('format')!r} version {record.get('format_version')!r} is not supported "
             f"(this build reads {layout.EXPORT_FORMAT!r} version {layout.EXPORT_VERSION})"
         )
     try:
-        model = validate_config(ModelConfig, record["model"], prefix="modmoe.model")
-        core = CoreConfig.from_dict(model.model_dump(mode="json"))
+        args = validate_config(ModelConfig, record["model"], prefix="modmoe.model").to_args()
     except (ConfigError, ValueError) as err:
         raise InferenceError(f"{path}: {err}") from None
-    return model, core, record
+    return args, record
 
 
 def _check_record(directory: Path) -> None:
@@ -152,10 +151,10 @@ def load_exported(
     directory = Path(directory)
     if not directory.is_dir():
         raise InferenceError(f"{directory}: not a directory (expected the output of `modmoe export`)")
-    model_cfg, core_cfg, record = read_config(directory)
+    args, record = read_config(directory)
     _check_record(directory)
     with torch.device("meta"):  # no memory and no init for weights about to be replaced
-        model = MoDEDecoder(core_cfg)
+        model = MoDETransformer(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = read_weights(directory, expected, device)
     if dtype is not None:
@@ -173,9 +172,9 @@ def load_exported(
         except DataError as err:
             raise InferenceError(str(err)) from None
         size = tokenizer.get_vocab_size(with_added_tokens=True)
-        if size > model_cfg.vocab_size:
+        if size > args.vocab_size:
             raise InferenceError(
-                f"{tok_path}: {size} tokens, more than config.json's vocab_size {model_cfg.vocab_size} (mismatched tokenizer)"
+                f"{tok_path}: {size} tokens, more than config.json's vocab_size {args.vocab_size} (mismatched tokenizer)"
             )
         eos_id = tokenizer.token_to_id(EOT)
-    return LoadedModel(directory, model, model_cfg, record, tokenizer, eos_id)
+    return LoadedModel(directory, model, args, record, tokenizer, eos_id)

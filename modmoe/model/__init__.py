@@ -1,7 +1,8 @@
-"""The native MoDE model: plain nn.Modules, free of parallelism."""
+"""The MoDE model: plain nn.Modules over torch alone, free of parallelism and of modmoe's config
+system (``modmoe.model_config.ModelConfig`` converts into :class:`ModelArgs`)."""
 
-from modmoe.model.config import DepthRoutingConfig, ModelConfig, MoEConfig
-from modmoe.model.depth_router import RoutingMode
-from modmoe.model.transformer import ModelOutput, MoDETransformer
+from .args import ModelArgs
+from .depth_router import RoutingMode
+from .transformer import ModelOutput, MoDETransformer
 
-__all__ = ["DepthRoutingConfig", "ModelConfig", "MoEConfig", "ModelOutput", "MoDETransformer", "RoutingMode"]
+__all__ = ["ModelArgs", "ModelOutput", "MoDETransformer", "RoutingMode"]

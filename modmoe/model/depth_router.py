@@ -6,6 +6,9 @@ Two routing modes share one output type:
 - ``causal``: each token decides alone (sigmoid(logit) > 0.5, or the predictor), as generation
   must. Sequences select different counts, so selections are padded to the longest one and
   carry a ``valid`` mask.
+
+Routing decisions are discrete, so the router and the predictor compute in float32 whatever
+dtype their weights or inputs have (the export keeps these weights in float32).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modmoe.model.config import ModelConfig
+from .args import ModelArgs
+from .routing import entering_first, membership, membership_bce, router_weight, topk_positions
 
 RoutingMode = Literal["topk", "causal"]
 
@@ -32,47 +36,93 @@ class DepthSelection:
     causal_enter: torch.Tensor  # (B, T) bool: the causal decision
     bce_loss: torch.Tensor  # () BCE of logits against top-k membership
     predictor_loss: torch.Tensor | None  # () BCE of the stop-gradient predictor
+    predictor_logits: torch.Tensor | None = None  # (B, T) the predictor's logits, when it exists
 
 
 class DepthRouter(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """``r = w . x`` per token (``proj``) and the optional stop-gradient predictor MLP
+    (``predictor.0``, ``predictor.2``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        predictor_hidden: int | None = None,
+        weight_kind: str = "raw",
+        causal_router: str = "aux_loss",
+        bce_detach_input: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        d = cfg.depth
-        self.capacity, self.weight_fn, self.causal_router = d.capacity, d.router_weight, d.causal_router
-        self.bce_detach_input = d.bce_detach_input
-        self.proj = nn.Linear(cfg.dim, 1, bias=False)
-        self.predictor = (
-            nn.Sequential(nn.Linear(cfg.dim, d.predictor_hidden), nn.SiLU(), nn.Linear(d.predictor_hidden, 1))
-            if d.predictor
-            else None
+        self.weight_kind, self.causal_router, self.bce_detach_input = weight_kind, causal_router, bce_detach_input
+        self.proj = nn.Linear(dim, 1, bias=False, device=device, dtype=dtype)
+        self.predictor = None
+        if predictor_hidden is not None:
+            self.predictor = nn.Sequential(
+                nn.Linear(dim, predictor_hidden, device=device, dtype=dtype),
+                nn.SiLU(),
+                nn.Linear(predictor_hidden, 1, device=device, dtype=dtype),
+            )
+
+    @classmethod
+    def from_args(cls, args: ModelArgs) -> DepthRouter:
+        d = args.depth
+        return cls(
+            args.dim, d.predictor_hidden if d.predictor else None, d.router_weight, d.causal_router, d.bce_detach_input
         )
 
-    def forward(self, x: torch.Tensor, k: int, mode: RoutingMode) -> DepthSelection:
-        """x: (B, T, D) residual stream entering the block."""
-        B, T, _ = x.shape
-        logits = self.proj(x).squeeze(-1).float()  # (B, T)
-        topk_index = logits.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k)
-        topk_mask = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_index, True)
-        target = topk_mask.float()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., D) -> router logits r (...), float32."""
+        return F.linear(x.float(), self.proj.weight.float()).squeeze(-1)
+
+    def predictor_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., D) -> predictor logits (...), float32, from the detached input: the
+        predictor learns from the trunk without changing it."""
+        first, last = self.predictor[0], self.predictor[2]
+        hidden = F.silu(F.linear(x.detach().float(), first.weight.float(), first.bias.float()))
+        return F.linear(hidden, last.weight.float(), last.bias.float()).squeeze(-1)
+
+    def uses_predictor(self, causal_router: str | None = None) -> bool:
+        """Whether causal decisions come from the predictor (``causal_router`` None: as trained)."""
+        choice = causal_router or self.causal_router
+        if choice not in ("aux_loss", "predictor"):
+            raise ValueError(f"causal_router = {choice!r}: allowed aux_loss, predictor")
+        if choice == "predictor" and self.predictor is None:
+            raise ValueError(
+                "causal_router = 'predictor': this model was trained without a predictor (depth.predictor = false)"
+            )
+        return choice == "predictor"
+
+    def causal_decision(self, x: torch.Tensor, logits: torch.Tensor, use_predictor: bool) -> torch.Tensor:
+        """(...) bool: the token enters (sigmoid > 0.5 of the router or of the predictor)."""
+        decision = self.predictor_logits(x) if use_predictor else logits
+        return decision > 0
+
+    def forward(
+        self, x: torch.Tensor, k: int, mode: RoutingMode, token_valid: torch.Tensor | None = None
+    ) -> DepthSelection:
+        """x: (B, T, D) residual stream entering the block; k: tokens per sequence under top-k;
+        token_valid: (B, T) bool, False for padding, which is chosen only after every real token."""
+        T = x.shape[1]
+        logits = self.logits(x)  # (B, T)
+        ranked = logits if token_valid is None else logits.masked_fill(~token_valid, float("-inf"))
+        topk_index = topk_positions(ranked, k)  # (B, k)
+        topk_mask = membership(topk_index, T)
         # Detached: the membership loss moves the router's weight only, never the trunk below.
-        bce_logits = self.proj(x.detach()).squeeze(-1).float() if self.bce_detach_input else logits  # (B, T)
-        bce = F.binary_cross_entropy_with_logits(bce_logits, target)
+        bce_logits = self.logits(x.detach()) if self.bce_detach_input else logits  # (B, T)
+        bce = membership_bce(bce_logits, topk_mask)
         predictor_loss, predictor_logits = None, None
         if self.predictor is not None:
-            # Stop-gradient: the predictor learns from the trunk without changing it.
-            predictor_logits = self.predictor(x.detach()).squeeze(-1).float()  # (B, T)
-            predictor_loss = F.binary_cross_entropy_with_logits(predictor_logits, target)
+            predictor_logits = self.predictor_logits(x)  # (B, T)
+            predictor_loss = membership_bce(predictor_logits, topk_mask)
         decision_logits = predictor_logits if self.causal_router == "predictor" else logits
         causal_enter = decision_logits > 0  # sigmoid > 0.5
 
         if mode == "topk":
             index, valid = topk_index, None
         else:
-            positions = torch.arange(T, device=x.device).expand(B, T)
-            width = max(int(causal_enter.sum(1).max()), 1)
-            # Entering tokens first (in position order), then the others as padding.
-            ranked = torch.where(causal_enter, positions, positions + T).sort(dim=1).values[:, :width]
-            valid, index = ranked < T, ranked % T  # (B, S)
-        chosen = logits.gather(1, index)  # (B, S)
-        weight = chosen.sigmoid() if self.weight_fn == "sigmoid" else chosen
-        return DepthSelection(index, valid, weight, logits, topk_mask, causal_enter, bce, predictor_loss)
+            index, valid = entering_first(causal_enter)  # (B, S)
+        weight = router_weight(logits.gather(1, index), self.weight_kind)  # (B, S)
+        return DepthSelection(
+            index, valid, weight, logits, topk_mask, causal_enter, bce, predictor_loss, predictor_logits
+        )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modmoe.model.config import ModelConfig
+from .args import ModelArgs, as_args
 
 
 @dataclass
@@ -33,21 +33,22 @@ class FlopsReport:
         self.per_component[name] = self.per_component.get(name, 0.0) + flops
 
 
-def _attention_core(cfg: ModelConfig, n: int) -> float:
+def _attention_core(cfg: ModelArgs, n: int) -> float:
     """Scores + weighted values for n causal tokens, all heads, summed over the n queries."""
     pairs = n * (n + 1) / 2
     return 2 * 2 * cfg.num_heads * cfg.head_dim * pairs
 
 
-def count_flops(cfg: ModelConfig, seq_len: int) -> FlopsReport:
+def count_flops(cfg: ModelArgs, seq_len: int) -> FlopsReport:
     """Forward FLOPs per token (averaged over a sequence of ``seq_len``) by component."""
+    cfg = as_args(cfg)
     T, D, hd = seq_len, cfg.dim, cfg.head_dim
     report = FlopsReport(seq_len=T)
-    attn_proj = 2 * D * hd * (2 * cfg.num_heads + 2 * cfg.kv_heads)  # q, o + k, v
+    attn_proj = 2 * D * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o + k, v
     m = cfg.moe
     for i in range(cfg.num_layers):
         routed, use_moe = cfg.layer_kind(i)
-        n = cfg.depth_capacity_tokens(T) if routed else T  # tokens entering the block
+        n = cfg.entering_tokens(T) if routed else T  # tokens entering the block
         frac = n / T
         if routed:
             report.add("depth_router", 2 * D * (2 if cfg.depth.bce_detach_input else 1))  # + the BCE's own pass
@@ -60,28 +61,37 @@ def count_flops(cfg: ModelConfig, seq_len: int) -> FlopsReport:
             real_share = m.num_experts / (m.num_experts + noop)
             report.add("moe_router", frac * 2 * D * (m.num_experts + noop))
             report.add("moe_experts", frac * m.top_k * real_share * 3 * 2 * D * m.expert_hidden)
-            if m.num_shared_experts:
-                report.add("moe_shared", frac * 3 * 2 * D * m.num_shared_experts * m.expert_hidden)
+            if m.shared_hidden:
+                report.add("moe_shared", frac * (3 * 2 * D * m.shared_hidden + (2 * D if m.shared_expert_gate else 0)))
         else:
             report.add("mlp", frac * 3 * 2 * D * cfg.ffn_hidden)
     report.add("lm_head", 2 * D * cfg.vocab_size)
     return report
 
 
-def theoretical_speedup(baseline: ModelConfig, candidate: ModelConfig, seq_len: int) -> float:
+def theoretical_speedup(baseline: ModelArgs, candidate: ModelArgs, seq_len: int) -> float:
     """Training-FLOPs ratio baseline / candidate: the speedup the FLOPs predict."""
     return count_flops(baseline, seq_len).training_per_token / count_flops(candidate, seq_len).training_per_token
 
 
-def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+def _attention_extras(cfg: ModelArgs) -> int:
+    """Parameters of one block's attention biases and q/k norms."""
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    biases = {"none": 0, "qkv": qkv, "all": qkv + cfg.dim}[cfg.attention_bias]
+    norms = {"none": 0, "head": 2 * cfg.head_dim, "full": (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim}
+    return biases + norms[cfg.qk_norm]
+
+
+def parameter_counts(cfg: ModelArgs) -> dict[str, int]:
     """Total parameters, parameters active per token (top_k experts, no other experts), and
     the routed experts' parameters (what expert parallelism splits)."""
+    cfg = as_args(cfg)
     D, hd, m = cfg.dim, cfg.head_dim, cfg.moe
     experts = 0
     total = active = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D  # embeddings, head, final norm
     for i in range(cfg.num_layers):
         routed, use_moe = cfg.layer_kind(i)
-        common = D * hd * (2 * cfg.num_heads + 2 * cfg.kv_heads) + 2 * D
+        common = D * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * D + _attention_extras(cfg)
         if routed:
             common += D + (
                 D * cfg.depth.predictor_hidden + 2 * cfg.depth.predictor_hidden + 1 if cfg.depth.predictor else 0
@@ -90,7 +100,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         if use_moe:
             expert = 3 * D * m.expert_hidden
             router = D * (m.num_experts + cfg.noop_experts_at(i))
-            shared = m.num_shared_experts * expert
+            shared = 3 * D * m.shared_hidden + (D if m.shared_hidden and m.shared_expert_gate else 0)
             total += router + m.num_experts * expert + shared
             active += router + m.top_k * expert + shared
             experts += m.num_experts * expert

@@ -34,41 +34,52 @@ def grouped_mm_fits(*sizes: int) -> bool:
     return grouped_mm_available() and all(s % ROW_ALIGN == 0 for s in sizes)
 
 
-@torch.library.custom_op("modmoe::grouped_mm", mutates_args=())
-def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(x, w, offs=offsets)
+def _registered(name: str) -> bool:
+    """Whether the op ``modmoe::name`` exists already: an exported directory carries a copy of
+    this file, and a process that imports both (a test, a user's notebook) must define it once."""
+    try:
+        getattr(torch.ops.modmoe, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
-@_grouped_mm_op.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[-1])
+def _define_ops() -> None:
+    @torch.library.custom_op("modmoe::grouped_mm", mutates_args=())
+    def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, w, offs=offsets)
+
+    @_grouped_mm_op.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[-1])
+
+    @torch.library.custom_op("modmoe::grouped_mm_weight_grad", mutates_args=())
+    def _grouped_weight_grad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Per group g: x[rows of g].T @ grad[rows of g] -> (G, K, N); empty groups give zeros."""
+        return torch._grouped_mm(x.t(), grad, offs=offsets)
+
+    @_grouped_weight_grad_op.register_fake
+    def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+    def _setup_context(ctx, inputs, output) -> None:
+        x, w, offsets = inputs
+        ctx.save_for_backward(x, w, offsets)
+
+    def _backward(ctx, grad: torch.Tensor):
+        x, w, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _grouped_mm_op(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+        grad_w = _grouped_weight_grad_op(x, grad, offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+    _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("modmoe::grouped_mm_weight_grad", mutates_args=())
-def _grouped_weight_grad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Per group g: x[rows of g].T @ grad[rows of g] -> (G, K, N); empty groups give zeros."""
-    return torch._grouped_mm(x.t(), grad, offs=offsets)
-
-
-@_grouped_weight_grad_op.register_fake
-def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, w, offsets = inputs
-    ctx.save_for_backward(x, w, offsets)
-
-
-def _backward(ctx, grad: torch.Tensor):
-    x, w, offsets = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_x = _grouped_mm_op(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
-    grad_w = _grouped_weight_grad_op(x, grad, offsets) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None
-
-
-_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+if not _registered("grouped_mm"):
+    _define_ops()
+_grouped_mm_op = torch.ops.modmoe.grouped_mm
+_grouped_weight_grad_op = torch.ops.modmoe.grouped_mm_weight_grad
 
 
 def pad_groups(xs: torch.Tensor, counts: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,9 +20,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
-from modmoe.model.config import ModelConfig
-from modmoe.model.grouped_gemm import ROW_ALIGN, grouped_mm, grouped_mm_fits, pad_groups
-from modmoe.model.layers import SwiGLU
+from .args import ModelArgs
+from .grouped_gemm import ROW_ALIGN, grouped_mm, grouped_mm_fits, pad_groups
+from .layers import SwiGLU
 
 ExpertKernel = Literal["grouped", "loop"]
 
@@ -95,20 +95,34 @@ class GroupedExperts(nn.Module):
         out = torch.cat(outs)
         return torch.cat([out, out.new_zeros(xs.shape[0] - out.shape[0], out.shape[1])])
 
+    def forward_counts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Generation: xs (n, D) rows sorted by expert, ``counts[e]`` rows each -> (n, D). Only
+        experts with rows are touched (at decode, most of them are not)."""
+        w1, w3, w2 = local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2)
+        outs, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                chunk = xs[start : start + count]  # (n_e, D)
+                outs.append((F.silu(chunk @ w1[e]) * (chunk @ w3[e])) @ w2[e])
+                start += count
+        return torch.cat(outs) if outs else xs[:0]
+
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, noop_experts: int = 0) -> None:
+    def __init__(self, args: ModelArgs, noop_experts: int = 0) -> None:
         super().__init__()
-        m = cfg.moe
-        self.num_experts, self.num_noop, self.top_k = m.num_experts, noop_experts, m.top_k
-        self.num_slots_total = m.num_experts + noop_experts
+        m = args.moe
+        self.num_experts, self.top_k = m.num_experts, m.top_k
+        self.num_choices = m.num_experts + noop_experts  # router outputs: real experts, then no-ops
         self.score, self.normalize = m.score, m.normalize_top_k or m.score == "sigmoid"
         self.capacity_factor, self.bias_update_rate = m.capacity_factor, m.bias_update_rate
-        self.gate = nn.Linear(cfg.dim, self.num_slots_total, bias=False)
-        self.experts = GroupedExperts(m.num_experts, cfg.dim, m.expert_hidden)
-        self.shared = SwiGLU(cfg.dim, m.num_shared_experts * m.expert_hidden) if m.num_shared_experts else None
+        self.gate = nn.Linear(args.dim, self.num_choices, bias=False)
+        self.experts = GroupedExperts(m.num_experts, args.dim, m.expert_hidden)
+        self.shared = SwiGLU(args.dim, m.shared_hidden) if m.shared_hidden else None
+        # Qwen2-MoE scales the shared experts' output per token by sigmoid(w . x).
+        self.shared_gate = nn.Linear(args.dim, 1, bias=False) if m.shared_hidden and m.shared_expert_gate else None
         if self.bias_update_rate > 0:
-            self.register_buffer("expert_bias", torch.zeros(self.num_slots_total))
+            self.register_buffer("expert_bias", torch.zeros(self.num_choices))
         else:
             self.expert_bias = None
         # Set from outside by the parallelize step: sums per-expert counts over the ranks
@@ -116,36 +130,46 @@ class MoE(nn.Module):
         self.load_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- routing
-    def route(self, x: torch.Tensor, valid: torch.Tensor | None):
-        """x: (N, D) -> logits, probs (N, Et), topk_experts, topk_weights (N, K)."""
-        logits = self.gate(x).float()  # (N, Et)
+    def route(self, x: torch.Tensor):
+        """x: (N, D) -> logits, probs (N, Et), topk_experts, topk_weights (N, K). Routing
+        decisions are discrete: scored in float32 whatever the weights' dtype."""
+        logits = F.linear(x.float(), self.gate.weight.float())  # (N, Et)
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-        choice = scores if self.expert_bias is None else scores + self.expert_bias  # bias: choice only
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()  # bias: choice only
         topk_experts = choice.topk(self.top_k, dim=-1).indices  # (N, K)
         topk_weights = scores.gather(1, topk_experts)
         if self.normalize:
             topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True).clamp_min(1e-20)
         return logits, probs, topk_experts, topk_weights
 
-    def _capacity_keep(self, topk_experts: torch.Tensor, slot_valid: torch.Tensor, padded: bool) -> torch.Tensor:
+    def _shared_out(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, D) -> the shared experts' contribution (N, D)."""
+        out = self.shared(x)
+        if self.shared_gate is not None:
+            out = out * F.linear(x.float(), self.shared_gate.weight.float()).sigmoid().to(out.dtype)
+        return out
+
+    def _within_expert_capacity(
+        self, topk_experts: torch.Tensor, slot_valid: torch.Tensor, padded: bool
+    ) -> torch.Tensor:
         """(N, K) bool: slot within its expert's capacity, first come (token order) first served.
         Without padding every slot is valid and the capacity is a Python number; with padding it
         stays a device tensor (the same float64 arithmetic), so nothing waits for the host."""
         n_valid_slots = slot_valid.sum().double() if padded else slot_valid.numel()
-        capacity = self.capacity_factor * n_valid_slots / self.num_experts
-        capacity = torch.ceil(capacity) if padded else math.ceil(capacity)
-        experts = torch.arange(self.num_slots_total, device=topk_experts.device)
-        onehot = ((topk_experts[..., None] == experts) & slot_valid[..., None]).flatten(0, 1).long()  # (N*K, Et)
+        slots_per_expert = self.capacity_factor * n_valid_slots / self.num_experts
+        slots_per_expert = torch.ceil(slots_per_expert) if padded else math.ceil(slots_per_expert)
+        choices = torch.arange(self.num_choices, device=topk_experts.device)
+        onehot = ((topk_experts[..., None] == choices) & slot_valid[..., None]).flatten(0, 1).long()  # (N*K, Et)
         rank_in_expert = (onehot.cumsum(0) * onehot).sum(-1) - 1  # (N*K,)
         is_noop = topk_experts >= self.num_experts
-        return (rank_in_expert.view_as(topk_experts) < capacity) | is_noop
+        return (rank_in_expert.view_as(topk_experts) < slots_per_expert) | is_noop
 
     def _balance_losses(self, logits, probs, topk_experts, slot_valid, token_valid, batch: int):
-        Et, K = self.num_slots_total, self.top_k
+        Et, K = self.num_choices, self.top_k
         counts = torch.zeros(Et, device=logits.device).index_add_(
             0, topk_experts.flatten(), slot_valid.flatten().float()
-        )  # (Et,) routed slots per expert
+        )  # (Et,) routed slots per choice
         n_tokens = token_valid.sum().float()
         global_counts, global_tokens = counts, n_tokens
         if self.load_reducer is not None and self.training:  # eval forwards may run on one rank alone
@@ -172,14 +196,14 @@ class MoE(nn.Module):
         N, K = flat.shape[0], self.top_k
         token_valid = valid.reshape(N) if valid is not None else torch.ones(N, dtype=torch.bool, device=x.device)
         with record_function("moe_router"):
-            logits, probs, topk_experts, topk_weights = self.route(flat, valid)
+            logits, probs, topk_experts, topk_weights = self.route(flat)
             slot_valid = token_valid[:, None].expand(N, K).contiguous()
             aux, seq_aux, z, counts = self._balance_losses(logits, probs, topk_experts, slot_valid, token_valid, B)
 
         to_real = slot_valid & (topk_experts < self.num_experts)
         dispatch = to_real
         if self.capacity_factor is not None:
-            dispatch = to_real & self._capacity_keep(topk_experts, slot_valid, padded=valid is not None)
+            dispatch = to_real & self._within_expert_capacity(topk_experts, slot_valid, padded=valid is not None)
 
         # Static shapes: all N*K slots are sorted by expert, the dispatched ones first; the rest
         # (dropped, padding, no-op) sort behind them under the sentinel E and are not computed.
@@ -190,7 +214,7 @@ class MoE(nn.Module):
         token_of_slot = order // K
         rows = flat[token_of_slot]  # (N*K, D)
         weights = topk_weights.flatten()[order, None].to(x.dtype)  # (N*K, 1)
-        if valid is None and self.capacity_factor is None and self.num_noop == 0:
+        if valid is None and self.capacity_factor is None and self.num_choices == self.num_experts:
             expert_out = self.experts(rows, per_expert) * weights  # dropless: every slot is computed
         else:
             # Slots past the dispatched ones: zeros in and out of the experts. A grouped GEMM
@@ -201,7 +225,7 @@ class MoE(nn.Module):
             expert_out = torch.where(computed, self.experts(rows, per_expert), 0) * weights
         out = torch.zeros_like(flat).index_add_(0, token_of_slot, expert_out)  # (N, D)
         if self.shared is not None:
-            out = out + self.shared(flat)
+            out = out + self._shared_out(flat)
 
         stats = MoEAux(
             aux_loss=aux,
@@ -213,6 +237,38 @@ class MoE(nn.Module):
             total_slots=slot_valid.sum().detach(),
         )
         return out.view(B, S, D), stats
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Generation: x (N, D) real tokens only -> (N, D), and the slots computed by real
+        experts. Dropless: token dropping would make a token's output depend on the rest of its
+        batch, which generation cannot know."""
+        K = self.top_k
+        _, _, topk_experts, topk_weights = self.route(x)
+        if x.shape[0] == 1:
+            return self._one_token(x, topk_experts[0], topk_weights[0])
+        # No-op experts (integrated MoDE) get the sentinel E and are not computed.
+        sort_key = torch.where(topk_experts < self.num_experts, topk_experts, self.num_experts).flatten()  # (N*K,)
+        counts = torch.bincount(sort_key, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        order = torch.argsort(sort_key, stable=True)[: sum(counts)]  # computed slots, by expert
+        token_of_slot = order // K
+        out = self.experts.forward_counts(x[token_of_slot], counts)  # (n, D)
+        out = out * topk_weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of_slot, out)
+        if self.shared is not None:
+            out = out + self._shared_out(x)
+        return out, sum(counts)
+
+    def _one_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Decode of one token: its K experts called directly (fewer ops than the sort and
+        scatter above), summed in the same order, so the result is the same."""
+        chosen = sorted((e, k) for k, e in enumerate(experts.tolist()) if e < self.num_experts)
+        out = torch.zeros_like(x)
+        w1, w3, w2 = (local_tensor(w) for w in (self.experts.w1, self.experts.w3, self.experts.w2))
+        for e, k in chosen:
+            out = out + ((F.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]) * weights[k].to(x.dtype)
+        if self.shared is not None:
+            out = out + self._shared_out(x)
+        return out, len(chosen)
 
     @torch.no_grad()
     def update_expert_bias(self, load: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from modmoe.config_base import ConfigError
-from modmoe.model.config import ModelConfig
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
 # Mesh dimension names: the dense mesh is (DP, TP), the expert mesh (EDP, EP, TP).
@@ -62,19 +62,23 @@ class ParallelDims:
                     f"config error: parallel.ep = {cfg.ep}: must divide model.moe.num_experts ({model.moe.num_experts})"
                 )
         if cfg.tp > 1:
-            for name, heads in (("num_heads", model.num_heads), ("num_kv_heads", model.kv_heads)):
+            for name, heads in (
+                ("num_heads", model.num_heads),
+                ("num_kv_heads", model.num_kv_heads or model.num_heads),
+            ):
                 if heads % cfg.tp:
                     raise ConfigError(f"config error: parallel.tp = {cfg.tp}: must divide model.{name} ({heads})")
             hidden = [("ffn_hidden", model.ffn_hidden)]
             if model.moe.enabled:
                 hidden += [("moe.expert_hidden", model.moe.expert_hidden)]
-                if model.moe.num_shared_experts:
-                    hidden += [
-                        (
-                            "moe.num_shared_experts * moe.expert_hidden",
-                            model.moe.num_shared_experts * model.moe.expert_hidden,
-                        )
-                    ]
+                shared = model.to_args().moe.shared_hidden
+                if shared:
+                    hidden += [("moe.shared_expert_hidden (or num_shared_experts * expert_hidden)", shared)]
+            if model.qk_norm == "full":
+                raise ConfigError(
+                    f"config error: parallel.tp = {cfg.tp}: model.qk_norm = 'full' normalizes over all heads, "
+                    "which tensor parallelism splits; use parallel.tp = 1 (or fsdp2/ep) for this model"
+                )
             for name, size in hidden:
                 if size % cfg.tp:
                     raise ConfigError(f"config error: parallel.tp = {cfg.tp}: must divide model.{name} ({size})")

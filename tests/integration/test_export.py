@@ -15,6 +15,7 @@ from safetensors import safe_open
 from modmoe.checkpoint.fsutil import sha256_file
 from modmoe.config import load_config
 from modmoe.export import ExportError, export_checkpoint
+from modmoe.inference.export_format import MODEL_FILES
 from modmoe.inference.generate import Generator
 from modmoe.inference.loading import load_exported
 from modmoe.inference.sampling import SamplingConfig
@@ -84,11 +85,13 @@ def test_export_layout_weights_and_record(run, exported):
         "special_tokens_map.json",
         "modeling_modmoe.py",
         "configuration_modmoe.py",
-        "modmoe_core.py",
-        "modmoe_rules.py",
         "modmoe_export.json",
+        *MODEL_FILES,
     ):
         assert required in names, required
+    model_dir = Path(__file__).resolve().parents[2] / "modmoe" / "model"
+    for name in MODEL_FILES:  # the model code itself, not a second implementation of it
+        assert (exported / name).read_bytes() == (model_dir / name).read_bytes(), name
     weights = read_weights(exported)
     trained = model.state_dict()
     assert sorted(weights) == sorted(trained)  # model only: no optimizer, scheduler or RNG state
@@ -126,8 +129,9 @@ def test_transformers_logits_equal_the_training_model(run, exported, hf_model):
 
 
 def test_export_runs_where_modmoe_cannot_be_imported(run, exported):
-    """The exported code (modeling file, core, routing rules) is self-contained: transformers
-    loads it in a process where ``import modmoe`` fails, and its logits are the training model's."""
+    """The exported code (the modeling file and the model package's files) is self-contained:
+    transformers loads it in a process where ``import modmoe`` fails, and its logits are the
+    training model's."""
     _, model = run
     tokens = torch.randint(0, 500, (2, 48))
     with torch.no_grad():
@@ -138,8 +142,8 @@ sys.modules["modmoe"] = None  # any import of modmoe now raises ImportError
 import torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(exported)!r}, trust_remote_code=True)
-core = sys.modules[type(m).__module__.rsplit(".", 1)[0] + ".modmoe_core"]
-assert core.capacity_tokens.__module__.endswith(".modmoe_rules"), core.capacity_tokens.__module__
+package = type(m).__module__.rsplit(".", 1)[0]
+assert type(m.layers[0]).__module__ == package + ".block", type(m.layers[0]).__module__
 torch.save(m(torch.tensor({tokens.tolist()}), use_cache=False).logits, sys.argv[1])
 """
     out = exported.parent / "no-modmoe-logits.pt"

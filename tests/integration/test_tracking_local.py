@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError, validate_config
 from modmoe.model import MoDETransformer
-from modmoe.model.config import ModelConfig
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.dims import ParallelDims
 from modmoe.tracking import (
     MlflowTracker,
@@ -304,10 +304,10 @@ def test_router_stats_per_layer_and_aggregated() -> None:
         assert sum(loads) == pytest.approx(1.0) and min(loads) >= 0
         assert s[f"moe/layer{i}/max_over_mean_load"] == pytest.approx(max(loads) * 4)
     for name in ("aux_loss", "seq_aux_loss", "z_loss"):  # per-layer means add up to the model's sum
-        expected = sum(float(o.aux[f"moe_{name}"]) for o in outs) / 2
+        expected = sum(float(o.aux_losses[f"moe_{name}"]) for o in outs) / 2
         assert sum(s[f"moe/layer{i}/{name}"] for i in moe_layers) == pytest.approx(expected, rel=1e-5)
     for name in ("bce_loss", "predictor_loss"):
-        expected = sum(float(o.aux[f"mod_{name}"]) for o in outs) / 2
+        expected = sum(float(o.aux_losses[f"mod_{name}"]) for o in outs) / 2
         assert sum(s[f"mod/layer{i}/{name}"] for i in mod_layers) == pytest.approx(expected, rel=1e-5)
     capacity = 10 / 40  # k = ceil(0.25 * 40) tokens of each sequence enter
     for i in mod_layers:

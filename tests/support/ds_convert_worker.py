@@ -66,7 +66,7 @@ def engine(cfg, spec: str, load_universal: bool = False):
 def train_step(eng, vocab: int, seq: int, gen: torch.Generator) -> None:
     tokens = torch.randint(0, vocab, (MICRO, seq + 1), generator=gen)  # (B, T + 1)
     out = eng(tokens[:, :-1], tokens[:, 1:])
-    eng.backward(out.loss + out.aux_loss)
+    eng.backward(out.loss + out.aux_total)
     eng.step()
 
 

@@ -2,9 +2,10 @@
 modmoe module (absolute or relative, at module level or inside a function; not the
 ``if TYPE_CHECKING:`` ones, which never run) is an edge between two packages.
 
-Config sections (``modmoe/<package>/config.py``) belong to the config layer with
-``modmoe.config``, ``config_base``, ``config_yaml`` and ``errors``: they import nothing but that layer and leaf
-modules, so the job config can compose every package's section without depending on the
+Config sections (``modmoe/<package>/config.py``, and ``modmoe/model_config.py``, the model's
+section, which lives outside the model package so that package stays free of pydantic) belong
+to the config layer with ``modmoe.config``, ``config_base``, ``config_yaml`` and ``errors``: they
+import nothing but that layer and leaf modules, so the job config can compose every package's section without depending on the
 package itself. A leaf module imports nothing of modmoe (the routing rules, the Slurm time
 syntax): it can be in no cycle, so it counts as a node of its own.
 """
@@ -29,7 +30,7 @@ def _unit(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "modmoe"
-    if parts[1] in ("config", "config_base", "config_yaml", "errors") or parts[-1] == "config":
+    if parts[1] in ("config", "config_base", "config_yaml", "errors", "model_config") or parts[-1] == "config":
         return CONFIG_LAYER
     return parts[1]
 
@@ -108,8 +109,8 @@ def test_the_scan_sees_known_imports():
     """Guards the scanner itself: edges that exist must be found."""
     graph = package_graph()
     assert "model" in graph["train"] and "parallel" in graph["train"]
-    assert "modmoe.model.rules" in graph[CONFIG_LAYER]  # model/config.py uses the routing rules
-    assert "modmoe.model.rules" in leaf_modules() and "modmoe.model.config" not in leaf_modules()
+    assert "modmoe.model.args" in graph[CONFIG_LAYER]  # model_config.py converts into ModelArgs
+    assert "modmoe.model.args" in leaf_modules() and "modmoe.model_config" not in leaf_modules()
 
 
 def test_model_and_parallel_import_nothing_from_train_or_above():
@@ -117,6 +118,17 @@ def test_model_and_parallel_import_nothing_from_train_or_above():
     for source, target in imports():
         if source.startswith(("modmoe.model", "modmoe.parallel")):
             assert not target.startswith(above), (source, target)
+
+
+def test_the_model_package_imports_only_itself():
+    """The export copies the model package's files; they reach each other by relative imports
+    and nothing else of modmoe (no pydantic config, no parallelism)."""
+    for source, target in imports():
+        if source.startswith("modmoe.model.") or source == "modmoe.model":
+            assert target.startswith("modmoe.model.") or target == "modmoe.model", (source, target)
+    for path in (PACKAGE_ROOT / "model").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "import pydantic" not in text and "from pydantic" not in text, path.name
 
 
 def test_sweep_drives_training_only_through_the_command_line():

@@ -44,7 +44,7 @@ from modmoe.checkpoint.safe_read import DEEPSPEED_RECORD_GLOBALS, weights_only_l
 from modmoe.config_base import ConfigError
 from modmoe.engines.megatron.config import MegatronConfig
 from modmoe.engines.megatron.convert import megatron_to_native
-from modmoe.model.config import ModelConfig
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}

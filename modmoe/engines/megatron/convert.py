@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modmoe.model.config import ModelConfig
+from modmoe.model_config import ModelConfig
 
 Fn = Callable[..., tuple[Tensor, ...]]
 
@@ -67,7 +67,8 @@ def _rename(native: str, megatron: str) -> _Rule:
 
 
 def _qkv_rule(cfg: ModelConfig, native: str, megatron: str) -> _Rule:
-    H, KV, hd, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.dim
+    a = cfg.to_args()
+    H, KV, hd, D = a.num_heads, a.num_kv_heads, a.head_dim, a.dim
     per = H // KV
 
     def pack(wq: Tensor, wk: Tensor, wv: Tensor) -> tuple[Tensor]:
@@ -119,7 +120,7 @@ def _expert_rule(native: str, megatron: str, num_experts: int, layout: MegatronL
 
 def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[_Rule]:
     n, m = f"layers.{i}", f"decoder.layers.{i}"
-    routed, use_moe = cfg.layer_kind(i)
+    routed, use_moe = cfg.to_args().layer_kind(i)
     attn_norm = (
         f"{m}.self_attention.linear_qkv.layer_norm_weight" if layout.fused_norms else f"{m}.input_layernorm.weight"
     )
@@ -157,7 +158,7 @@ def _rules(cfg: ModelConfig, layout: MegatronLayout) -> list[_Rule]:
 
 
 def _check_supported(cfg: ModelConfig) -> None:
-    if any(cfg.noop_experts_at(i) for i in range(cfg.num_layers)):
+    if any(cfg.to_args().noop_experts_at(i) for i in range(cfg.num_layers)):
         raise ValueError("convert: integrated MoDE (no-op experts) has no Megatron counterpart")
 
 

@@ -3,8 +3,9 @@
 :class:`MoDETransformerLayer` subclasses Megatron's ``TransformerLayer``, so the inner layer
 (attention + dense MLP or ``MoELayer``, local or Transformer Engine modules) is exactly what
 Megatron's own spec builds, and ``TransformerBlock`` treats it like any layer (pipeline stages,
-recompute, dist checkpointing). Its ``forward`` routes with the pure functions of
-:mod:`~modmoe.engines.megatron.routing`: router logits -> per-sequence top-k (global under
+recompute, dist checkpointing). Its ``forward`` routes with the native model's router and tensor
+functions (:mod:`modmoe.model.routing`, on the token axis 0), through the sequence-parallel
+plan of :mod:`~modmoe.engines.megatron.routing`: router logits -> per-sequence top-k (global under
 sequence parallelism) -> gather ``[k, b, h]`` with each token's own RoPE angles -> the parent
 ``forward`` -> ``x + r * (out - x)`` scattered back; skipped tokens are untouched.
 
@@ -34,12 +35,12 @@ from modmoe.engines.megatron.routing import (
     gather_attention_mask,
     gather_rotary,
     gather_routed,
-    membership_bce,
     plan_slots,
-    router_weight,
     scatter_routed,
 )
 from modmoe.engines.megatron.translate import DepthLayerParams
+from modmoe.model.depth_router import DepthRouter
+from modmoe.model.routing import membership_bce, router_weight
 
 # The native model's metric names: the two losses summed over routed layers, the agreement of the
 # causal decision with top-k averaged over them (docs/tracking.md).
@@ -50,37 +51,27 @@ def _param_device(config: TransformerConfig):
     return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
 
 
-class DepthRouter(nn.Module):
-    """``r = w . x`` per token in fp32, and the optional stop-gradient predictor MLP. Names
-    mirror the native ``DepthRouter`` (``proj``, ``predictor.0``, ``predictor.2``)."""
-
-    def __init__(self, config: TransformerConfig, params: DepthLayerParams) -> None:
-        super().__init__()
-        h, dev, dtype = config.hidden_size, _param_device(config), config.params_dtype
-        self.proj = nn.Linear(h, 1, bias=False, device=dev, dtype=dtype)
-        self.predictor = None
-        if params.predictor_hidden is not None:
-            ph = params.predictor_hidden
-            self.predictor = nn.Sequential(
-                nn.Linear(h, ph, device=dev, dtype=dtype), nn.SiLU(), nn.Linear(ph, 1, device=dev, dtype=dtype)
-            )
-        if config.perform_initialization:
-            with torch.no_grad():
-                for p in self.parameters():
-                    config.init_method(p) if p.dim() == 2 else p.zero_()
-        for p in self.parameters():
-            # Under sequence parallelism each TP rank sees different tokens: Megatron's
-            # finalize_model_grads all-reduces the gradients of parameters marked like this.
-            p.sequence_parallel = config.sequence_parallel
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [s, b, h] -> logits [s, b] fp32."""
-        return torch.nn.functional.linear(x.float(), self.proj.weight.float()).squeeze(-1)
-
-    def predict(self, x: Tensor) -> Tensor:
-        """Predictor logits [s, b] fp32 from the detached residual stream."""
-        assert self.predictor is not None
-        return self.predictor(x.detach()).float().squeeze(-1)
+def build_depth_router(config: TransformerConfig, params: DepthLayerParams) -> DepthRouter:
+    """The native model's :class:`~modmoe.model.depth_router.DepthRouter` (same parameter names,
+    ``proj`` and ``predictor.0``/``predictor.2``), placed and initialised as Megatron places and
+    initialises its own parameters."""
+    router = DepthRouter(
+        config.hidden_size,
+        params.predictor_hidden,
+        params.router_weight,
+        params.causal_router,
+        device=_param_device(config),
+        dtype=config.params_dtype,
+    )
+    if config.perform_initialization:
+        with torch.no_grad():
+            for p in router.parameters():
+                config.init_method(p) if p.dim() == 2 else p.zero_()
+    for p in router.parameters():
+        # Under sequence parallelism each TP rank sees different tokens: Megatron's
+        # finalize_model_grads all-reduces the gradients of parameters marked like this.
+        p.sequence_parallel = config.sequence_parallel
+    return router
 
 
 class MoDETransformerLayer(TransformerLayer):
@@ -100,7 +91,7 @@ class MoDETransformerLayer(TransformerLayer):
             raise ValueError("MoDETransformerLayer needs its DepthLayerParams (ModuleSpec params={'depth': ...})")
         super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection, vp_stage)
         self.depth = depth
-        self.depth_router = DepthRouter(config, depth)
+        self.depth_router = build_depth_router(config, depth)
         # Detached fp32 sums for logging: the STAT_NAMES contributions, then the micro-batch count.
         # A plain attribute, not a buffer, so that bf16 wrappers do not round the sums.
         self.depth_stats: Tensor | None = None
@@ -135,7 +126,7 @@ class MoDETransformerLayer(TransformerLayer):
         rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
 
         x = hidden_states  # [s/W, b, h]
-        logits = self.depth_router(x)  # [s/W, b] fp32
+        logits = self.depth_router.logits(x)  # [s/W, b] fp32
         full = all_gather_logits(logits, group)  # [s, b]
         slots = plan_slots(full, self.depth.tokens(full.shape[0]), rank, world)
         if self.record_selection:
@@ -162,7 +153,7 @@ class MoDETransformerLayer(TransformerLayer):
         pred_loss = torch.zeros((), device=logits.device)
         decision = logits
         if self.depth_router.predictor is not None:
-            pred_logits = self.depth_router.predict(x)
+            pred_logits = self.depth_router.predictor_logits(x)  # [s/W, b] fp32, input detached
             pred_loss = membership_bce(pred_logits, member, total)
             loss = pred_loss if loss is None else loss + pred_loss
             if self.depth.causal_router == "predictor":

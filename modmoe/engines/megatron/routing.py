@@ -30,24 +30,18 @@ is None) the same code runs with ``W = 1`` and no communication. ``k`` must be a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def topk_positions(logits: Tensor, k: int) -> Tensor:
-    """logits: [s, b] -> [k, b] positions of each sequence's top-k, increasing along dim 0."""
-    return logits.topk(k, dim=0, sorted=False).indices.sort(dim=0).values
+from modmoe.model.routing import apply_update, gather_tokens, membership, scatter_tokens, topk_positions
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x: [s, b, *rest], index: [n, b] -> [n, b, *rest] (row ``index[i, j]`` of column ``j``)."""
-    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(0, idx)
+    return gather_tokens(x, index, token_dim=0)
 
 
 def all_gather_seq(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -108,8 +102,8 @@ def plan_slots(logits: Tensor, k: int, rank: int = 0, world: int = 1) -> RoutedS
         raise ValueError(f"routing: s = {s} and k = {k} must be multiples of the SP world size {world}, 1 <= k <= s")
     s_local, k_local, m = s // world, k // world, min(k, s // world)
     dev = logits.device
-    index = topk_positions(logits, k)  # [k, b]
-    mask = torch.zeros(s, b, dtype=torch.bool, device=dev).scatter_(0, index, True)
+    index = topk_positions(logits, k, token_dim=0)  # [k, b]
+    mask = membership(index, s, token_dim=0)
     counts = mask.view(world, s_local, b).sum(1)  # [W, b] chosen tokens in each rank's slice
     first_slot = counts.cumsum(0) - counts  # [W, b] routed slot of each slice's first chosen token
 
@@ -144,14 +138,8 @@ def scatter_routed(
     upd = gather_rows(full, slots.pack_slot)  # [m, b, h]
     x_pack = gather_rows(x, slots.pack)  # [m, b, h]
     r = weight.gather(0, slots.pack)  # [m, b]
-    new = x_pack + r[..., None].to(x.dtype) * upd.to(x.dtype)
-    new = torch.where(slots.pack_valid[..., None], new, x_pack)  # padding rows are written back unchanged
-    return x.scatter(0, slots.pack[..., None].expand_as(x_pack), new)
-
-
-def router_weight(logits: Tensor, kind: Literal["raw", "sigmoid"]) -> Tensor:
-    """What scales a chosen token's update: the raw logit (paper) or its sigmoid."""
-    return logits.sigmoid() if kind == "sigmoid" else logits
+    new = apply_update(x_pack, upd, r, slots.pack_valid)  # padding rows are written back unchanged
+    return scatter_tokens(x, slots.pack, new, token_dim=0)
 
 
 def gather_rotary(freqs: Tensor, index: Tensor) -> Tensor:
@@ -169,9 +157,3 @@ def gather_attention_mask(mask: Tensor, index: Tensor) -> Tensor:
     idx = index.t()  # [b, k]
     rows = rows.gather(1, idx[:, :, None].expand(b, k, s))  # [b, k, s]
     return rows.gather(2, idx[:, None, :].expand(b, k, k)).unsqueeze(1)
-
-
-def membership_bce(logits: Tensor, mask: Tensor, total_tokens: int) -> Tensor:
-    """Sum of BCE(logits, top-k membership) over the local tokens / ``total_tokens``: summed
-    over the SP ranks it is the native model's mean over the whole micro-batch."""
-    return F.binary_cross_entropy_with_logits(logits.float(), mask.float(), reduction="sum") / total_tokens

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from modmoe.config_base import ConfigError, field_error
 from modmoe.engines.megatron.config import MegatronConfig
-from modmoe.model import rules
-from modmoe.model.config import ModelConfig
+from modmoe.model.args import entering_tokens
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -39,14 +39,14 @@ class DepthLayerParams:
     """What a routed layer needs to know about depth routing (a ``ModuleSpec`` param)."""
 
     capacity: float
-    router_weight: Literal["raw", "sigmoid"]
+    router_weight: Literal["raw", "sigmoid", "unit"]
     bce_loss_coef: float
     predictor_hidden: int | None  # None: no stop-gradient predictor
     causal_router: Literal["aux_loss", "predictor"]
 
     def tokens(self, seq_len: int) -> int:
         """k = ceil(capacity * seq_len), the native model's rule."""
-        return rules.capacity_tokens(self.capacity, seq_len)
+        return entering_tokens(self.capacity, seq_len)
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,9 @@ def _layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, world: int) ->
 def _check_layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, lay: Layout, seq_len: int) -> None:
     if m.num_heads % lay.tp:
         raise field_error("parallel.tp", lay.tp, f"must divide model.num_heads ({m.num_heads})")
-    if m.kv_heads % lay.tp and lay.tp % m.kv_heads:
-        raise field_error("parallel.tp", lay.tp, f"must divide, or be a multiple of, the KV heads ({m.kv_heads})")
+    kv_heads = m.to_args().num_kv_heads
+    if kv_heads % lay.tp and lay.tp % kv_heads:
+        raise field_error("parallel.tp", lay.tp, f"must divide, or be a multiple of, the KV heads ({kv_heads})")
     if m.ffn_hidden % lay.tp:
         raise field_error("parallel.tp", lay.tp, f"must divide model.ffn_hidden ({m.ffn_hidden})")
     if m.vocab_size % lay.tp:
@@ -200,7 +201,7 @@ def _check_layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, lay: Lay
             "data.seq_len", seq_len, f"must be a multiple of parallel.tp ({lay.tp}) under sequence parallelism"
         )
     if m.depth.enabled and g.sequence_parallel:
-        k = m.depth_capacity_tokens(seq_len)
+        k = m.to_args().entering_tokens(seq_len)
         if k % lay.tp:
             raise field_error(
                 "model.depth.capacity",
@@ -346,8 +347,8 @@ def translate(
         "num_layers": model.num_layers,
         "hidden_size": model.dim,
         "num_attention_heads": model.num_heads,
-        "num_query_groups": model.kv_heads,
-        "kv_channels": model.head_dim,
+        "num_query_groups": model.to_args().num_kv_heads,
+        "kv_channels": model.to_args().head_dim,
         "ffn_hidden_size": model.ffn_hidden,
         "normalization": "RMSNorm",
         "layernorm_epsilon": model.norm_eps,
@@ -392,7 +393,7 @@ def translate(
     }
     d = model.depth
     depth = None
-    routed = tuple(i for i in range(model.num_layers) if model.layer_kind(i)[0])
+    routed = tuple(i for i in range(model.num_layers) if model.to_args().layer_kind(i)[0])
     if routed:
         depth = DepthLayerParams(
             capacity=d.capacity,

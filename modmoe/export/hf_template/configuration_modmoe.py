@@ -24,11 +24,16 @@ class ModMoEConfig(PretrainedConfig):
     training routing over whole sequences (no cache: pass use_cache=False)."""
     causal_router: str | None = None
     """``aux_loss`` (sigmoid(r) > 0.5) or ``predictor``; None = what the model was trained for."""
+    include_aux_losses: bool = True
+    """Training with labels: the loss is the language-model loss plus the auxiliary losses weighted
+    as the run trained them (expert balance, z-loss, router BCE, predictor BCE); False: the
+    language-model loss alone (the output's ``aux_loss`` holds the weighted sum either way)."""
     vocab_size: int = 0
     hidden_size: int = 0
     num_hidden_layers: int = 0
     num_attention_heads: int = 0
     num_key_value_heads: int = 0
+    head_dim: int = 0
     max_position_embeddings: int = 0
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -44,6 +49,7 @@ class ModMoEConfig(PretrainedConfig):
             self.num_hidden_layers = model["num_layers"]
             self.num_attention_heads = model["num_heads"]
             self.num_key_value_heads = model.get("num_kv_heads") or model["num_heads"]
+            self.head_dim = model.get("head_dim") or model["dim"] // model["num_heads"]
             self.max_position_embeddings = model["max_seq_len"]
         # Output and input embeddings are separate tensors in the export, even when training tied them.
         self.tie_word_embeddings = False

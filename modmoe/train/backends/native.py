@@ -108,9 +108,9 @@ class NativeModelBackend:
             with self._no_sync(last=i == n - 1):
                 with self._autocast():
                     out = self.module(inputs, targets)
-                self._backward((out.loss + out.aux_loss) / n)
-            sums += torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()])
-            for k, v in out.aux.items():
+                self._backward((out.loss + out.aux_total) / n)
+            sums += torch.stack([out.loss.detach().double(), out.aux_total.detach().double()])
+            for k, v in out.aux_losses.items():
                 aux_sums[k] = aux_sums.get(k, 0.0) + v.detach().double().reshape(1)
             stats.add(out)
         stats.reduce(self.reduce_dp)

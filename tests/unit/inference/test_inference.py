@@ -1,5 +1,6 @@
-"""The inference runtime: exactness against the training model, the ragged KV cache, executed
-FLOPs from routing decisions, sampling, stop strings and streaming, and its one-line errors."""
+"""The inference runtime: generation over the one model's ragged KV cache (exactly its
+whole-sequence causal forward), executed FLOPs from routing decisions, sampling, stop strings
+and streaming, and its one-line errors."""
 
 import ast
 import json
@@ -15,18 +16,19 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from modmoe.config import load_config
 from modmoe.export import export_checkpoint
-from modmoe.inference.core import CoreConfig, MoDEDecoder, Trace
-from modmoe.inference.flops import trace_flops
+from modmoe.inference.export_format import MODEL_FILES
+from modmoe.inference.flops import trace_flops, trace_of_sequences
 from modmoe.inference.generate import Generator
 from modmoe.inference.loading import InferenceError, load_exported
 from modmoe.inference.sampling import SamplingConfig, filter_logits, next_tokens
 from modmoe.inference.text import StopTextStream
-from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model import MoDETransformer
 from modmoe.model.flops import count_flops
+from modmoe.model.trace import Trace
+from modmoe.model_config import ModelConfig
 from modmoe.train.loop import Trainer
 
-CORE = Path(__file__).resolve().parents[3] / "modmoe" / "inference" / "core.py"
-RULES = Path(__file__).resolve().parents[3] / "modmoe" / "model" / "rules.py"
+MODEL_DIR = Path(__file__).resolve().parents[3] / "modmoe" / "model"
 
 
 def small_cfg(depth=None, moe=None, **top) -> ModelConfig:
@@ -57,19 +59,13 @@ VARIANTS = {
 }
 
 
-def core_from(native: MoDETransformer) -> MoDEDecoder:
-    core = MoDEDecoder(CoreConfig.from_dict(native.cfg.model_dump(mode="json"))).eval()
-    core.load_state_dict(native.state_dict(), strict=True)
-    return core
-
-
-def random_pair(cfg: ModelConfig, seed: int = 0) -> tuple[MoDETransformer, MoDEDecoder]:
+def random_model(cfg: ModelConfig, seed: int = 0) -> MoDETransformer:
     torch.manual_seed(seed)
-    native = MoDETransformer(cfg).eval()
-    for moe in native.moe_layers():
+    model = MoDETransformer(cfg).eval()
+    for moe in model.moe_layers():
         if moe.expert_bias is not None:
             moe.expert_bias.normal_(0, 0.1)  # a trained bias changes the experts' choice
-    return native, core_from(native)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -96,44 +92,39 @@ def _import_roots(tree: ast.AST) -> set[str]:
     return roots | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
 
 
-def test_core_and_rules_import_only_torch_and_the_standard_library():
-    """Both are shipped inside every export, where modmoe is not installed. The core's one
-    modmoe import is the fallback of a try whose first branch takes the rules from beside it."""
-    allowed = {"__future__", "math", "dataclasses", "typing", "torch"}
-    assert _import_roots(ast.parse(RULES.read_text())) <= allowed
-    tree = ast.parse(CORE.read_text())
-    tries = [n for n in tree.body if isinstance(n, ast.Try)]
-    assert len(tries) == 1
-    (first,) = tries[0].body
-    assert isinstance(first, ast.ImportFrom) and first.level == 1 and first.module == "modmoe_rules"
-    (fallback,) = tries[0].handlers[0].body
-    assert fallback.module == "modmoe.model.rules" and {a.name for a in fallback.names} == {a.name for a in first.names}
-    tree.body.remove(tries[0])
-    assert _import_roots(tree) <= allowed
+def test_the_model_files_an_export_copies_import_only_torch_and_each_other():
+    """They are shipped inside every export, where modmoe is not installed: absolute imports of
+    torch and the standard library only, relative imports among themselves only."""
+    allowed = {"__future__", "math", "dataclasses", "typing", "collections", "torch"}
+    for name in MODEL_FILES:
+        tree = ast.parse((MODEL_DIR / name).read_text())
+        assert _import_roots(tree) <= allowed, name
+        relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert {f"{m}.py" for m in relative} <= set(MODEL_FILES), name
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_teacher_forced_logits_equal_the_training_model(variant):
-    native, core = random_pair(VARIANTS[variant])
+def test_cached_generation_equals_the_whole_sequence_forward(variant):
+    """Causal routing over the KV cache (prefill, then one token at a time) computes exactly what
+    the whole-sequence causal forward of training and evaluation computes."""
+    model = random_model(VARIANTS[variant])
     tokens = torch.randint(0, 97, (3, 40))
     with torch.no_grad():
-        for routing in ("causal", "topk"):
-            torch.testing.assert_close(
-                core(tokens, routing=routing), native(tokens, routing=routing).logits, rtol=1e-5, atol=1e-5
-            )
-        # Prefill of 10 tokens, then one token at a time through the KV cache: the same logits.
-        cache = core.new_cache(3)
-        steps = [core.run_tokens(tokens[:, :10], cache)] + [
-            core.run_tokens(tokens[:, t : t + 1], cache) for t in range(10, 40)
+        reference = model(tokens, routing="causal").logits
+        torch.testing.assert_close(model.run_tokens(tokens, model.new_cache(3)), reference, rtol=1e-5, atol=1e-5)
+        cache = model.new_cache(3)
+        steps = [model.run_tokens(tokens[:, :10], cache)] + [
+            model.run_tokens(tokens[:, t : t + 1], cache) for t in range(10, 40)
         ]
-        torch.testing.assert_close(torch.cat(steps, 1), native(tokens, routing="causal").logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat(steps, 1), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_routed_caches_hold_only_the_tokens_that_entered():
-    native, core = random_pair(VARIANTS["default"], seed=3)
+    core = random_model(VARIANTS["default"], seed=3)
     tokens = torch.randint(0, 97, (2, 30))
     cache, trace = core.new_cache(2), Trace()
-    core.run_tokens(tokens, cache, trace=trace)
+    with torch.no_grad():
+        core.run_tokens(tokens, cache, trace=trace)
     for lt in trace.layers:
         expected = lt.enter.sum(1) if lt.enter is not None else torch.full((2,), 30)
         assert cache.layers[lt.layer].lengths.tolist() == expected.tolist()
@@ -143,16 +134,17 @@ def test_routed_caches_hold_only_the_tokens_that_entered():
 
 
 def test_right_padded_batch_equals_each_row_alone():
-    native, core = random_pair(VARIANTS["default"], seed=4)
+    model = random_model(VARIANTS["default"], seed=4)
     rows = [torch.randint(0, 97, (n,)) for n in (7, 19, 12)]
     tokens = torch.zeros(3, 19, dtype=torch.long)
     valid = torch.zeros(3, 19, dtype=torch.bool)
     for i, r in enumerate(rows):
         tokens[i, : len(r)], valid[i, : len(r)] = r, True
-    batched = core.run_tokens(tokens, core.new_cache(3), valid, last_only=True)[:, 0]
-    for i, r in enumerate(rows):
-        alone = native(r[None], routing="causal").logits[0, -1]
-        torch.testing.assert_close(batched[i], alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        batched = model.run_tokens(tokens, model.new_cache(3), valid, last_only=True)[:, 0]
+        for i, r in enumerate(rows):
+            alone = model(r[None], routing="causal").logits[0, -1]
+            torch.testing.assert_close(batched[i], alone, rtol=1e-5, atol=1e-5)
 
 
 def greedy_by_recompute(native: MoDETransformer, prompt: list[int], n: int, eos: int) -> list[int]:
@@ -197,20 +189,24 @@ def test_decode_flops_follow_the_routing_decisions():
     """Per decode step, the FLOPs counted from the decisions equal what torch executed, so a
     token that skips a routed block really computes nothing there but the router."""
     cfg = VARIANTS["default"]
-    native, core = random_pair(cfg, seed=5)
+    core = random_model(cfg, seed=5)
     cache = core.new_cache(1)
-    core.run_tokens(torch.randint(0, 97, (1, 8)), cache)
-    entered_steps = skipped_steps = 0
-    for _ in range(24):
-        trace = Trace()
-        token = torch.randint(0, 97, (1, 1))
-        executed = counted_by_torch(lambda: core.run_tokens(token, cache, last_only=True, trace=trace))
-        assert executed == sum(trace_flops(trace, cfg).values())
-        for lt in trace.layers:
-            if lt.enter is not None:
-                entered_steps += int(lt.enter.any())
-                skipped_steps += int(not lt.enter.any())
-                assert lt.tokens == int(lt.enter.sum())
+    torch.set_grad_enabled(False)
+    try:
+        core.run_tokens(torch.randint(0, 97, (1, 8)), cache)
+        entered_steps = skipped_steps = 0
+        for _ in range(24):
+            trace = Trace()
+            token = torch.randint(0, 97, (1, 1))
+            executed = counted_by_torch(lambda: core.run_tokens(token, cache, last_only=True, trace=trace))
+            assert executed == sum(trace_flops(trace, cfg.to_args()).values())
+            for lt in trace.layers:
+                if lt.enter is not None:
+                    entered_steps += int(lt.enter.any())
+                    skipped_steps += int(not lt.enter.any())
+                    assert lt.tokens == int(lt.enter.sum())
+    finally:
+        torch.set_grad_enabled(True)
     assert entered_steps and skipped_steps
 
 
@@ -218,12 +214,29 @@ def test_prefill_flops_equal_count_flops_without_routing():
     """The runtime's unit costs are model.flops's: a whole-sequence prefill of a model without
     routed blocks counts exactly count_flops's forward FLOPs per token times the tokens."""
     for cfg in (small_cfg(depth={"enabled": False}), small_cfg(depth={"enabled": False}, moe={"enabled": False})):
-        _, core = random_pair(cfg)
+        core = random_model(cfg)
         trace = Trace()
-        core.run_tokens(torch.randint(0, 97, (1, 40)), core.new_cache(1), trace=trace)
-        assert sum(trace_flops(trace, cfg).values()) == pytest.approx(
+        with torch.no_grad():
+            core.run_tokens(torch.randint(0, 97, (1, 40)), core.new_cache(1), trace=trace)
+        assert sum(trace_flops(trace, cfg.to_args()).values()) == pytest.approx(
             count_flops(cfg, 40).forward_per_token * 40, rel=1e-12
         )
+
+
+def test_whole_sequence_trace_counts_the_routed_work():
+    """The top-k reference's trace, read from the model's routing details: k tokens per sequence
+    in a routed block, every token elsewhere, and the decision it compares with top-k."""
+    cfg = VARIANTS["default"]
+    model = random_model(cfg, seed=6)
+    with torch.no_grad():
+        output = model(torch.randint(0, 97, (2, 40)), routing="topk")
+    trace = trace_of_sequences(output, 40, use_predictor=False)
+    k = cfg.to_args().entering_tokens(40)
+    for layer, aux in zip(trace.layers, output.layers):
+        expected = 2 * k if aux.depth is not None else 2 * 40
+        assert layer.tokens == expected
+        if aux.depth is not None:
+            assert torch.equal(layer.enter, aux.depth.logits > 0) and int(layer.topk.sum()) == 2 * k
 
 
 def test_sampling_filters_and_seeds():
@@ -373,7 +386,7 @@ def test_bf16_runtime_stays_close_and_keeps_routers_fp32(trained):
     tokens = torch.randint(0, 500, (2, 48))
     with torch.no_grad():
         ref = native(tokens, routing="topk").logits
-        got = loaded.model(tokens, routing="topk").float()
+        got = loaded.model(tokens, routing="topk").logits.float()
     # bf16 keeps ~3 significant digits: compare at a scale of the logits' spread.
     assert (got - ref).abs().mean() < 0.05 * ref.std()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

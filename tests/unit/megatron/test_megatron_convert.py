@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from modmoe.engines.megatron.convert import MegatronLayout, load_into_megatron, megatron_to_native, native_to_megatron
-from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model import MoDETransformer
+from modmoe.model_config import ModelConfig
 
 CONFIGS = {
     "mode_full": {
@@ -66,7 +67,7 @@ def test_megatron_layout_names_and_packing():
     state = native_state(cfg)
     local = native_to_megatron(state, cfg)
     # QKV grouped per KV head: [q0 q1 | k0 | v0 | q2 q3 | k1 | v1] blocks of head_dim rows.
-    hd = cfg.head_dim
+    hd = cfg.to_args().head_dim
     q, k, v = (state[f"layers.0.attn.{n}.weight"] for n in ("wq", "wk", "wv"))
     qkv = local["decoder.layers.0.self_attention.linear_qkv.weight"]
     expected = torch.cat([q[: 2 * hd], k[:hd], v[:hd], q[2 * hd :], k[hd:], v[hd:]])

@@ -22,7 +22,8 @@ from modmoe.engines.megatron.checkpoint import megatron_checkpoint_to_native  # 
 from modmoe.engines.megatron.convert import load_into_megatron, megatron_to_native, native_to_megatron  # noqa: E402
 from modmoe.engines.megatron.cpu_emulation import megatron_on_cpu  # noqa: E402
 from modmoe.engines.megatron.translate import build_transformer_config, translate  # noqa: E402
-from modmoe.model import ModelConfig, MoDETransformer  # noqa: E402
+from modmoe.model import MoDETransformer  # noqa: E402
+from modmoe.model_config import ModelConfig  # noqa: E402
 from modmoe.parallel.config import ParallelConfig  # noqa: E402
 
 T, B, V = 32, 3, 96
@@ -134,7 +135,7 @@ def _grads_after_one_backward(cfg, engine=None, bias_noise=0.0):
     native.train(), meg.train()
     tokens, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
     out = native(tokens, targets)
-    (out.loss + out.aux_loss).backward()
+    (out.loss + out.aux_total).backward()
     megatron_forward(meg, tokens, targets).mean().backward()  # aux losses ride on the activations
     grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in meg.named_parameters()}
     converted = megatron_to_native({**meg.state_dict(), **grads}, cfg)
@@ -166,7 +167,7 @@ def test_balance_loss_with_expert_bias_differs_which_is_why_it_is_rejected(megat
 
 def test_skipped_tokens_pass_a_megatron_mode_layer_bit_identical(megatron_cpu):
     from modmoe.engines.megatron.layer import MoDETransformerLayer
-    from modmoe.engines.megatron.routing import topk_positions
+    from modmoe.model.routing import topk_positions
 
     cfg = make_cfg(CONFIGS["mode_softmax_all_losses"])
     _, meg = build_pair(cfg)
@@ -181,7 +182,7 @@ def test_skipped_tokens_pass_a_megatron_mode_layer_bit_identical(megatron_cpu):
         megatron_forward(meg, torch.randint(0, V, (B, T)))
         x, y = seen[0]  # [s, b, h]
         chosen = torch.zeros(T, B, dtype=torch.bool).scatter_(
-            0, topk_positions(layers[0].depth_router(x), T // 4), True
+            0, topk_positions(layers[0].depth_router.logits(x), T // 4, token_dim=0), True
         )
     assert torch.equal(y[~chosen], x[~chosen]) and not torch.equal(y[chosen], x[chosen])
 
@@ -196,8 +197,8 @@ def test_depth_metrics_match_the_native_auxiliary_losses(megatron_cpu):
     ref = native(tokens)
     megatron_forward(meg, tokens)
     metrics = collect_depth_metrics([meg], sequence_parallel=False)
-    assert metrics["mod_bce_loss"] == pytest.approx(float(ref.aux["mod_bce_loss"]), rel=1e-5)
-    assert metrics["mod_predictor_loss"] == pytest.approx(float(ref.aux["mod_predictor_loss"]), rel=1e-5)
+    assert metrics["mod_bce_loss"] == pytest.approx(float(ref.aux_losses["mod_bce_loss"]), rel=1e-5)
+    assert metrics["mod_predictor_loss"] == pytest.approx(float(ref.aux_losses["mod_predictor_loss"]), rel=1e-5)
     agreement = torch.stack(
         [(a.depth.causal_enter == a.depth.topk_mask).float().mean() for a in ref.layers if a.depth is not None]
     ).mean()

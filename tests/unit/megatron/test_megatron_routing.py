@@ -13,15 +13,20 @@ from modmoe.engines.megatron.routing import (
     gather_attention_mask,
     gather_rotary,
     gather_routed,
-    membership_bce,
     plan_slots,
-    router_weight,
     scatter_routed,
-    topk_positions,
 )
-from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model import MoDETransformer
 from modmoe.model.block import TransformerBlock
-from modmoe.model.layers import RotaryEmbedding
+from modmoe.model.layers import rope_angles
+from modmoe.model.routing import membership_bce, router_weight
+from modmoe.model.routing import topk_positions as topk_along
+from modmoe.model_config import ModelConfig
+
+
+def topk_positions(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The shared selection on Megatron's [s, b] layout (tokens along dim 0)."""
+    return topk_along(logits, k, token_dim=0)
 
 
 def _cfg(router_weight: str = "raw") -> ModelConfig:
@@ -44,13 +49,13 @@ def test_gather_scatter_reproduce_the_native_routed_block(kind):
     block's own f(x): equal bit for bit, skipped tokens untouched."""
     torch.manual_seed(0)
     cfg = _cfg(kind)
-    block = MoDETransformer(cfg).layers[1].eval()  # initialized weights
+    model = MoDETransformer(cfg)
+    block = model.layers[1].eval()  # initialized weights
     assert isinstance(block, TransformerBlock) and block.router is not None
     B, T = 3, 40
-    k = cfg.depth_capacity_tokens(T)
+    k = cfg.to_args().entering_tokens(T)
     x = torch.randn(B, T, cfg.dim)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    cos, sin = rope(torch.arange(T).expand(B, T))
+    cos, sin = model.rotary_tables(torch.arange(T).expand(B, T))
     with torch.no_grad():
         expected, aux = block(x, cos, sin, k, "topk")
 
@@ -98,8 +103,7 @@ def test_routed_tokens_keep_their_positions_for_rope():
     index = topk_positions(torch.randn(s, 3), 6)  # [k, b]
     got = gather_rotary(freqs, index)  # [k, b, 1, d]
     assert got.shape == (6, 3, 1, head_dim)
-    native = RotaryEmbedding(head_dim, s, 10000.0)
-    cos, _ = native(index.t())  # (b, k, d/2)
+    cos = rope_angles(index.t(), head_dim, 10000.0).cos()  # (b, k, d/2): the native model's angles
     assert torch.allclose(got[..., : head_dim // 2].squeeze(2).cos().transpose(0, 1), cos)
 
 

@@ -13,7 +13,7 @@ from modmoe.config_base import ConfigError, validate_config  # noqa: E402
 from modmoe.engines.megatron import MegatronConfig  # noqa: E402
 from modmoe.engines.megatron.compat import te_available  # noqa: E402
 from modmoe.engines.megatron.translate import build_transformer_config, translate  # noqa: E402
-from modmoe.model import ModelConfig  # noqa: E402
+from modmoe.model_config import ModelConfig  # noqa: E402
 from modmoe.parallel.config import ParallelConfig  # noqa: E402
 
 BASE_MODEL = {
@@ -133,7 +133,7 @@ def test_supported_option_builds_a_real_transformer_config(name):
     )
     assert tc.sequence_parallel == engine.get("sequence_parallel", False)
     assert tc.params_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
-    assert plan.routed_layers == tuple(i for i in range(4) if m.layer_kind(i)[0])
+    assert plan.routed_layers == tuple(i for i in range(4) if m.to_args().layer_kind(i)[0])
     assert plan.use_te == (te and engine.get("transformer_impl", "auto") != "local")
     if m.moe.enabled:
         e = m.moe

@@ -4,8 +4,8 @@ import pytest
 
 from modmoe.config import load_config
 from modmoe.config_base import ConfigError
-from modmoe.model import ModelConfig
 from modmoe.model.flops import count_flops, theoretical_speedup
+from modmoe.model_config import ModelConfig
 
 
 def test_flops_match_hand_count():
@@ -52,7 +52,7 @@ def test_mod_speedup_prediction_follows_capacity():
         ("model.num_layers=0", "config error: model.num_layers = 0: Input should be greater than or equal to 1"),
         (
             "model.depth.router_weight=tanh",
-            "config error: model.depth.router_weight = 'tanh': Input should be 'raw' or 'sigmoid'",
+            "config error: model.depth.router_weight = 'tanh': Input should be 'raw', 'sigmoid' or 'unit'",
         ),
         (
             "model.depth.capacity=1.5",

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modmoe.model import ModelConfig
 from modmoe.model.grouped_gemm import grouped_mm
 from modmoe.model.moe import GroupedExperts, MoE
+from modmoe.model_config import ModelConfig
 
 
 def experts(kernel: str, E=4, D=16, F=24, seed=0) -> GroupedExperts:
@@ -84,7 +84,7 @@ def moe(kernel: str, seed=0, noop=0, **moe_cfg) -> MoE:
         moe={"num_experts": 4, "top_k": 2, "expert_hidden": 16, **moe_cfg},
     )
     torch.manual_seed(seed)
-    layer = MoE(cfg, noop_experts=noop)
+    layer = MoE(cfg.to_args(), noop_experts=noop)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     layer.experts.kernel = kernel

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model import MoDETransformer
 from modmoe.model.block import TransformerBlock
+from modmoe.model_config import ModelConfig
 
 
 def small_cfg(**depth) -> ModelConfig:
@@ -85,7 +86,7 @@ def test_routed_block_equals_dense_block_on_chosen_subsequence(model):
     x, out, aux = _block_io(block, model, tokens)
     idx = aux.depth.index  # (B, k)
     positions = idx  # original positions of the chosen tokens
-    cos, sin = model.rope(positions)
+    cos, sin = model.rotary_tables(positions)
     x_sel = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
     # The same block without its router, run on just the chosen tokens at their positions.
     router, block.router = block.router, None
@@ -106,7 +107,7 @@ def test_chosen_tokens_attend_only_among_chosen(model):
     skipped = [p for p in range(32) if p not in aux.depth.index[0].tolist()]
     x2 = x.clone()
     x2[0, skipped[len(skipped) // 2]] += 1e-3 * torch.randn(x.shape[-1])
-    cos, sin = model.rope(torch.arange(32)[None])
+    cos, sin = model.rotary_tables(torch.arange(32)[None])
     out2, aux2 = block(x2, cos, sin, k=aux.depth.index.shape[1], mode="topk")
     assert torch.equal(aux2.depth.index, aux.depth.index)
     chosen = aux.depth.index[0]
@@ -136,7 +137,7 @@ def test_predictor_is_stop_gradient():
     model = MoDETransformer(small_cfg(causal_router="predictor"))
     tokens = torch.randint(0, 97, (2, 32))
     out = model(tokens)
-    assert "mod_predictor_loss" in out.aux
+    assert "mod_predictor_loss" in out.aux_losses
     predictor_loss = sum(a.depth.predictor_loss for a in out.layers if a.depth is not None)
     predictor_loss.backward()
     assert model.tok_embeddings.weight.grad is None or model.tok_embeddings.weight.grad.abs().sum() == 0

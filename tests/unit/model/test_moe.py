@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from modmoe.model import ModelConfig
 from modmoe.model.moe import MoE
+from modmoe.model_config import ModelConfig
 
 
 def moe_cfg(**moe) -> ModelConfig:
@@ -18,7 +18,7 @@ def moe_cfg(**moe) -> ModelConfig:
 
 def make(noop=0, seed=0, **moe) -> MoE:
     torch.manual_seed(seed)
-    layer = MoE(moe_cfg(**moe), noop_experts=noop)
+    layer = MoE(moe_cfg(**moe).to_args(), noop_experts=noop)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     return layer
@@ -53,7 +53,7 @@ def test_output_is_weighted_sum_of_chosen_experts():
     x = torch.randn(1, 3, 8)
     out, aux = layer(x)
     flat = x.reshape(3, 8)
-    logits, _, experts, weights = layer.route(flat, None)
+    logits, _, experts, weights = layer.route(flat)
     for t in range(3):
         expected = layer.shared(flat[t])
         for slot in range(2):

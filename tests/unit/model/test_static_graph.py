@@ -18,8 +18,9 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model import MoDETransformer
 from modmoe.model.moe import GroupedExperts
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.compile import apply_compile
 
 
@@ -79,7 +80,7 @@ def fresh_dynamo():
 
 def step(model, tokens) -> torch.Tensor:
     out = model(tokens, tokens)
-    (out.loss + out.aux_loss).backward()
+    (out.loss + out.aux_total).backward()
     return out.loss.detach()
 
 
@@ -139,7 +140,7 @@ def test_bf16_autocast_step_also_compiles_as_one_graph():
     compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = compiled(*(torch.randint(0, 64, (2, 16)),) * 2)
-    (out.loss + out.aux_loss).backward()
+    (out.loss + out.aux_total).backward()
     assert not found, found
     assert all(p.grad is not None for p in model.layers[1].mlp.experts.parameters())
 

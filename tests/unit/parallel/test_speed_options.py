@@ -7,7 +7,8 @@ import torch
 
 from modmoe.config import load_config
 from modmoe.config_base import ConfigError
-from modmoe.model import ModelConfig, MoDETransformer
+from modmoe.model import MoDETransformer
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.fp8 import apply_fp8
 from modmoe.train.resolve import resolve_job
 
@@ -49,7 +50,7 @@ def test_fp8_swaps_only_the_projections_and_trains_under_emulation(recipe):
     losses = []
     for _ in range(3):
         out = model(tokens, tokens)
-        (out.loss + out.aux_loss).backward()
+        (out.loss + out.aux_total).backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(out.loss))

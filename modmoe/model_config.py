@@ -1,4 +1,10 @@
-"""Configuration of the MoDE transformer: trunk, depth routing (MoD) and experts (MoE)."""
+"""Configuration of the MoDE transformer: trunk, depth routing (MoD) and experts (MoE).
+
+The validated, documented form of the architecture (the ``model`` section of a job config). The
+model code never sees it: :meth:`ModelConfig.to_args` converts it into the plain
+:class:`~modmoe.model.args.ModelArgs` that ``modmoe.model`` reads, so the model package stays free
+of pydantic and of modmoe's config system (the export copies it).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from modmoe.config_base import ConfigModel, field_error
-from modmoe.model import rules
+from modmoe.model.args import ModelArgs, is_moe, is_routed
 
 
 class DepthRoutingConfig(ConfigModel):
@@ -33,9 +39,10 @@ class DepthRoutingConfig(ConfigModel):
     """See ``every``. The default (every=2, offset=1) routes blocks 1, 3, 5, ... and keeps the
     first block full, as in the paper."""
 
-    router_weight: Literal["raw", "sigmoid"] = "raw"
-    """What scales the block output of a chosen token: the raw router logit ``r`` (paper) or
-    ``sigmoid(r)``."""
+    router_weight: Literal["raw", "sigmoid", "unit"] = "raw"
+    """What scales the block output of a chosen token: the raw router logit ``r`` (paper),
+    ``sigmoid(r)``, or ``unit``: 1 in value with the raw logit's gradient (a pretrained block's
+    update is kept exactly; the router still learns which tokens to send)."""
 
     causal_router: Literal["aux_loss", "predictor"] = "aux_loss"
     """How tokens are routed when future tokens are unknown (generation, causal eval):
@@ -71,7 +78,8 @@ class DepthRoutingConfig(ConfigModel):
         return self
 
     def is_routed(self, layer_index: int) -> bool:
-        return rules.is_routed(layer_index, self.enabled, self.every, self.offset)
+        """Block ``layer_index`` has a depth router (staged or integrated)."""
+        return is_routed(layer_index, self.enabled, self.every, self.offset)
 
 
 class MoEConfig(ConfigModel):
@@ -91,7 +99,14 @@ class MoEConfig(ConfigModel):
     """Hidden width of one expert's SwiGLU."""
 
     num_shared_experts: int = Field(default=0, ge=0)
-    """Always-on experts (one SwiGLU of width num_shared_experts * expert_hidden)."""
+    """Always-on experts (one SwiGLU of width num_shared_experts * expert_hidden, unless
+    shared_expert_hidden says otherwise)."""
+
+    shared_expert_hidden: int | None = Field(default=None, ge=1)
+    """Hidden width of the shared experts' SwiGLU (null = num_shared_experts * expert_hidden)."""
+
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(w . x) (Qwen2-MoE's shared expert gate)."""
 
     score: Literal["softmax", "sigmoid"] = "softmax"
     """Router score function over expert logits."""
@@ -130,7 +145,36 @@ class MoEConfig(ConfigModel):
         return self
 
     def is_moe(self, layer_index: int) -> bool:
-        return rules.is_moe(layer_index, self.enabled, self.every, self.first_dense)
+        return is_moe(layer_index, self.enabled, self.every, self.first_dense)
+
+
+class RopeScalingConfig(ConfigModel):
+    """How a pretrained model stretches RoPE beyond its original context."""
+
+    rope_type: Literal["llama3", "linear"]
+    """``llama3``: Llama-3.1's frequency-dependent scaling; ``linear``: every frequency / factor."""
+
+    factor: float = Field(gt=0.0)
+    """How much longer than the original context the model reads."""
+
+    low_freq_factor: float = Field(default=1.0, gt=0.0)
+    """llama3: wavelengths above original / low_freq_factor are slowed by ``factor``."""
+
+    high_freq_factor: float = Field(default=4.0, gt=0.0)
+    """llama3: wavelengths below original / high_freq_factor keep their speed."""
+
+    original_max_position_embeddings: int = Field(default=8192, ge=1)
+    """The context the model was pretrained with before scaling."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScalingConfig:
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise field_error(
+                "model.rope_scaling.high_freq_factor",
+                self.high_freq_factor,
+                f"must be > low_freq_factor ({self.low_freq_factor})",
+            )
+        return self
 
 
 MAX_LAYERS = 4096
@@ -158,11 +202,26 @@ class ModelConfig(ConfigModel):
     ffn_hidden: int = Field(default=688, ge=1)
     """Hidden width of the dense SwiGLU (blocks without experts)."""
 
+    head_dim: int | None = Field(default=None, ge=2)
+    """Width of one attention head (null = dim / num_heads; pretrained models such as Qwen3 set
+    it apart from dim)."""
+
     max_seq_len: int = Field(default=1024, ge=8)
-    """Longest sequence the rotary tables cover."""
+    """Longest sequence the model takes (positions 0 .. max_seq_len - 1)."""
 
     rope_theta: float = Field(default=10000.0, gt=0.0)
     """RoPE base frequency."""
+
+    rope_scaling: RopeScalingConfig | None = None
+    """RoPE frequency scaling of a long-context pretrained model (null = none)."""
+
+    attention_bias: Literal["none", "qkv", "all"] = "none"
+    """Biases of the attention projections: ``qkv`` on the query, key and value projections
+    (Qwen2), ``all`` on the output projection too (Llama's attention_bias)."""
+
+    qk_norm: Literal["none", "head", "full"] = "none"
+    """RMSNorm of queries and keys before RoPE: ``head`` per head (Qwen3), ``full`` over the
+    whole projection (OLMoE)."""
 
     norm_eps: float = Field(default=1e-5, gt=0.0)
     """RMSNorm epsilon."""
@@ -181,11 +240,14 @@ class ModelConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.dim % self.num_heads:
-            raise field_error("model.num_heads", self.num_heads, f"must divide dim ({self.dim})")
-        if (self.dim // self.num_heads) % 2:
-            raise field_error("model.num_heads", self.num_heads, "dim / num_heads must be even (RoPE)")
-        kv = self.kv_heads
+        if self.head_dim is None:
+            if self.dim % self.num_heads:
+                raise field_error("model.num_heads", self.num_heads, f"must divide dim ({self.dim})")
+            if (self.dim // self.num_heads) % 2:
+                raise field_error("model.num_heads", self.num_heads, "dim / num_heads must be even (RoPE)")
+        elif self.head_dim % 2:
+            raise field_error("model.head_dim", self.head_dim, "must be even (RoPE rotates pairs of channels)")
+        kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise field_error("model.num_kv_heads", kv, f"must divide num_heads ({self.num_heads})")
         integrated = self.depth.enabled and self.depth.variant == "integrated"
@@ -195,28 +257,6 @@ class ModelConfig(ConfigModel):
             )
         return self
 
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    def depth_capacity_tokens(self, seq_len: int) -> int:
-        """k: tokens per sequence that enter a staged routed block."""
-        return rules.capacity_tokens(self.depth.capacity, seq_len)
-
-    def layer_kind(self, layer_index: int) -> tuple[bool, bool]:
-        """(staged depth-routed?, MoE?) for one block."""
-        routed = self.depth.is_routed(layer_index) and self.depth.variant == "staged"
-        return routed, self.moe.is_moe(layer_index)
-
-    def noop_experts_at(self, layer_index: int) -> int:
-        """No-op experts of the integrated variant in this block (0 elsewhere)."""
-        return rules.noop_experts_at(
-            self.depth.is_routed(layer_index),
-            self.depth.variant == "integrated",
-            self.moe.is_moe(layer_index),
-            self.depth.noop_experts,
-        )
+    def to_args(self) -> ModelArgs:
+        """The plain architecture record the model code reads (sizes resolved)."""
+        return ModelArgs.from_dict(self.model_dump(mode="json"))

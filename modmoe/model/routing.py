@@ -1,0 +1,86 @@
+"""Depth routing (MoD) as tensor functions, for any layout of the token axis.
+
+The native model calls them on ``(B, T, ...)`` tensors (``token_dim=1``), the Megatron layer on
+its ``[s, b, ...]`` tensors (``token_dim=0``), generation on the rows of its cache. Every
+function treats one axis as the tokens of a sequence and the other leading axis as the batch:
+
+- ``topk_positions``: the ``k`` tokens of each sequence with the largest router logits, in
+  position order (expert choice over the sequence);
+- ``entering_first``: the tokens a causal decision lets in, first and in position order, then
+  the others as padding, with a mask telling the two apart;
+- ``router_weight``: what scales an entering token's block update;
+- ``gather_tokens`` / ``scatter_tokens``: take the entering tokens out of a sequence and put
+  their updated rows back, leaving every other row bit for bit;
+- ``membership_bce``: the loss that teaches a causal decision to predict top-k membership.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def topk_positions(logits: Tensor, k: int, token_dim: int = 1) -> Tensor:
+    """logits (B, T) or [s, b] -> positions of each sequence's top ``k``, increasing along ``token_dim``."""
+    return logits.topk(k, dim=token_dim, sorted=False).indices.sort(dim=token_dim).values
+
+
+def membership(positions: Tensor, num_tokens: int, token_dim: int = 1) -> Tensor:
+    """Bool mask over the ``num_tokens`` tokens of each sequence, True at ``positions``."""
+    shape = list(positions.shape)
+    shape[token_dim] = num_tokens
+    return torch.zeros(shape, dtype=torch.bool, device=positions.device).scatter_(token_dim, positions, True)
+
+
+def entering_first(enter: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """enter: (B, T) bool -> ``index`` (B, W) long and ``valid`` (B, W) bool: each row's entering
+    tokens first, in position order, then the others as padding. ``W`` is ``width`` when given,
+    else the largest number of entering tokens in a row (at least 1, so shapes stay non-empty)."""
+    T = enter.shape[1]
+    positions = torch.arange(T, device=enter.device).expand_as(enter)
+    ranked = torch.where(enter, positions, positions + T).sort(dim=1).values  # (B, T)
+    if width is None:
+        width = max(int(enter.sum(1).max()), 1) if enter.numel() else 1
+    ranked = ranked[:, :width]
+    return ranked % T, ranked < T
+
+
+def router_weight(logits: Tensor, kind: str) -> Tensor:
+    """What scales an entering token's block update: ``raw``, the logit itself (the paper);
+    ``sigmoid``, its sigmoid; ``unit``, 1 in value with the raw logit's gradient, so a pretrained
+    block's update is kept exactly while the router still learns from it."""
+    if kind == "sigmoid":
+        return logits.sigmoid()
+    if kind == "unit":
+        return 1.0 + (logits - logits.detach())
+    return logits
+
+
+def gather_tokens(x: Tensor, index: Tensor, token_dim: int = 1) -> Tensor:
+    """x (B, T, *rest) with index (B, n), or [s, b, *rest] with [n, b] -> the indexed tokens with ``rest``."""
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - index.dim()))).expand(*index.shape, *x.shape[index.dim() :])
+    return x.gather(token_dim, idx)
+
+
+def scatter_tokens(x: Tensor, index: Tensor, rows: Tensor, token_dim: int = 1) -> Tensor:
+    """``x`` with the tokens at ``index`` replaced by ``rows`` (the shapes of :func:`gather_tokens`);
+    every other row is copied unchanged."""
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - index.dim()))).expand_as(rows)
+    return x.scatter(token_dim, idx, rows)
+
+
+def apply_update(selected: Tensor, update: Tensor, weight: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``selected + weight * update`` per entering token (weights broadcast over the feature
+    axis); padding rows (``valid`` False) come back unchanged."""
+    new = selected + weight[..., None].to(selected.dtype) * update.to(selected.dtype)
+    return new if valid is None else torch.where(valid[..., None], new, selected)
+
+
+def membership_bce(logits: Tensor, member: Tensor, total_tokens: int | None = None) -> Tensor:
+    """BCE of ``logits`` against top-k membership: the mean over the tokens, or, with
+    ``total_tokens``, the sum over these tokens divided by it (shards of one micro-batch then
+    add up to its mean)."""
+    if total_tokens is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), member.float())
+    return F.binary_cross_entropy_with_logits(logits.float(), member.float(), reduction="sum") / total_tokens
