@@ -7,8 +7,10 @@ Two routing modes share one output type:
   must. Sequences select different counts, so selections are padded to the longest one and
   carry a ``valid`` mask.
 
-Routing decisions are discrete, so the router and the predictor compute in float32 whatever
-dtype their weights or inputs have (the export keeps these weights in float32).
+Routing decisions are discrete, so the router and the predictor return float32 logits, and they
+take their input in their weights' dtype (the export keeps these weights in float32 while the rest
+may be bf16). Both are called as modules, never through their weight tensors: ZeRO-3 and FSDP2
+make a weight whole only around its own module's forward.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
@@ -73,14 +74,12 @@ class DepthRouter(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> router logits r (...), float32."""
-        return F.linear(x.float(), self.proj.weight.float()).squeeze(-1)
+        return self.proj(x.to(self.proj.weight.dtype)).squeeze(-1).float()
 
     def predictor_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> predictor logits (...), float32, from the detached input: the
         predictor learns from the trunk without changing it."""
-        first, last = self.predictor[0], self.predictor[2]
-        hidden = F.silu(F.linear(x.detach().float(), first.weight.float(), first.bias.float()))
-        return F.linear(hidden, last.weight.float(), last.bias.float()).squeeze(-1)
+        return self.predictor(x.detach().to(self.predictor[0].weight.dtype)).squeeze(-1).float()
 
     def uses_predictor(self, causal_router: str | None = None) -> bool:
         """Whether causal decisions come from the predictor (``causal_router`` None: as trained)."""

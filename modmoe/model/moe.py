@@ -132,8 +132,9 @@ class MoE(nn.Module):
     # ---------------------------------------------------------------- routing
     def route(self, x: torch.Tensor):
         """x: (N, D) -> logits, probs (N, Et), topk_experts, topk_weights (N, K). Routing
-        decisions are discrete: scored in float32 whatever the weights' dtype."""
-        logits = F.linear(x.float(), self.gate.weight.float())  # (N, Et)
+        decisions are discrete: scored in float32, the input taken in the gate's dtype (float32
+        in a bf16 export). The gate runs as a module (ZeRO-3 gathers a weight around its forward)."""
+        logits = self.gate(x.to(self.gate.weight.dtype)).float()  # (N, Et)
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         choice = scores if self.expert_bias is None else scores + self.expert_bias.float()  # bias: choice only
@@ -147,7 +148,7 @@ class MoE(nn.Module):
         """x: (N, D) -> the shared experts' contribution (N, D)."""
         out = self.shared(x)
         if self.shared_gate is not None:
-            out = out * F.linear(x.float(), self.shared_gate.weight.float()).sigmoid().to(out.dtype)
+            out = out * self.shared_gate(x.to(self.shared_gate.weight.dtype)).float().sigmoid().to(out.dtype)
         return out
 
     def _within_expert_capacity(
