@@ -148,6 +148,11 @@ def test_slurm_array_script_runs_each_unfinished_point(tmp_path: Path) -> None:
     assert lines[-1].startswith("exec ")
     report = render_report(spec, tmp_path / "spec.yaml", Path("/work"))
     assert report.splitlines()[-1].endswith("--report") and "--array" not in report
+    # The --set options of the submitting call reach every task and the report job.
+    sets = ["runs_root=/big disk"]
+    script = render_array(spec, tmp_path / "spec.yaml", points, Path("/work"), sets)
+    assert " '--set=runs_root=/big disk' --point \"$SLURM_ARRAY_TASK_ID\"" in script.splitlines()[-1]
+    assert "'--set=runs_root=/big disk' --report" in render_report(spec, tmp_path / "spec.yaml", Path("/work"), sets)
 
 
 def test_summary_takes_each_variants_best_over_sizes_and_rates(tmp_path: Path) -> None:
