@@ -44,6 +44,16 @@ class Point:
     config: JobConfig
     flops_per_token: float  # executed training FLOPs per token (3 x forward)
     tokens_per_step: int
+    repeat_of: str | None = None  # a seed point: the name of the grid point it repeats at another seed
+
+    @property
+    def seed(self) -> int:
+        return self.config.trainer.seed
+
+    @property
+    def grid_name(self) -> str:
+        """The (budget, size, variant, lr) this point measures: its own name for a grid point."""
+        return self.repeat_of or self.name
 
     @property
     def max_steps(self) -> int:
@@ -80,36 +90,69 @@ def tracking_uri(spec: SweepSpec) -> str:
 
 
 def expand(spec: SweepSpec) -> list[Point]:
-    """Every point of the sweep, in a fixed order (budget, size, variant, learning rate); raises
-    :class:`ConfigError` naming the point and field for any config or budget problem."""
+    """The grid: every (budget, size, variant, learning rate) at the first seed, in a fixed order;
+    raises :class:`ConfigError` naming the point and field for any config or budget problem.
+    (The further seeds of each variant's best point: :mod:`modmoe.sweep.seeds`.)"""
     base = read_config_file(spec.base_config)
-    lrs = spec.learning_rates
     uri = tracking_uri(spec)
     points: list[Point] = []
     for budget in spec.budgets:
         for size in spec.sizes:
             for variant in spec.variants:
-                for lr in lrs or [None]:
-                    name = f"{budget_label(budget)}_{size.name}_{variant.name}" + (f"_lr{lr:g}" if lrs else "")
-                    data = copy.deepcopy(base)
-                    for where, overrides in (
-                        ("overrides", spec.overrides),
-                        (f"sizes.{size.name}.overrides", size.overrides),
-                        (f"variants.{variant.name}.overrides", variant.overrides),
-                    ):
-                        for key, value in overrides.items():
-                            set_dotted(data, key, value, source=f"sweep {where}.{key}")
-                    if lr is not None:
-                        set_dotted(data, "optimizer.lr", lr)
-                    points.append(_resolve(spec, len(points), name, budget, size.name, variant.name, data, uri))
+                for lr in spec.learning_rates or [None]:
+                    points.append(point_at(spec, base, uri, len(points), budget, size.name, variant.name, lr))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise SweepError("sweep error: budgets: two budgets share a name at 4 significant digits; space them further")
     return points
 
 
+def point_at(
+    spec: SweepSpec,
+    base: dict[str, Any],
+    uri: str,
+    index: int,
+    budget: float,
+    size: str,
+    variant: str,
+    lr: float | None,
+    seed: int | None = None,
+) -> Point:
+    """One point: the base config, the common, size and variant overrides, then what the sweep
+    sets (LR, seed, budget, schedule, tracking). ``seed`` = None: the grid's (the first of
+    ``seeds``); another seed makes a seed point named ``<grid name>_s<seed>``."""
+    grid_name = f"{budget_label(budget)}_{size}_{variant}" + (f"_lr{lr:g}" if lr is not None else "")
+    first_seed = spec.seeds[0] if spec.seeds else None
+    repeat_of = grid_name if seed is not None and seed != first_seed else None
+    name = f"{grid_name}_s{seed}" if repeat_of else grid_name
+    seed = first_seed if seed is None else seed
+    data = copy.deepcopy(base)
+    size_arm = next(a for a in spec.sizes if a.name == size)
+    variant_arm = next(a for a in spec.variants if a.name == variant)
+    for where, overrides in (
+        ("overrides", spec.overrides),
+        (f"sizes.{size}.overrides", size_arm.overrides),
+        (f"variants.{variant}.overrides", variant_arm.overrides),
+    ):
+        for key, value in overrides.items():
+            set_dotted(data, key, value, source=f"sweep {where}.{key}")
+    if lr is not None:
+        set_dotted(data, "optimizer.lr", lr)
+    if seed is not None:
+        set_dotted(data, "trainer.seed", seed)
+    return _resolve(spec, index, name, budget, size, variant, data, uri, repeat_of)
+
+
 def _resolve(
-    spec: SweepSpec, index: int, name: str, budget: float, size: str, variant: str, data: dict, uri: str
+    spec: SweepSpec,
+    index: int,
+    name: str,
+    budget: float,
+    size: str,
+    variant: str,
+    data: dict,
+    uri: str,
+    repeat_of: str | None,
 ) -> Point:
     def validated(what: str) -> JobConfig:
         try:
@@ -143,24 +186,14 @@ def _resolve(
             "size": size,
             "lr": f"{probe.optimizer.lr:g}",
             "max_steps": str(steps),
+            "seed": str(probe.trainer.seed),
+            "grid_point": repeat_of or name,
         },
     }
     for key, value in owned.items():
         set_dotted(data, key, value)
     cfg = validated(" (with the sweep's budget and schedule)")
-    return Point(index, name, budget, size, variant, cfg.optimizer.lr, cfg, flops_per_token, tokens_per_step)
-
-
-def find_point(points: list[Point], key: str) -> Point:
-    """A point by index (a Slurm array task id) or by name."""
-    if key.isdigit() and int(key) < len(points):
-        return points[int(key)]
-    for p in points:
-        if p.name == key:
-            return p
-    raise SweepError(
-        f"sweep error: --point {key}: no such point (0..{len(points) - 1} or a name such as {points[0].name})"
-    )
+    return Point(index, name, budget, size, variant, cfg.optimizer.lr, cfg, flops_per_token, tokens_per_step, repeat_of)
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:

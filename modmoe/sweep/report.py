@@ -1,133 +1,35 @@
-"""What a sweep found: one row per point (read from its run directory), the best loss of each
-variant at each budget, a markdown table, CSV and JSON, the isoFLOP plot, and an MLflow
-summary run in the sweep's experiment holding them as artifacts."""
+"""What a sweep found (:mod:`modmoe.sweep.analysis`), printed and written: the best point of each
+variant at each budget with its seed spread, the gap from the baseline, the equal-time tables,
+one row per point, as markdown, CSV and JSON, the isoFLOP plot, and an MLflow summary run in the
+sweep's experiment holding them as artifacts."""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from modmoe.model.flops import parameter_counts
-from modmoe.sweep.plot import isoflop_plot
-from modmoe.sweep.points import Point, State, SweepError, state, tracking_uri
-from modmoe.sweep.runner import attempts
+from modmoe.sweep.analysis import (
+    EqualTimeRow,
+    SeedGap,
+    SeedSpread,
+    VariantBest,
+    configurations,
+    equal_time,
+    seed_gaps,
+    summarize,
+)
+from modmoe.sweep.plot import VariantCurve, isoflop_plot
+from modmoe.sweep.points import tracking_uri
+from modmoe.sweep.results import read_result
+from modmoe.sweep.seeds import Plan, SeedSlot
 from modmoe.sweep.spec import SweepSpec
 
 TABLE_MD, TABLE_CSV, RESULTS_JSON, PLOT_PNG = "sweep.md", "points.csv", "results.json", "isoflop.png"
 SUMMARY_RUN = "summary_run.json"  # the MLflow summary run's id, so a new report updates it
-
-
-@dataclass
-class PointResult:
-    point: Point
-    status: State | str
-    steps: int = 0
-    loss_topk: float | None = None
-    loss_causal: float | None = None
-    causal_agreement: float | None = None
-    wall_s: float = 0.0  # all attempts, as measured around `modmoe train`
-    cpu_s: float | None = None  # CPU time of all attempts (None when an attempt did not record it)
-    step_time_s: float = 0.0  # sum of the trainer's step times (training only)
-
-    @property
-    def routed(self) -> bool:
-        """True when the model decides per token with a depth router (so causal != top-k)."""
-        d = self.point.config.model.depth
-        return d.enabled and d.variant == "staged"
-
-    def row(self) -> dict[str, Any]:
-        p, counts = self.point, parameter_counts(self.point.config.model)
-        return {
-            "point": p.name,
-            "budget": p.budget,
-            "size": p.size,
-            "variant": p.variant,
-            "lr": p.lr,
-            "params_total": counts["total"],
-            "params_active": counts["active"],
-            "train_flops_per_token": p.flops_per_token,
-            "tokens_per_step": p.tokens_per_step,
-            "max_steps": p.max_steps,
-            "steps": self.steps,
-            "executed_flops": self.steps * p.flops_per_step,
-            "budget_used": self.steps * p.flops_per_step / p.budget,
-            "loss_topk": self.loss_topk,
-            "loss_causal": self.loss_causal,
-            "causal_agreement": self.causal_agreement,
-            "wall_s": round(self.wall_s, 1),
-            "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 1),
-            "step_time_s": round(self.step_time_s, 1),
-            "status": self.status,
-        }
-
-
-def read_result(point: Point) -> PointResult:
-    try:
-        status: State | str = state(point)
-    except SweepError:
-        return PointResult(point, "conflict")
-    tries = attempts(point)
-    cpu = None if not tries or any("cpu_s" not in a for a in tries) else sum(a["cpu_s"] for a in tries)
-    result = PointResult(point, status, wall_s=sum(a.get("wall_s", 0.0) for a in tries), cpu_s=cpu)
-    metrics = point.run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return result
-    final_eval = None
-    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash
-        result.steps = max(result.steps, int(record.get("step", 0)))
-        result.step_time_s += float(record.get("step_time_s", 0.0))
-        if "eval/loss_topk" in record:
-            final_eval = record
-    if status == "finished" and final_eval is not None and final_eval.get("step") == point.max_steps:
-        result.loss_topk = final_eval["eval/loss_topk"]
-        result.loss_causal = final_eval.get("eval/loss_causal")
-        result.causal_agreement = final_eval.get("eval/causal_agreement")
-    return result
-
-
-def summarize(spec: SweepSpec, results: list[PointResult]) -> list[dict[str, Any]]:
-    """Per budget and variant: the best top-k and causal loss over sizes and learning rates, and
-    the relative difference of the best top-k loss from the baseline's at that budget."""
-    rows = []
-    for budget in spec.budgets:
-        best: dict[str, dict[str, Any]] = {}
-        for variant in spec.variant_names:
-            done = [
-                r
-                for r in results
-                if r.point.budget == budget and r.point.variant == variant and r.loss_topk is not None
-            ]
-            if not done:
-                continue
-            top = min(done, key=lambda r: r.loss_topk)
-            causal = min(done, key=lambda r: r.loss_causal if r.loss_causal is not None else float("inf"))
-            best[variant] = {
-                "budget": budget,
-                "variant": variant,
-                "best_loss_topk": top.loss_topk,
-                "best_point": top.point.name,
-                "size": top.point.size,
-                "lr": top.point.lr,
-                "steps": top.steps,
-                "best_loss_causal": causal.loss_causal if top.routed else None,
-                "causal_agreement": top.causal_agreement if top.routed else None,
-                "runs": len(done),
-                "wall_s_mean": sum(r.wall_s for r in done) / len(done),
-            }
-        base = best.get(spec.baseline_name)
-        for row in best.values():
-            row["vs_baseline"] = row["best_loss_topk"] / base["best_loss_topk"] - 1 if base else None
-            row["at_or_below_baseline"] = None if base is None else row["best_loss_topk"] <= base["best_loss_topk"]
-            rows.append(row)
-    return rows
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -140,68 +42,149 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def markdown(spec: SweepSpec, summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+def _spread(s: SeedSpread) -> str:
+    std = "-" if s.std is None else f"{s.std:.4f}"
+    return f"{s.mean:.4f} ± {std} (n={s.n})"
+
+
+def findings(
+    spec: SweepSpec,
+    bests: list[VariantBest],
+    gaps: list[SeedGap],
+    timed: list[EqualTimeRow],
+    waiting: list[SeedSlot],
+) -> str:
+    """What the sweep found, in markdown: what ``--report`` prints and ``sweep.md`` begins with."""
+    out = [
+        "## Each variant's best point at each budget (its isoFLOP-optimal size and LR)",
+        "",
+        "Chosen by the final top-k validation loss at the first seed over sizes and LRs; then the same "
+        "(size, lr) at every seed: mean ± sample standard deviation (n - 1), min-max and n. "
+        "`edge`: the best is the smallest/largest size (or lowest/highest LR) tried, so the optimum may lie "
+        "beyond. `grid`: grid points finished of those at this budget and variant (the best is provisional "
+        "until all have). `vs baseline`: seed mean against the baseline's.",
+        "",
+        "| budget | variant | size | lr | edge | steps | loss (first seed) | seeds: mean ± std (n) | min-max | "
+        "vs baseline | best loss causal | causal agreement | grid |",
+        "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in bests:
+        edge = ", ".join(e for e in (b.size_edge and f"{b.size_edge} size", b.lr_edge and f"{b.lr_edge} lr") if e)
+        vs = "-" if b.vs_baseline is None else f"{b.vs_baseline:+.2%}"
+        out.append(
+            f"| {b.budget:.3g} | {b.variant} | {b.size} | {b.lr:g} | {edge or '-'} | {b.steps} | "
+            f"{b.loss_topk:.4f} | {_spread(b.seeds)} | {b.seeds.low:.4f}-{b.seeds.high:.4f} | {vs} | "
+            f"{_fmt(b.best_loss_causal)} | {_fmt(b.causal_agreement, 3)} | {b.grid_finished}/{b.grid_total} |"
+        )
+    out += [
+        "",
+        f"## Gap from the baseline's best ({spec.baseline_name}) over seeds",
+        "",
+        "Gap: the variant's seed mean minus the baseline's (nats/token; negative: the variant is lower). Spread: "
+        "sample standard deviation (n - 1) and min-max over the n seeds of each side. The gap exceeds the spread "
+        "when the two min-max ranges do not overlap (every seed of one side below every seed of the other); "
+        "`-` with fewer than 2 seeds on a side.",
+        "",
+        "| budget | variant | gap | gap % | variant: mean ± std (n) | variant min-max | baseline: mean ± std (n) | "
+        "baseline min-max | gap exceeds spread |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for g in gaps:
+        v, r = g.variant_loss, g.baseline_loss
+        out.append(
+            f"| {g.budget:.3g} | {g.variant} | {g.difference:+.4f} | {g.relative:+.2%} | {_spread(v)} | "
+            f"{v.low:.4f}-{v.high:.4f} | {_spread(r)} | {r.low:.4f}-{r.high:.4f} | {_fmt(g.exceeds_spread)} |"
+        )
+    for clock, what in (
+        ("cpu", "CPU seconds (user + system of the trainer, all attempts: its time alone on one core per thread)"),
+        ("wall", "wall seconds (all attempts; they grow with the machine's load)"),
+    ):
+        rows = [t for t in timed if t.clock == clock]
+        out += [
+            "",
+            f"## Equal time, in {clock} seconds",
+            "",
+            f"Time budgets: the time each variant's best point took at each FLOP budget, in {what} (a seed "
+            "mean; startup and evaluation included). Each cell: the variant's lowest seed-mean loss among all its "
+            "points (any budget, "
+            "size, LR) that took at most that long, with the point and its time.",
+            "",
+            "| time budget s | set by | " + " | ".join(spec.variant_names) + " | lowest |",
+            "|---:|---|" + "---:|" * len(spec.variant_names) + "---|",
+        ]
+        for t in rows:
+            cells = ["-" if e.loss is None else f"{e.loss:.4f} ({e.point}, {e.time_s:.0f} s)" for e in t.entries]
+            out.append(f"| {t.time_s:.0f} | {t.set_by} | " + " | ".join(cells) + f" | {t.winner or '-'} |")
+    if waiting:
+        out += ["", "## Seed points waiting for their grid", ""]
+        out += [f"- {s.describe()}: {s.grid_finished} of {s.grid_total} grid points finished" for s in waiting]
+    return "\n".join(out) + "\n"
+
+
+def markdown(spec: SweepSpec, found: str, rows: list[dict[str, Any]]) -> str:
     out = [
         f"# Sweep {spec.name}",
         "",
         f"Base config `{spec.base_config}`; baseline variant `{spec.baseline_name}`; budgets in executed "
         "training FLOPs; losses are the final validation loss (nats/token) under top-k and causal routing.",
         "",
-        "## Best loss of each variant at each budget (over sizes and learning rates)",
-        "",
-        "| budget | variant | best loss top-k | vs baseline | at or below baseline | best loss causal | "
-        "causal agreement | size | lr | steps | runs | mean wall s |",
-        "|---:|---|---:|---:|:-:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in summary:
-        vs = "-" if r["vs_baseline"] is None else f"{r['vs_baseline']:+.2%}"
-        out.append(
-            f"| {r['budget']:.3g} | {r['variant']} | {_fmt(r['best_loss_topk'])} | {vs} | "
-            f"{_fmt(r['at_or_below_baseline'])} | {_fmt(r['best_loss_causal'])} | {_fmt(r['causal_agreement'], 3)} | "
-            f"{r['size']} | {r['lr']:g} | {r['steps']} | {r['runs']} | {r['wall_s_mean']:.0f} |"
-        )
-    out += [
+        found.rstrip("\n"),
         "",
         "## Every point",
         "",
-        "| point | params (active) | MFLOP/token | steps | budget used | loss top-k | loss causal | agreement | "
-        "wall s | CPU s | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "Wall and CPU seconds summed over attempts; load: the mean 1-minute load average at the attempts' "
+        "starts and ends.",
+        "",
+        "| point | seed | params (active) | MFLOP/token | steps | budget used | loss top-k | loss causal | "
+        "agreement | wall s | CPU s | load | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['point']} | {r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M) | "
+            f"| {r['point']} | {r['seed']} | {r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M) | "
             f"{r['train_flops_per_token'] / 1e6:.2f} | {r['steps']}/{r['max_steps']} | {r['budget_used']:.4f} | "
             f"{_fmt(r['loss_topk'])} | {_fmt(r['loss_causal'])} | {_fmt(r['causal_agreement'], 3)} | "
-            f"{r['wall_s']:.0f} | {_fmt(r['cpu_s'], 0)} | {r['status']} |"
+            f"{r['wall_s']:.0f} | {_fmt(r['cpu_s'], 0)} | {_fmt(r['load_1m'], 1)} | {r['status']} |"
         )
     return "\n".join(out) + "\n"
 
 
-def write_report(spec: SweepSpec, points: list[Point], echo: Callable[[str], None] = print) -> dict[str, Path]:
-    """Writes the table (markdown, CSV, JSON) and the plot into the sweep directory, logs them to
-    the MLflow summary run (when tracking is on), and returns their paths."""
-    results = [read_result(p) for p in points]
+def write_report(spec: SweepSpec, plan: Plan, echo: Callable[[str], None] = print) -> dict[str, Path]:
+    """Prints what the sweep found (best size and LR per variant and budget, the gap with its seed
+    spread, the equal-time tables), writes it with every point's row (markdown, CSV, JSON) and the
+    plot into the sweep directory, logs them to the MLflow summary run (when tracking is on), and
+    returns their paths."""
+    results = [read_result(p) for p in plan.points]
     rows = [r.row() for r in results]
-    summary = summarize(spec, results)
+    bests = summarize(spec, results)
+    gaps = seed_gaps(spec, bests)
+    configs = configurations(results)
+    timed = equal_time(spec, bests, configs, "cpu") + equal_time(spec, bests, configs, "wall")
+    found = findings(spec, bests, gaps, timed, plan.waiting)
     out_dir = spec.sweep_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in (TABLE_MD, TABLE_CSV, RESULTS_JSON, PLOT_PNG)}
-    paths[TABLE_MD].write_text(markdown(spec, summary, rows))
+    paths[TABLE_MD].write_text(markdown(spec, found, rows))
     with paths[TABLE_CSV].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    paths[RESULTS_JSON].write_text(
-        json.dumps({"sweep": spec.name, "baseline": spec.baseline_name, "summary": summary, "points": rows}, indent=1)
-    )
-    curves: dict[str, dict[str, list[tuple[float, float]]]] = {
-        v: {"topk": [], "causal": []} for v in spec.variant_names
+    results_json = {
+        "sweep": spec.name,
+        "baseline": spec.baseline_name,
+        "seeds": spec.seeds,
+        "summary": [asdict(b) for b in bests],
+        "gaps": [asdict(g) for g in gaps],
+        "equal_time": [asdict(t) for t in timed],
+        "waiting": [{"index": s.index, "what": s.describe()} for s in plan.waiting],
+        "points": rows,
     }
-    for r in summary:
-        curves[r["variant"]]["topk"].append((r["budget"], r["best_loss_topk"]))
-        if r["best_loss_causal"] is not None:
-            curves[r["variant"]]["causal"].append((r["budget"], r["best_loss_causal"]))
+    paths[RESULTS_JSON].write_text(json.dumps(results_json, indent=1))
+    curves = {v: VariantCurve() for v in spec.variant_names}
+    for b in bests:
+        curves[b.variant].topk.append((b.budget, b.seeds.mean, b.seeds.low, b.seeds.high))
+        if b.best_loss_causal is not None:
+            curves[b.variant].causal.append((b.budget, b.best_loss_causal))
     scatter = {
         v: [
             (r.row()["executed_flops"], r.loss_topk)
@@ -210,10 +193,12 @@ def write_report(spec: SweepSpec, points: list[Point], echo: Callable[[str], Non
         ]
         for v in spec.variant_names
     }
-    isoflop_plot(curves, scatter, f"isoFLOP: {spec.name} (solid: top-k routing, dashed: causal)", paths[PLOT_PNG])
+    title = f"isoFLOP: {spec.name} (solid: top-k, seed mean and min-max; dashed: causal)"
+    isoflop_plot(curves, scatter, title, paths[PLOT_PNG])
+    echo(found.rstrip("\n"))
     done = sum(r.status == "finished" for r in results)
     echo(f"report: {done}/{len(results)} points finished; {paths[TABLE_MD]}, {paths[TABLE_CSV]}, {paths[PLOT_PNG]}")
-    if points[0].config.logging.mlflow.enabled:
+    if plan.grid[0].config.logging.mlflow.enabled:
         _log_summary_run(spec, paths, echo)
     return paths
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from modmoe.config import dump_config
 from modmoe.sweep.points import COMPLETED, Point, state
+from modmoe.sweep.results import ATTEMPTS
+from modmoe.sweep.seeds import make_plan
 from modmoe.sweep.spec import SweepSpec
 
 POINT_CONFIG = "sweep-point.yaml"  # the config the sweep hands to `modmoe train`
-ATTEMPTS = "sweep-attempts.jsonl"  # one line per training attempt: wall time, exit status
 TRAIN_LOG = "train.log"  # the trainer's output, appended per attempt
 
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
@@ -58,7 +59,7 @@ def run_point(spec: SweepSpec, point: Point, echo: Callable[[str], None] = print
         f"({point.flops_per_token / 1e6:.2f} MFLOP/token x {point.tokens_per_step} tokens/step, budget "
         f"{point.budget:.3g} FLOPs); log {run_dir / TRAIN_LOG}"
     )
-    started, t0, cpu0 = time.time(), time.perf_counter(), _children_cpu_s()
+    started, t0, cpu0, load0 = time.time(), time.perf_counter(), _children_cpu_s(), os.getloadavg()[0]
     with (run_dir / TRAIN_LOG).open("a") as log:
         proc = subprocess.Popen(
             train_command(config_path), env=point_env(spec), stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd()
@@ -84,6 +85,10 @@ def run_point(spec: SweepSpec, point: Point, echo: Callable[[str], None] = print
         "started": started,
         "wall_s": round(wall_s, 3),
         "cpu_s": round(cpu_s, 3),  # user + system CPU time of the trainer: wall time on a quiet machine
+        # The machine's 1-minute load average around the attempt: how far wall (and, less so,
+        # CPU) time is from what a quiet machine would give.
+        "load_1m_start": round(load0, 2),
+        "load_1m_end": round(os.getloadavg()[0], 2),
         "returncode": returncode,
         "finished": finished,
         "resumed": before == "interrupted",
@@ -103,19 +108,6 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def attempts(point: Point) -> list[dict]:
-    path = point.run_dir / ATTEMPTS
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # torn by a crash
-    return out
-
-
 def prepare_data_once(points: list[Point], echo: Callable[[str], None]) -> None:
     """Prepares (or reuses) the points' shared data before any point starts, so concurrent points
     never race to build the same directory."""
@@ -128,15 +120,20 @@ class SweepInterrupted(Exception):
     """The local sweep was asked to stop (SIGTERM/SIGUSR1) while a point trained."""
 
 
-def run_local(spec: SweepSpec, points: list[Point], echo: Callable[[str], None] = print) -> list[str]:
-    """Trains every unfinished point, one after another; returns the names of the points that
-    did not finish. A stop request ends the current point with a checkpoint and starts no other."""
-    prepare_data_once(points, echo)
+def run_local(spec: SweepSpec, grid: list[Point], echo: Callable[[str], None] = print) -> list[str]:
+    """Trains every unfinished point, one after another, budget by budget: the grid, then the
+    further seeds of each variant's best grid point (known once that grid has finished; the plan
+    is read again after every point). Returns the names of the points that did not finish. A stop
+    request ends the current point with a checkpoint and starts no other."""
+    prepare_data_once(grid, echo)
     stopped: list[int] = []
     failed: list[str] = []
-    for point in points:
-        if stopped:
+    tried: set[str] = set()
+    while not stopped:
+        point = next((p for p in make_plan(spec, grid).run_order() if p.name not in tried), None)
+        if point is None:
             break
+        tried.add(point.name)
         handlers = {sig: signal.signal(sig, lambda signum, _f: stopped.append(signum)) for sig in _FORWARDED}
         try:
             rc = run_point(spec, point, echo)

@@ -46,8 +46,9 @@ def _header(spec: SweepSpec, job_name: str, log_name: str, workdir: Path, time: 
     return lines
 
 
-def _command(spec_path: Path, *args: str) -> str:
-    return " ".join(shlex.quote(a) for a in [sys.executable, "-m", "modmoe", "sweep", str(spec_path), *args])
+def _command(spec_path: Path, sets: list[str], *args: str) -> str:
+    words = [sys.executable, "-m", "modmoe", "sweep", str(spec_path), *(f"--set={s}" for s in sets), *args]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def array_indices(points: list[Point]) -> str:
@@ -61,7 +62,9 @@ def array_indices(points: list[Point]) -> str:
     return ",".join(ranges)
 
 
-def render_array(spec: SweepSpec, spec_path: Path, pending: list[Point], workdir: Path) -> str:
+def render_array(
+    spec: SweepSpec, spec_path: Path, pending: list[Point], workdir: Path, sets: list[str] | None = None
+) -> str:
     s = spec.slurm
     array = array_indices(pending) + (f"%{s.max_parallel}" if s.max_parallel else "")
     lines = _header(spec, f"sweep-{spec.name}", "%x-%A_%a.out", workdir, s.time, s.cpus_per_task)
@@ -75,14 +78,14 @@ def render_array(spec: SweepSpec, spec_path: Path, pending: list[Point], workdir
     lines += [
         "# One sweep point per array task: the task id is the point's index in the sweep.",
         "# exec: the point command itself receives Slurm's signals and passes them to the trainer.",
-        f'exec {_command(spec_path, "--point")} "$SLURM_ARRAY_TASK_ID"',
+        f'exec {_command(spec_path, sets or [], "--point")} "$SLURM_ARRAY_TASK_ID"',
     ]
     return "\n".join(lines) + "\n"
 
 
-def render_report(spec: SweepSpec, spec_path: Path, workdir: Path) -> str:
+def render_report(spec: SweepSpec, spec_path: Path, workdir: Path, sets: list[str] | None = None) -> str:
     lines = _header(spec, f"sweep-{spec.name}-report", "%x-%j.out", workdir, "30", 1)
-    lines.append(f"exec {_command(spec_path, '--report')}")
+    lines.append(f"exec {_command(spec_path, sets or [], '--report')}")
     return "\n".join(lines) + "\n"
 
 
@@ -105,12 +108,14 @@ def submit_sweep(
     pending: list[Point],
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
+    sets: list[str] | None = None,
 ) -> SlurmSubmission:
-    """Submits the array of ``pending`` points and the report job after it (``afterany``)."""
+    """Submits the array of ``pending`` points and the report job after it (``afterany``); both
+    run the sweep command with the same ``--set`` options."""
     workdir = Path.cwd()
     spec_path = spec_path.resolve()
-    array = render_array(spec, spec_path, pending, workdir)
-    report = render_report(spec, spec_path, workdir)
+    array = render_array(spec, spec_path, pending, workdir, sets)
+    report = render_report(spec, spec_path, workdir, sets)
     if dry_run:
         echo(array.rstrip("\n"))
         echo("# ---- report job, submitted with --dependency=afterany:<array job id> ----")

@@ -9,11 +9,12 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from modmoe.config import read_config_file
+from modmoe.config import parse_override, read_config_file, set_dotted
 from modmoe.config_base import ConfigError, ConfigModel, field_error, validate_config
 from modmoe.launch.config import check_sbatch_options, check_slurm_time
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$"
+MAX_SEEDS = 100
 
 # Keys the sweep sets itself for every point: an override of one would silently undo the
 # FLOP budget, the schedule rule, the LR search or the one-experiment bookkeeping.
@@ -123,6 +124,12 @@ class SweepSpec(ConfigModel):
     search for every variant, so none is tuned more than another. ``None`` = the base config's
     ``optimizer.lr``."""
 
+    seeds: list[int] | None = None
+    """Seeds of the runs (``trainer.seed``: initialisation and data order). The grid of sizes and
+    learning rates runs at the first; once a variant's grid at a budget has finished, its best
+    point (lowest final top-k loss) runs again at each further seed, so the report can give each
+    variant's best loss a seed mean and spread. ``None`` = the base config's seed, one run per point."""
+
     baseline: str | None = None
     """Variant the others are compared with in the summary; ``None`` = the first variant."""
 
@@ -156,6 +163,19 @@ class SweepSpec(ConfigModel):
             raise PydanticCustomError("distinct", "entries must be distinct")
         return sorted(value)
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return value
+        if not 1 <= len(value) <= MAX_SEEDS:
+            raise PydanticCustomError("seed_count", f"give 1 to {MAX_SEEDS} seeds")
+        if any(v < 0 for v in value):
+            raise PydanticCustomError("seed_sign", "every seed must be >= 0")
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("distinct", "entries must be distinct")
+        return value  # the order matters: the grid runs at the first
+
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
         for field, arms in (("variants", self.variants), ("sizes", self.sizes)):
@@ -172,9 +192,12 @@ class SweepSpec(ConfigModel):
             for k in a.overrides
         ]
         for where, key in owned:
-            if key in OWNED_KEYS or (key == "optimizer.lr" and self.learning_rates is not None):
+            searched = (key == "optimizer.lr" and self.learning_rates is not None) or (
+                key == "trainer.seed" and self.seeds is not None
+            )
+            if key in OWNED_KEYS or searched:
                 raise field_error(
-                    where, "…", "is set by the sweep for every point (budget, schedule, LR search, tracking)"
+                    where, "…", "is set by the sweep for every point (budget, schedule, LR search, seeds, tracking)"
                 )
             if key.startswith("data.") and not where.startswith("overrides."):
                 raise field_error(where, "…", "every point trains on the same data: set data.* in the common overrides")
@@ -192,12 +215,24 @@ class SweepSpec(ConfigModel):
         return (self.runs_root / self.name).resolve()
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Reads and validates a spec file; one-line :class:`ConfigError` on any problem."""
+def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Reads and validates a spec file, with ``sets`` (``--set KEY=VALUE``) applied first; one-line
+    :class:`ConfigError` on any problem. ``overrides.KEY=VALUE`` sets the common override ``KEY``
+    (a dotted config key), any other key a spec field (``runs_root=/big/disk``)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep error: spec file {p} does not exist")
-    spec = validate_config(SweepSpec, read_config_file(p))  # bounded YAML, a mapping
+    data = read_config_file(p)  # bounded YAML, a mapping
+    for item in sets:
+        keys, value = parse_override(item)
+        if keys[0] == "overrides" and len(keys) > 1:
+            common = data.setdefault("overrides", {})
+            if not isinstance(common, dict):
+                raise field_error("overrides", common, "must be a mapping of dotted config keys")
+            common[".".join(keys[1:])] = value
+        else:
+            set_dotted(data, ".".join(keys), value, source=f"--set {item}")
+    spec = validate_config(SweepSpec, data)
     base = spec.base_config if spec.base_config.is_absolute() else p.resolve().parent / spec.base_config
     if not base.is_file():
         raise field_error("base_config", str(spec.base_config), f"no such file ({base})")

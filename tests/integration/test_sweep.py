@@ -1,6 +1,7 @@
 """``modmoe sweep`` end to end on CPU: a two-point sweep (MoE-only vs MoDE at one budget) stopped
 by SIGTERM while its second point trains; run again, it skips the finished point and resumes the
-interrupted one from its checkpoint; then the table, the plot, MLflow (one experiment, tagged
+interrupted one from its checkpoint, then trains each variant's best point at a second seed;
+then the printed findings, the table, the plot, MLflow (one experiment, tagged
 runs, a summary run holding the artifacts) and the FLOP budget of each point, checked against
 metrics.jsonl. (The point command under Slurm: tests/integration/test_sweep_slurm.py.)"""
 
@@ -55,10 +56,22 @@ def test_sweep_trains_resumes_skips_and_reports(tmp_path: Path, small_data_dir: 
     assert not (mode_dir / "COMPLETED").exists() and not (sweep_dir / "results.json").exists()
     assert max(r["step"] for r in read_metrics(mode_dir)) < 45
 
-    # Second run: the finished point is skipped, the interrupted one resumes from its checkpoint.
+    # Second run, with a second seed added to the spec (the grid keeps its seed, names and state):
+    # the finished point is skipped, the interrupted one resumes from its checkpoint, then each
+    # variant's best point trains at seed 5. Before it, the plan knows moe's seed point (its grid
+    # has finished) and holds mode's as a slot.
+    write_spec(tmp_path / "spec.yaml", small_data_dir, tmp_path / "runs", budgets=[BUDGET], seeds=[1234, 5])
+    plan = run_modmoe(["sweep", str(spec), "--plan"]).stdout
+    assert "  2 2e10_base_moe_s5: 32 steps" in plan and "(seed 5 of the best 2e+10 moe point)" in plan, plan
+    assert "  3 seed 5 of the best 2e+10 mode point: waits for that grid (0 of 1 points finished)" in plan, plan
     again = run_modmoe(["sweep", str(spec)], timeout=300).stdout
     assert "2e10_base_moe: finished, skipped" in again, again
     assert "2e10_base_mode: resuming 45 steps" in again, again
+    assert again.index("2e10_base_mode: resuming") < again.index("2e10_base_moe_s5: training 32 steps"), again
+    assert "2e10_base_mode_s5: training 45 steps" in again, again
+    # The report prints what it found by itself: best point, gap with its 2-seed spread, equal time.
+    assert "| 2e+10 | mode | base | " in again and "(n=2)" in again, again
+    assert "## Equal time, in cpu seconds" in again, again
     assert f"resumed from {mode_dir / 'checkpoints'}" in (mode_dir / "train.log").read_text()
     assert len((moe_dir / "sweep-attempts.jsonl").read_text().splitlines()) == 1  # trained once
 
@@ -74,6 +87,12 @@ def test_sweep_trains_resumes_skips_and_reports(tmp_path: Path, small_data_dir: 
 
     results = json.loads((sweep_dir / "results.json").read_text())
     rows = {r["point"]: r for r in results["points"]}
+    for name in ("2e10_base_moe", "2e10_base_mode"):  # another seed: the same steps, another result
+        seeded = rows[f"{name}_s5"]
+        assert seeded["seed"] == 5 and seeded["steps"] == rows[name]["steps"] and seeded["status"] == "finished"
+        assert seeded["loss_topk"] != rows[name]["loss_topk"]
+    gap = results["gaps"][0]
+    assert gap["variant_loss"]["n"] == gap["baseline_loss"]["n"] == 2 and isinstance(gap["exceeds_spread"], bool)
     assert rows["2e10_base_mode"]["steps"] == 45 and rows["2e10_base_mode"]["status"] == "finished"
     assert rows["2e10_base_mode"]["loss_topk"] == read_metrics(mode_dir)[-1]["eval/loss_topk"]
     assert rows["2e10_base_mode"]["wall_s"] > rows["2e10_base_mode"]["cpu_s"] / 2 > 0  # both attempts counted
@@ -88,7 +107,8 @@ def test_sweep_trains_resumes_skips_and_reports(tmp_path: Path, small_data_dir: 
     client = MlflowClient(f"sqlite:///{sweep_dir}/mlflow.db")
     experiment = client.get_experiment_by_name("small")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"2e10_base_moe", "2e10_base_mode", "small-summary"}  # the resumed point: one run
+    # The resumed point: one run.
+    assert set(runs) == {"2e10_base_moe", "2e10_base_mode", "2e10_base_moe_s5", "2e10_base_mode_s5", "small-summary"}
     mode_run = runs["2e10_base_mode"]
     assert {k: mode_run.data.tags[k] for k in ("sweep", "budget", "variant", "size")} == {
         "sweep": "small",

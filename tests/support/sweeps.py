@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 from runs import REPO, small_overrides
 
 from modmoe.config import parse_override
+from modmoe.sweep.results import ATTEMPTS
 from modmoe.sweep.spec import OWNED_KEYS
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -47,3 +49,20 @@ def write_spec(
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def fake_finished(point, loss: float, cpu_s: float | None = 100.0, wall_s: float = 150.0) -> None:
+    """Makes ``point``'s run directory look like a finished run with final top-k loss ``loss``
+    (what the trainer and the sweep's runner write), without training."""
+    run_dir = point.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(point.config.model_dump(mode="json")))
+    final = {"step": point.max_steps, "step_time_s": 0.5, "eval/loss_topk": loss}
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "step_time_s": 0.5}) + "\n" + json.dumps(final) + "\n"
+    )
+    attempt = {"wall_s": wall_s, "load_1m_start": 1.0, "load_1m_end": 2.0}
+    if cpu_s is not None:
+        attempt["cpu_s"] = cpu_s
+    (run_dir / ATTEMPTS).write_text(json.dumps(attempt) + "\n")
+    (run_dir / "COMPLETED").write_text(json.dumps({"step": point.max_steps}))

@@ -13,8 +13,10 @@ from sweeps import VARIANTS, write_spec
 from modmoe.config_base import ConfigError
 from modmoe.model.flops import count_flops
 from modmoe.sweep import SweepError, expand, load_spec, state
+from modmoe.sweep.analysis import seed_gaps, summarize
 from modmoe.sweep.points import budget_label, steps_for_budget
-from modmoe.sweep.report import PointResult, markdown, summarize
+from modmoe.sweep.report import findings
+from modmoe.sweep.results import PointResult
 from modmoe.sweep.runner import ATTEMPTS, POINT_CONFIG, TRAIN_LOG
 from modmoe.sweep.slurm import array_indices, render_array, render_report
 from modmoe.train.run_dir import LAUNCHER_ENTRIES, check_run_dir
@@ -146,6 +148,11 @@ def test_slurm_array_script_runs_each_unfinished_point(tmp_path: Path) -> None:
     assert lines[-1].startswith("exec ")
     report = render_report(spec, tmp_path / "spec.yaml", Path("/work"))
     assert report.splitlines()[-1].endswith("--report") and "--array" not in report
+    # The --set options of the submitting call reach every task and the report job.
+    sets = ["runs_root=/big disk"]
+    script = render_array(spec, tmp_path / "spec.yaml", points, Path("/work"), sets)
+    assert " '--set=runs_root=/big disk' --point \"$SLURM_ARRAY_TASK_ID\"" in script.splitlines()[-1]
+    assert "'--set=runs_root=/big disk' --report" in render_report(spec, tmp_path / "spec.yaml", Path("/work"), sets)
 
 
 def test_summary_takes_each_variants_best_over_sizes_and_rates(tmp_path: Path) -> None:
@@ -156,11 +163,11 @@ def test_summary_takes_each_variants_best_over_sizes_and_rates(tmp_path: Path) -
     for p in points:
         loss = losses[p.name.split("_", 2)[2]]
         results.append(PointResult(p, "finished", steps=p.max_steps, loss_topk=loss, loss_causal=loss + 0.01))
-    summary = {r["variant"]: r for r in summarize(spec, results)}
-    assert summary["moe"]["best_loss_topk"] == 4.8 and summary["moe"]["lr"] == 0.01
-    assert summary["moe"]["best_loss_causal"] is None  # no depth router: causal is top-k
-    assert summary["mode"]["best_loss_topk"] == 4.7 and summary["mode"]["best_loss_causal"] == pytest.approx(4.71)
-    assert summary["mode"]["vs_baseline"] == pytest.approx(4.7 / 4.8 - 1)
-    assert summary["mode"]["at_or_below_baseline"] is True
-    text = markdown(spec, list(summary.values()), [r.row() for r in results])
-    assert "| 3e+10 | mode | 4.7000 | -2.08% | yes | 4.7100 |" in text
+    summary = {b.variant: b for b in summarize(spec, results)}
+    assert summary["moe"].loss_topk == 4.8 and summary["moe"].lr == 0.01
+    assert summary["moe"].best_loss_causal is None  # no depth router: causal is top-k
+    assert summary["mode"].loss_topk == 4.7 and summary["mode"].best_loss_causal == pytest.approx(4.71)
+    assert summary["mode"].vs_baseline == pytest.approx(4.7 / 4.8 - 1)
+    text = findings(spec, list(summary.values()), seed_gaps(spec, list(summary.values())), [], [])
+    assert "| 3e+10 | mode | base | 0.003 | lowest lr | " in text and "| -2.08% | 4.7100 |" in text
+    assert "| 3e+10 | mode | -0.1000 | -2.08% | 4.7000 ± - (n=1) |" in text  # one seed: no spread, no verdict
