@@ -15,6 +15,13 @@ the way the native model (the specification) means it is rejected with a one-lin
   bias (opt in with ``megatron.aux_loss_with_expert_bias: megatron``);
 - context parallelism with depth routing, ``unrouted`` activation checkpointing, FSDP2, and
   layouts Megatron itself refuses (sp without tp, MoE + tp without sp, DeepSpeed with pp, ...).
+
+On a CPU (``device="cpu"``: tests, debugging, small runs) the parts Megatron builds for GPUs only
+are chosen or refused here: ``megatron.distributed_optimizer: null`` picks the replicated
+optimizer; an explicit ``true``, ``trainer.precision: bf16`` (Megatron's mixed-precision
+optimizer), Transformer Engine and FP8 are refused in one line naming the value that works.
+What the CPU run substitutes is listed in :attr:`MegatronPlan.cpu_choices` (the backend's
+describe line).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from modmoe.model.config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
 Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["cuda", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,13 @@ class MegatronPlan:
     use_te: bool
     optimizer: Literal["distributed", "replicated", "deepspeed"]
     zero_stage: int | None  # DeepSpeed ZeRO stage (deepspeed only)
+    device: Device = "cuda"
+    cpu_choices: tuple[str, ...] = ()  # what a CPU run uses instead of a GPU-only part, for the describe line
+
+    @property
+    def dispatcher(self) -> str | None:
+        """Megatron's token dispatcher (None without experts)."""
+        return self.transformer.get("moe_token_dispatcher_type")
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
@@ -216,7 +231,7 @@ def _check_layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, lay: Lay
         )
 
 
-def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout) -> tuple[str, int | None]:
+def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout, cpu: bool) -> tuple[str, int | None]:
     if p.dp_backend == "fsdp2":
         raise field_error(
             "parallel.dp_backend",
@@ -255,7 +270,38 @@ def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout) -> tuple[str, 
                 "(DeepSpeed does not all-reduce the sequence-parallel norm gradients over TP)",
             )
         return "deepspeed", p.zero_stage
-    return ("replicated" if g.distributed_optimizer is False else "distributed"), None
+    if cpu and g.distributed_optimizer:
+        raise field_error(
+            "megatron.distributed_optimizer",
+            True,
+            "Megatron's distributed optimizer runs on CUDA devices only (it checks torch.cuda tensor types): "
+            "use null (picks the replicated optimizer on CPU) or false",
+        )
+    distributed = g.distributed_optimizer if g.distributed_optimizer is not None else not cpu
+    return ("distributed" if distributed else "replicated"), None
+
+
+def _check_cpu(m: ModelConfig, g: MegatronConfig, lay: Layout, precision: str) -> None:
+    """What Megatron builds for CUDA devices only, refused on a CPU with the value that works."""
+    if m.tie_embeddings and lay.pp > 1:
+        raise field_error(
+            "model.tie_embeddings",
+            True,
+            "with megatron.pp > 1 Megatron copies the embedding to the last stage through CUDA "
+            "(a CUDA device only): use false, or megatron.pp = 1, on CPU",
+        )
+    if g.transformer_impl == "transformer_engine":
+        raise field_error(
+            "megatron.transformer_impl", "transformer_engine", "needs a CUDA device: use 'auto' or 'local' on CPU"
+        )
+    if g.fp8 != "none":
+        raise field_error("megatron.fp8", g.fp8, "needs a CUDA device with Transformer Engine: use 'none' on CPU")
+    if precision == "bf16":
+        raise field_error(
+            "trainer.precision",
+            "bf16",
+            "Megatron's mixed-precision optimizer runs on CUDA devices only: use 'auto' or 'fp32' on CPU",
+        )
 
 
 def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bool) -> bool:
@@ -280,7 +326,28 @@ def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bo
         )
     if g.grouped_gemm and not use_te:
         raise field_error("megatron.grouped_gemm", True, "needs Transformer Engine layers (TEGroupedMLP)")
+    if g.cp > 1 and not use_te:
+        raise field_error(
+            "megatron.cp",
+            g.cp,
+            "needs Transformer Engine attention (Megatron's local attention has no context "
+            "parallelism): use 1, or megatron.transformer_impl 'auto'/'transformer_engine' where TE is installed",
+        )
     return use_te
+
+
+def _cpu_choices(g: MegatronConfig, optimizer: str, moe: bool, clip: bool) -> tuple[str, ...]:
+    """What a CPU run uses in place of the GPU paths (named in the backend's describe line)."""
+    out = []
+    if optimizer == "replicated" and g.distributed_optimizer is None:
+        out.append("replicated optimizer (the distributed one is CUDA-only)")
+    if optimizer != "deepspeed" and g.overlap_grad_reduce:
+        out.append("synchronous gradient reduction")
+    if optimizer != "deepspeed" and clip:
+        out.append("clipping by Megatron's norm without its CUDA type check")
+    if moe and g.dispatcher == "alltoall":
+        out.append("alltoall dispatcher without a side stream")
+    return tuple(out)
 
 
 def _moe_kwargs(m: ModelConfig, g: MegatronConfig) -> dict[str, Any]:
@@ -330,16 +397,23 @@ def translate(
     seq_len: int,
     precision: Precision = "bf16",
     te_available: bool = False,
+    device: Device = "cuda",
+    grad_clip: bool = False,
 ) -> MegatronPlan:
-    """Checks the combination and translates it; raises ConfigError (one line) if unsupported."""
+    """Checks the combination and translates it; raises ConfigError (one line) if unsupported.
+    ``device``: where the job runs (``cpu``: the CPU choices and refusals of the module
+    docstring); ``grad_clip``: whether the optimizer clips (named among the CPU choices)."""
     if seq_len > model.max_seq_len:
         raise field_error("data.seq_len", seq_len, f"must be <= model.max_seq_len ({model.max_seq_len})")
-    prec = resolve_precision(precision)
+    cpu = device == "cpu"
+    prec = "fp32" if cpu and precision == "auto" else resolve_precision(precision)
     _check_model(model, engine)
     lay = _layout(model, parallel, engine, world_size)
     _check_layout(model, parallel, engine, lay, seq_len)
-    optimizer, zero_stage = _optimizer(parallel, engine, lay)
-    use_te = _check_engine(engine, prec, te_available, model.moe.enabled)
+    if cpu:
+        _check_cpu(model, engine, lay, prec)
+    optimizer, zero_stage = _optimizer(parallel, engine, lay, cpu)
+    use_te = _check_engine(engine, prec, te_available and not cpu, model.moe.enabled)
 
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     tc: dict[str, Any] = {
@@ -401,7 +475,20 @@ def translate(
             predictor_hidden=d.predictor_hidden if d.predictor else None,
             causal_router=d.causal_router,
         )
-    return MegatronPlan(tc, gpt, lay, routed, depth, seq_len, use_te, optimizer, zero_stage)  # type: ignore[arg-type]
+    choices = _cpu_choices(engine, optimizer, model.moe.enabled, grad_clip) if cpu else ()
+    return MegatronPlan(
+        transformer=tc,
+        gpt=gpt,
+        layout=lay,
+        routed_layers=routed,
+        depth=depth,
+        seq_len=seq_len,
+        use_te=use_te,
+        optimizer=optimizer,  # type: ignore[arg-type]
+        zero_stage=zero_stage,
+        device=device,
+        cpu_choices=choices,
+    )
 
 
 def build_transformer_config(plan: MegatronPlan, **overrides: Any):
