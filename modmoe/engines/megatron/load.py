@@ -89,13 +89,15 @@ def rank_slice(full: Tensor, target: Tensor, key: str, shards: RankShards) -> Te
     state dict ``key``) holds, as Megatron's tensor-parallel marks on it say."""
     if not getattr(target, "tensor_model_parallel", False):
         return full
-    if getattr(target, "partition_stride", 1) != 1:
-        raise NotImplementedError(f"load: {key} is split with stride {target.partition_stride}")
+    # A SwiGLU fc1 is [gate; up]: each rank holds its slice of each half (Megatron's local linears
+    # mark it with stride 2; Transformer Engine's keep stride 1 and the same layout).
+    halves = 2 if _GATED_FC1.search(key) else 1
+    stride = getattr(target, "partition_stride", 1)
+    if stride not in (1, halves):
+        raise NotImplementedError(f"load: {key} is split with stride {stride}")
     dim = target.partition_dim
     rank, size = (shards.etp_rank, shards.etp) if ".mlp.experts." in f".{key}" else (shards.tp_rank, shards.tp)
-    if _GATED_FC1.search(key):  # [gate; up]: the rank holds its slice of each half
-        return torch.cat([half.chunk(size, dim)[rank] for half in full.chunk(2, dim=0)], dim=0)
-    return full.chunk(size, dim)[rank]
+    return torch.cat([part.chunk(size, dim)[rank] for part in full.chunk(halves, dim=0)], dim=dim)
 
 
 @torch.no_grad()

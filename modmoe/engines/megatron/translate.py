@@ -304,7 +304,22 @@ def _check_cpu(m: ModelConfig, g: MegatronConfig, lay: Layout, precision: str) -
         )
 
 
-def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bool) -> bool:
+def _dispatcher(g: MegatronConfig, lay: Layout, cpu: bool, moe: bool) -> str:
+    """The token dispatcher: ``megatron.dispatcher``, or for null alltoall, or allgather on a CPU
+    with expert tensor parallelism (gloo has no all-gather of uneven sizes, which alltoall needs there)."""
+    if cpu and moe and lay.etp > 1:
+        if g.dispatcher == "alltoall":
+            raise field_error(
+                "megatron.dispatcher",
+                "alltoall",
+                f"on CPU with expert tensor parallelism (megatron.etp = {lay.etp}) it all-gathers uneven token "
+                "counts, which gloo cannot: use null (picks allgather) or 'allgather', or megatron.etp = 1",
+            )
+        return "allgather"
+    return g.dispatcher or "alltoall"
+
+
+def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bool, dispatcher: str) -> bool:
     """Returns whether Transformer Engine layers are used."""
     if g.transformer_impl == "transformer_engine" and not te_available:
         raise field_error(
@@ -318,7 +333,7 @@ def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bo
             raise field_error("megatron.fp8", g.fp8, "needs Transformer Engine layers (megatron.transformer_impl)")
         if precision != "bf16":
             raise field_error("megatron.fp8", g.fp8, "needs trainer.precision = 'bf16'")
-    if g.fp8 != "none" and moe and g.dispatcher == "allgather":
+    if g.fp8 != "none" and moe and dispatcher == "allgather":
         raise field_error(
             "megatron.dispatcher",
             "allgather",
@@ -336,7 +351,7 @@ def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bo
     return use_te
 
 
-def _cpu_choices(g: MegatronConfig, optimizer: str, moe: bool, clip: bool) -> tuple[str, ...]:
+def _cpu_choices(g: MegatronConfig, optimizer: str, dispatcher: str | None, clip: bool) -> tuple[str, ...]:
     """What a CPU run uses in place of the GPU paths (named in the backend's describe line)."""
     out = []
     if optimizer == "replicated" and g.distributed_optimizer is None:
@@ -345,12 +360,14 @@ def _cpu_choices(g: MegatronConfig, optimizer: str, moe: bool, clip: bool) -> tu
         out.append("synchronous gradient reduction")
     if optimizer != "deepspeed" and clip:
         out.append("clipping by Megatron's norm without its CUDA type check")
-    if moe and g.dispatcher == "alltoall":
+    if dispatcher == "alltoall":
         out.append("alltoall dispatcher without a side stream")
+    elif dispatcher == "allgather" and g.dispatcher is None:
+        out.append("allgather dispatcher (alltoall over expert-TP ranks needs an uneven all-gather gloo lacks)")
     return tuple(out)
 
 
-def _moe_kwargs(m: ModelConfig, g: MegatronConfig) -> dict[str, Any]:
+def _moe_kwargs(m: ModelConfig, g: MegatronConfig, dispatcher: str) -> dict[str, Any]:
     e = m.moe
     if not e.enabled:
         return {}
@@ -377,7 +394,7 @@ def _moe_kwargs(m: ModelConfig, g: MegatronConfig) -> dict[str, Any]:
         "moe_z_loss_coeff": e.z_loss_coef or None,
         "moe_router_enable_expert_bias": e.bias_update_rate > 0,
         "moe_router_dtype": "fp32",  # native routers compute logits in fp32
-        "moe_token_dispatcher_type": g.dispatcher,
+        "moe_token_dispatcher_type": dispatcher,
         "moe_grouped_gemm": g.grouped_gemm,
         "moe_expert_capacity_factor": None,
     }
@@ -413,7 +430,8 @@ def translate(
     if cpu:
         _check_cpu(model, engine, lay, prec)
     optimizer, zero_stage = _optimizer(parallel, engine, lay, cpu)
-    use_te = _check_engine(engine, prec, te_available and not cpu, model.moe.enabled)
+    dispatcher = _dispatcher(engine, lay, cpu, model.moe.enabled)
+    use_te = _check_engine(engine, prec, te_available and not cpu, model.moe.enabled, dispatcher)
 
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     tc: dict[str, Any] = {
@@ -446,7 +464,7 @@ def translate(
         "expert_model_parallel_size": lay.ep,
         "expert_tensor_parallel_size": lay.etp,
         "sequence_parallel": engine.sequence_parallel,
-        **_moe_kwargs(model, engine),
+        **_moe_kwargs(model, engine, dispatcher),
     }
     if parallel.activation_checkpointing == "all":
         tc.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -475,7 +493,8 @@ def translate(
             predictor_hidden=d.predictor_hidden if d.predictor else None,
             causal_router=d.causal_router,
         )
-    choices = _cpu_choices(engine, optimizer, model.moe.enabled, grad_clip) if cpu else ()
+    moe_dispatcher = dispatcher if model.moe.enabled else None
+    choices = _cpu_choices(engine, optimizer, moe_dispatcher, grad_clip) if cpu else ()
     return MegatronPlan(
         transformer=tc,
         gpt=gpt,

@@ -177,8 +177,9 @@ class MegatronBackend:
         from modmoe.engines.megatron.spec import build_gpt_model
 
         plan, opt, ps, mc = self.plan, self.cfg.optimizer, self.ps, self.cfg.megatron
-        # Megatron's own initialisation is skipped: every layout loads its part of the native model.
-        self.tconfig = build_transformer_config(plan, use_cpu_initialization=self.cpu, perform_initialization=False)
+        # Megatron initialises (which also marks the tensor-parallel parameters), then every layout
+        # overwrites its part with the native model's initial weights.
+        self.tconfig = build_transformer_config(plan, use_cpu_initialization=self.cpu)
         self.bf16 = bool(self.tconfig.bf16)
         self.gpt = build_gpt_model(plan, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
         self.gpt.to(self.device)
