@@ -502,7 +502,9 @@ class MegatronBackend:
     def state_io(self):
         from modmoe.engines.megatron.checkpoint import MegatronStateIO
 
-        return MegatronStateIO(self.gpt, self.optimizer, self.deepspeed, around=self._params_gathered)
+        return MegatronStateIO(
+            self.gpt, self.optimizer, self.deepspeed, around=self._params_gathered, ep=self.plan.layout.ep
+        )
 
     def close(self) -> None:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
