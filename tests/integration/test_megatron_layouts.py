@@ -316,6 +316,54 @@ def test_pipeline_and_expert_parallel_checkpoints_export_the_one_rank_model(runs
     assert result.loss_topk == pytest.approx(_metrics(runs["ep2"])[-1]["eval/loss_topk"], rel=1e-5)
 
 
+CPU_OPTIONS = {  # one rank, every other Megatron setting at its default
+    "recompute_all": ["parallel.activation_checkpointing=all"],
+    "allgather": ["megatron.dispatcher=allgather"],
+    "global_aux_loss": ["megatron.aux_loss_scope=global_batch"],
+    "sigmoid_bias_shared_expert": [
+        "model.moe.score=sigmoid",
+        "model.moe.bias_update_rate=0.01",
+        "model.moe.num_shared_experts=1",
+        "megatron.aux_loss_with_expert_bias=megatron",
+    ],
+    "dense_mod": ["model.moe.enabled=false"],
+    "moe_only_tied": ["model.depth.enabled=false", "model.tie_embeddings=true"],
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_OPTIONS))
+def test_megatron_options_train_on_cpu(name, small_data_dir, tmp_path):
+    """Options whose Megatron code paths differ train 2 steps on CPU (never a traceback); activation
+    recompute and the allgather dispatcher compute what the defaults compute."""
+    extra = [*CPU_OPTIONS[name], "trainer.max_steps=2", "checkpoint.interval_steps=0"]
+    rows = _metrics(_train_here(tmp_path / name, small_data_dir, *extra))
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (tmp_path / name / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+    if name in ("recompute_all", "allgather"):
+        base = _metrics(_train_here(tmp_path / "base", small_data_dir, "trainer.max_steps=2"))
+        for a, b in zip(base, rows, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"])
+
+
+def test_cpu_refusal_is_one_line_from_the_cli(small_data_dir, tmp_path):
+    from runs import small_overrides
+
+    overrides = small_overrides(small_data_dir, tmp_path, engine="megatron", **{"trainer.device": "cpu"})
+    args = ["train", "configs/tiny.yaml", *sum((["--set", o] for o in overrides), [])]
+    proc = subprocess.run(
+        [sys.executable, "-m", "modmoe", *args, "--set", "megatron.distributed_optimizer=true"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("modmoe: config error: megatron.distributed_optimizer = True"), lines
+    assert "use null" in lines[0] and not (tmp_path / "metrics.jsonl").exists()
+
+
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_four_rank_layouts_train_like_one_rank(runs, small_data_dir, tmp_path):

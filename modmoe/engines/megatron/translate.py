@@ -486,6 +486,9 @@ def translate(
     depth = None
     routed = tuple(i for i in range(model.num_layers) if model.layer_kind(i)[0])
     if routed:
+        # Routed layers hold a depth router the others lack: checkpoint keys per layer, as MoE
+        # layouts already get (Megatron stacks identical layers along one axis, which would leave holes).
+        tc["hetereogenous_dist_checkpoint"] = True
         depth = DepthLayerParams(
             capacity=d.capacity,
             router_weight=d.router_weight,
