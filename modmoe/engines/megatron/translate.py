@@ -18,8 +18,10 @@ the way the native model (the specification) means it is rejected with a one-lin
 
 On a CPU (``device="cpu"``: tests, debugging, small runs) the parts Megatron builds for GPUs only
 are chosen or refused here: ``megatron.distributed_optimizer: null`` picks the replicated
-optimizer; an explicit ``true``, ``trainer.precision: bf16`` (Megatron's mixed-precision
-optimizer), Transformer Engine and FP8 are refused in one line naming the value that works.
+optimizer, ``megatron.dispatcher: null`` allgather where alltoall would need an uneven all-gather
+(expert tensor parallelism); an explicit ``true``, ``alltoall`` there, ``trainer.precision: bf16``
+(Megatron's mixed-precision optimizer), Transformer Engine, FP8 and tied embeddings with pp > 1
+are refused in one line naming the value that works.
 What the CPU run substitutes is listed in :attr:`MegatronPlan.cpu_choices` (the backend's
 describe line).
 """
@@ -305,8 +307,8 @@ def _check_cpu(m: ModelConfig, g: MegatronConfig, lay: Layout, precision: str) -
 
 
 def _dispatcher(g: MegatronConfig, lay: Layout, cpu: bool, moe: bool) -> str:
-    """The token dispatcher: ``megatron.dispatcher``, or for null alltoall, or allgather on a CPU
-    with expert tensor parallelism (gloo has no all-gather of uneven sizes, which alltoall needs there)."""
+    """The token dispatcher: ``megatron.dispatcher``; when null, alltoall, except allgather on a CPU
+    with expert tensor parallelism (alltoall all-gathers uneven sizes there, which gloo cannot)."""
     if cpu and moe and lay.etp > 1:
         if g.dispatcher == "alltoall":
             raise field_error(
