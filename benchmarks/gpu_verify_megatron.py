@@ -296,8 +296,10 @@ def phase_export(args) -> dict:
     model.load_state_dict(state)
     model.to(device).eval()
     data = prepare_data(cfg.data, log=lambda _: None)
+    tc = cfg.trainer  # the trainer evaluates eval_batches global batches, whatever the layout
+    rows = tc.micro_batch_size * args.dp
     batches = validation_batches(
-        data.open("val"), cfg.data.seq_len, cfg.trainer.micro_batch_size * args.dp, cfg.trainer.eval_batches
+        data.open("val"), cfg.data.seq_len, rows, tc.eval_batches * tc.global_batch_size // rows
     )
     with (
         torch.no_grad(),

@@ -107,6 +107,14 @@ def _find_tokenizer(source: CheckpointSource, explicit: str | Path | None) -> Pa
     )
 
 
+def _eval_record(trainer: dict[str, Any]) -> dict[str, int]:
+    """The run's validation set, for ``modmoe eval``: ``eval_batches`` global batches, in
+    micro-batches (the Trainer evaluates the same sequences under every layout)."""
+    micro = trainer.get("micro_batch_size", 8)
+    per_global = max(trainer.get("global_batch_size", micro) // micro, 1)
+    return {"batches": trainer.get("eval_batches", 4) * per_global, "batch_size": micro}
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -197,7 +205,7 @@ def export_checkpoint(
                 "seq_len": data.get("seq_len"),
                 "tokenizer_sha256": sha256_file(tmp / layout.TOKENIZER_NAME),
             },
-            "eval": {"batches": trainer.get("eval_batches", 4), "batch_size": trainer.get("micro_batch_size", 8)},
+            "eval": _eval_record(trainer),
             "dropped_keys": dropped,
         }
         model_dict = model_cfg.model_dump(mode="json")

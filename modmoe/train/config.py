@@ -124,7 +124,8 @@ class TrainerConfig(ConfigModel):
     """Evaluate every N steps and at the end (0 = only at the end)."""
 
     eval_batches: int = Field(default=4, ge=1)
-    """Validation batches per evaluation (of micro_batch_size sequences per rank)."""
+    """Validation batches per evaluation, each of ``global_batch_size`` sequences (evaluated in
+    micro-batches over the data-parallel ranks), so every layout evaluates the same sequences."""
 
     log_every: int = Field(default=1, ge=1)
     """Write metrics every N steps."""

@@ -102,7 +102,10 @@ class Trainer:
         dp, dp_rank = self.job.dp, self.backend.dp_rank()
         rows = tc.micro_batch_size * dp
         self.sampler = self.data.train_sampler(rows, seed=tc.seed, rank=dp_rank, world=dp)
-        self.val_batches = self.data.validation_batches(rows, tc.eval_batches, rank=dp_rank, world=dp)
+        # eval_batches global batches, whatever the layout: every layout evaluates the same sequences.
+        self.val_batches = self.data.validation_batches(
+            rows, tc.eval_batches * self.job.accum_steps, rank=dp_rank, world=dp
+        )
         self.flops = count_flops(cfg.model, cfg.data.seq_len)
         self.last_eval: dict[str, float] = {}
         self.guard = NonFiniteGuard(tc.numerics)

@@ -104,6 +104,8 @@ def _layout(cfg: JobConfig, backend: str, world_size: int, device: str) -> tuple
             seq_len=cfg.data.seq_len,
             precision=precision,
             te_available=te_available() and not cpu,
+            device="cpu" if cpu else "cuda",
+            grad_clip=cfg.optimizer.grad_clip is not None,
         )
         return plan, plan.layout.dp
     dims = ParallelDims.build(cfg.parallel, cfg.model, world_size, device)

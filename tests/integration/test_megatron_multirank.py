@@ -157,7 +157,6 @@ def train_config(run_dir: str | Path, data_dir: str, extra: list[str]):
         "data.seq_len": 64,
         "optimizer.lr": 0.01,
         "optimizer.warmup_steps": 2,
-        "optimizer.grad_clip": "null",
         "trainer.run_dir": str(run_dir),
         "trainer.max_steps": 4,
         "trainer.global_batch_size": 8,
@@ -169,9 +168,7 @@ def train_config(run_dir: str | Path, data_dir: str, extra: list[str]):
         "logging.mlflow.enabled": False,
         "checkpoint.interval_steps": 2,
     }
-    values["engine"] = "megatron"
-    values["megatron.dispatcher"] = "allgather"
-    values["megatron.distributed_optimizer"] = False  # Megatron's distributed optimizer is GPU-only
+    values["engine"] = "megatron"  # every Megatron setting at its default: the engine picks what runs on CPU
     return load_config(None, [f"{k}={v}" for k, v in values.items()] + list(extra))
 
 
@@ -209,7 +206,6 @@ def runs(tmp_path_factory, small_data_dir) -> dict[str, Path]:
         small_data_dir,
         "parallel.dp_backend=deepspeed",
         "parallel.zero_stage=1",
-        "megatron.distributed_optimizer=null",
     )
     return out
 
@@ -291,9 +287,9 @@ def test_megatron_checkpoint_exports_to_a_native_model(runs):
     model.load_state_dict(megatron_checkpoint_to_native(run / "checkpoints" / "step_00000004", cfg.model))
     model.eval()
     data = prepare_data(cfg.data, log=lambda _: None)
-    batches = validation_batches(
-        data.open("val"), cfg.data.seq_len, cfg.trainer.micro_batch_size, cfg.trainer.eval_batches
-    )
+    tc = cfg.trainer  # the trainer evaluates eval_batches global batches (dp = 1 here)
+    per_global = tc.global_batch_size // tc.micro_batch_size
+    batches = validation_batches(data.open("val"), cfg.data.seq_len, tc.micro_batch_size, tc.eval_batches * per_global)
     with torch.no_grad():
         loss = sum(model(x, y).loss.item() for x, y in batches) / len(batches)
     assert loss == pytest.approx(_metrics(run)[-1]["eval/loss_topk"], rel=1e-5)
@@ -354,7 +350,9 @@ if __name__ == "__main__":
 
 def test_modmoe_train_dispatches_to_the_megatron_engine(small_data_dir, tmp_path):
     """``engine: megatron`` in the job config makes ``modmoe train`` run the Megatron trainer
-    (one CPU rank through the local-layer path); a second run resumes its checkpoint."""
+    (one CPU rank through the local-layer path, every Megatron setting and gradient clipping at
+    their defaults: the engine names what it runs instead of the CUDA-only parts); a second run
+    resumes its checkpoint."""
     from runs import read_metrics, run_modmoe, small_overrides
 
     overrides = small_overrides(
@@ -362,22 +360,22 @@ def test_modmoe_train_dispatches_to_the_megatron_engine(small_data_dir, tmp_path
         tmp_path,
         **{
             "engine": "megatron",
-            "megatron.dispatcher": "allgather",
-            "megatron.distributed_optimizer": False,
             "model.moe.score": "sigmoid",
             "model.moe.aux_loss_coef": 0.0,
             "trainer.max_steps": 4,
-            "optimizer.grad_clip": "null",  # Megatron clips with CUDA-only kernels
             "trainer.device": "cpu",
             "logging.mlflow.enabled": False,
             "checkpoint.interval_steps": 2,
         },
     )
     args = ["train", "configs/tiny.yaml", *sum((["--set", o] for o in overrides), [])]
-    run_modmoe(args)
+    proc = run_modmoe(args)
+    assert "on CPU: replicated optimizer (the distributed one is CUDA-only)" in proc.stdout + proc.stderr
+    assert "alltoall dispatcher" in proc.stdout + proc.stderr
     assert (tmp_path / "COMPLETED").exists()
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
+    assert all(r["grad_norm"] > 0 for r in records)  # clipping at 1.0 computed Megatron's norm
     # Throughput and memory as the native trainer reports them (no MFU on CPU: no peak to divide by).
     for r in records:
         assert r["executed_tflops_per_s_per_device"] > 0 and 0.05 < r["memory/cpu_rss_gib"] < 16 and "mfu" not in r
@@ -390,9 +388,7 @@ def test_modmoe_train_dispatches_to_the_megatron_engine(small_data_dir, tmp_path
         assert (p / "metadata.json").is_file() and json.loads((p / "manifest.json").read_text())["layout"] == "megatron"
     (tmp_path / "COMPLETED").unlink()
     # The native engine refuses the Megatron checkpoint in one line rather than misreading it
-    # (the Megatron-only keys go back to their defaults: the native backend refuses them set).
-    native_again = ["--set", "engine=native", "--set", "megatron.dispatcher=alltoall"]
-    native_again += ["--set", "megatron.distributed_optimizer=null"]
+    native_again = ["--set", "engine=native"]
     native = subprocess.run(
         [sys.executable, "-m", "modmoe", *args, *native_again, "--set", "trainer.max_steps=6"],
         cwd=REPO,

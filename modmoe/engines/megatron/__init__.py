@@ -11,7 +11,11 @@ Modules, from the bottom up:
 - ``layer`` / ``spec``: the MoDE ``TransformerLayer`` subclass and the ``ModuleSpec`` list
   that puts it into ``GPTModel``.
 - ``convert``: native state dict <-> Megatron ``GPTModel`` state dict.
-- ``train`` / ``checkpoint``: the GPU training entry point and ``dist_checkpointing``.
+- ``load``: one rank's part of a ``GPTModel`` from native tensors read by name (the initial
+  weights of every layout are the native model's).
+- ``checkpoint``: ``dist_checkpointing`` of a run, and its export to native tensors.
+- ``cpu_emulation``: Megatron's local layers on CPU. The training step is the ``megatron``
+  backend of the Trainer (``modmoe/train/backends/megatron.py``).
 
 Only ``config`` is imported here; the rest needs ``megatron-core`` (the ``megatron`` extra).
 """

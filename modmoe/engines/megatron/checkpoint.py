@@ -127,11 +127,32 @@ class MegatronStateIO:
     model_prefix = None
     can_save_async = False
 
-    def __init__(self, model: nn.Module, optimizer=None, deepspeed=None, around=contextlib.nullcontext) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer=None, deepspeed=None, around=contextlib.nullcontext, ep: int = 1
+    ) -> None:
         """``model``: the unwrapped GPTModel (keys do not depend on DDP/bf16 wrappers);
         ``optimizer``: a MegatronOptimizer, or None (DeepSpeed, or weights only); ``around``: a
-        context every save and load runs in (e.g. pausing overlapped parameter gathers)."""
+        context every save and load runs in (e.g. pausing overlapped parameter gathers); ``ep``:
+        this run's expert-parallel degree."""
         self.model, self.optimizer, self.deepspeed, self.around = model, optimizer, deepspeed, around
+        self.ep = ep
+
+    def _check_expert_optimizer(self, path: Path) -> None:
+        """Megatron gives expert parameters an optimizer of their own only when ep > 1, and its
+        checkpoint keeps that structure: switching expert parallelism on or off cannot resume
+        the optimizer state (found on CPU: the load fails on a missing ``chained_0.`` key)."""
+        if self.optimizer is None:
+            return
+        config = read_meta(path).get("config")
+        parallel = config.get("parallel") if isinstance(config, dict) else None
+        saved = parallel.get("ep", 1) if isinstance(parallel, dict) else 1
+        if isinstance(saved, int) and (saved > 1) != (self.ep > 1):
+            want = "> 1" if saved > 1 else "= 1"
+            raise ConfigError(
+                f"checkpoint error: {path} was written with parallel.ep = {saved}; Megatron keeps the experts' "
+                f"optimizer state apart only when ep > 1, so it resumes with parallel.ep {want} "
+                "(or export the weights: modmoe export)"
+            )
 
     def save(self, path: Path, process_group, no_dist: bool, async_save: bool) -> None:
         with self.around():
@@ -140,6 +161,7 @@ class MegatronStateIO:
                 self.deepspeed.save_checkpoint(str(path / DEEPSPEED_DIR), tag="zero", save_latest=False)
 
     def load(self, path: Path, process_group, no_dist: bool) -> None:
+        self._check_expert_optimizer(path)
         with self.around(), safe_reads(path, deepspeed=self.deepspeed is not None):
             loaded = dist_checkpointing.load(_sharded(self.model, self.optimizer, is_loading=True), str(path))
             self.model.load_state_dict(loaded["model"])

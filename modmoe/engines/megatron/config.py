@@ -35,10 +35,11 @@ class MegatronConfig(ConfigModel):
     """Split norms, routers and residual activations along the sequence over the ``parallel.tp``
     ranks. Needs ``parallel.tp > 1``; required by Megatron's MoE layers when ``tp > 1``."""
 
-    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    dispatcher: Literal["alltoall", "allgather"] | None = None
     """How tokens reach their experts: ``alltoall`` (exchange only the routed tokens; best with
     expert parallelism) or ``allgather`` (every rank gathers all tokens; simple, fine for
-    ``ep = 1``)."""
+    ``ep = 1``). ``null`` = ``alltoall``, except on CPU with expert tensor parallelism
+    (etp > 1), where alltoall all-gathers uneven token counts, which gloo cannot: ``allgather``."""
 
     grouped_gemm: bool = False
     """Run all local experts in one grouped GEMM (Transformer Engine's ``TEGroupedMLP``)

@@ -51,7 +51,9 @@ class MegatronLayout:
 
 
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
+    """How some native tensors become some Megatron tensors (unsharded) and back."""
+
     native: tuple[str, ...]
     megatron: tuple[str, ...]
     to_megatron: Fn
@@ -62,11 +64,11 @@ def _same(*t: Tensor) -> tuple[Tensor, ...]:
     return t
 
 
-def _rename(native: str, megatron: str) -> _Rule:
-    return _Rule((native,), (megatron,), _same, _same)
+def _rename(native: str, megatron: str) -> Rule:
+    return Rule((native,), (megatron,), _same, _same)
 
 
-def _qkv_rule(cfg: ModelConfig, native: str, megatron: str) -> _Rule:
+def _qkv_rule(cfg: ModelConfig, native: str, megatron: str) -> Rule:
     a = cfg.to_args()
     H, KV, hd, D = a.num_heads, a.num_kv_heads, a.head_dim, a.dim
     per = H // KV
@@ -80,12 +82,12 @@ def _qkv_rule(cfg: ModelConfig, native: str, megatron: str) -> _Rule:
         g = qkv.reshape(KV, per + 2, hd, D)
         return g[:, :per].reshape(H * hd, D), g[:, per].reshape(KV * hd, D), g[:, per + 1].reshape(KV * hd, D)
 
-    return _Rule(tuple(f"{native}.{n}.weight" for n in ("wq", "wk", "wv")), (megatron,), pack, unpack)
+    return Rule(tuple(f"{native}.{n}.weight" for n in ("wq", "wk", "wv")), (megatron,), pack, unpack)
 
 
-def _swiglu_rules(native: str, megatron: str) -> Iterator[_Rule]:
+def _swiglu_rules(native: str, megatron: str) -> Iterator[Rule]:
     """A native SwiGLU module (w1, w3, w2 Linear layers) <-> Megatron MLP (linear_fc1/2)."""
-    yield _Rule(
+    yield Rule(
         (f"{native}.w1.weight", f"{native}.w3.weight"),
         (f"{megatron}.linear_fc1.weight",),
         lambda w1, w3: (torch.cat([w1, w3], dim=0),),
@@ -94,7 +96,7 @@ def _swiglu_rules(native: str, megatron: str) -> Iterator[_Rule]:
     yield _rename(f"{native}.w2.weight", f"{megatron}.linear_fc2.weight")
 
 
-def _expert_rule(native: str, megatron: str, num_experts: int, layout: MegatronLayout) -> _Rule:
+def _expert_rule(native: str, megatron: str, num_experts: int, layout: MegatronLayout) -> Rule:
     E = num_experts
     if layout.grouped_experts:
         fc1 = tuple(f"{megatron}.linear_fc1.weight{e}" for e in range(E))
@@ -115,10 +117,10 @@ def _expert_rule(native: str, megatron: str, num_experts: int, layout: MegatronL
         return w1, w3, torch.stack([d.t() for d in downs])
 
     names = tuple(f"{native}.{n}" for n in ("w1", "w3", "w2"))
-    return _Rule(names, fc1 + fc2, pack, unpack)
+    return Rule(names, fc1 + fc2, pack, unpack)
 
 
-def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[_Rule]:
+def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[Rule]:
     n, m = f"layers.{i}", f"decoder.layers.{i}"
     routed, use_moe = cfg.to_args().layer_kind(i)
     attn_norm = (
@@ -147,7 +149,7 @@ def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[_
                 yield _rename(f"{n}.router.predictor.{part}", f"{m}.depth_router.predictor.{part}")
 
 
-def _rules(cfg: ModelConfig, layout: MegatronLayout) -> list[_Rule]:
+def _rules(cfg: ModelConfig, layout: MegatronLayout) -> list[Rule]:
     rules = [_rename("tok_embeddings.weight", "embedding.word_embeddings.weight")]
     for i in range(cfg.num_layers):
         rules.extend(_layer_rules(cfg, i, layout))
@@ -157,14 +159,19 @@ def _rules(cfg: ModelConfig, layout: MegatronLayout) -> list[_Rule]:
     return rules
 
 
+def conversion_rules(cfg: ModelConfig, layout: MegatronLayout | None = None) -> list[Rule]:
+    """Every rule of the model, in model order (the tied output weight has none: it is the
+    embedding)."""
+    _check_supported(cfg)
+    return _rules(cfg, layout or MegatronLayout())
+
+
 def _check_supported(cfg: ModelConfig) -> None:
     if any(cfg.to_args().noop_experts_at(i) for i in range(cfg.num_layers)):
         raise ValueError("convert: integrated MoDE (no-op experts) has no Megatron counterpart")
 
 
-def _apply(
-    state: dict[str, Tensor], rules: list[_Rule], forward: bool, what: str
-) -> tuple[dict[str, Tensor], set[str]]:
+def _apply(state: dict[str, Tensor], rules: list[Rule], forward: bool, what: str) -> tuple[dict[str, Tensor], set[str]]:
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for rule in rules:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 from modmoe.model.routing import apply_update, gather_tokens, membership, scatter_tokens, topk_positions
@@ -44,11 +43,31 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return gather_tokens(x, index, token_dim=0)
 
 
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along dim 0; backward: each rank's slice of the summed gradient (reduce-scatter).
+    torch.distributed.nn's all_gather emulates that backward on gloo with a scatter addressed by
+    group rank as if it were a global rank, which fails in any group without global rank 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.new_empty(x.shape[0] * dist.get_world_size(group), *x.shape[1:])
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        world = dist.get_world_size(ctx.group)
+        out = grad.new_empty(grad.shape[0] // world, *grad.shape[1:])
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
 def all_gather_seq(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Concatenates every rank's ``x`` along dim 0; differentiable (backward: reduce-scatter)."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x.contiguous(), group=group), dim=0)
+    return _GatherSeq.apply(x, group)
 
 
 def all_gather_logits(logits: Tensor, group: dist.ProcessGroup | None) -> Tensor:

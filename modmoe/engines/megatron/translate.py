@@ -15,6 +15,15 @@ the way the native model (the specification) means it is rejected with a one-lin
   bias (opt in with ``megatron.aux_loss_with_expert_bias: megatron``);
 - context parallelism with depth routing, ``unrouted`` activation checkpointing, FSDP2, and
   layouts Megatron itself refuses (sp without tp, MoE + tp without sp, DeepSpeed with pp, ...).
+
+On a CPU (``device="cpu"``: tests, debugging, small runs) the parts Megatron builds for GPUs only
+are chosen or refused here: ``megatron.distributed_optimizer: null`` picks the replicated
+optimizer, ``megatron.dispatcher: null`` allgather where alltoall would need an uneven all-gather
+(expert tensor parallelism); an explicit ``true``, ``alltoall`` there, ``trainer.precision: bf16``
+(Megatron's mixed-precision optimizer), Transformer Engine, FP8 and tied embeddings with pp > 1
+are refused in one line naming the value that works.
+What the CPU run substitutes is listed in :attr:`MegatronPlan.cpu_choices` (the backend's
+describe line).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from modmoe.model_config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 
 Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["cuda", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,13 @@ class MegatronPlan:
     use_te: bool
     optimizer: Literal["distributed", "replicated", "deepspeed"]
     zero_stage: int | None  # DeepSpeed ZeRO stage (deepspeed only)
+    device: Device = "cuda"
+    cpu_choices: tuple[str, ...] = ()  # what a CPU run uses instead of a GPU-only part, for the describe line
+
+    @property
+    def dispatcher(self) -> str | None:
+        """Megatron's token dispatcher (None without experts)."""
+        return self.transformer.get("moe_token_dispatcher_type")
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
@@ -92,8 +109,28 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     return "fp32" if precision == "fp32" else "bf16"
 
 
+# Architecture features of pretrained families that the native model has and this engine's
+# translation does not map yet: (field, value that works).
+_NATIVE_ONLY_FEATURES = (
+    ("attention_bias", "none"),
+    ("qk_norm", "none"),
+    ("rope_scaling", None),
+)
+
+
 def _check_model(m: ModelConfig, g: MegatronConfig) -> None:
     d, e = m.depth, m.moe
+    for name, works in _NATIVE_ONLY_FEATURES:
+        value = getattr(m, name)
+        if value != works:
+            shown = value.rope_type if name == "rope_scaling" else value
+            raise field_error(
+                f"model.{name}", shown, f"is not supported by the megatron engine yet (use {works!r} or engine: native)"
+            )
+    if e.enabled and e.shared_expert_gate:
+        raise field_error(
+            "model.moe.shared_expert_gate", True, "is not supported by the megatron engine yet (use engine: native)"
+        )
     if d.enabled and d.bce_detach_input:
         raise field_error(
             "model.depth.bce_detach_input", True, "must be false with the megatron engine (native engine only)"
@@ -217,7 +254,7 @@ def _check_layout(m: ModelConfig, p: ParallelConfig, g: MegatronConfig, lay: Lay
         )
 
 
-def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout) -> tuple[str, int | None]:
+def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout, cpu: bool) -> tuple[str, int | None]:
     if p.dp_backend == "fsdp2":
         raise field_error(
             "parallel.dp_backend",
@@ -256,10 +293,56 @@ def _optimizer(p: ParallelConfig, g: MegatronConfig, lay: Layout) -> tuple[str, 
                 "(DeepSpeed does not all-reduce the sequence-parallel norm gradients over TP)",
             )
         return "deepspeed", p.zero_stage
-    return ("replicated" if g.distributed_optimizer is False else "distributed"), None
+    if cpu and g.distributed_optimizer:
+        raise field_error(
+            "megatron.distributed_optimizer",
+            True,
+            "Megatron's distributed optimizer runs on CUDA devices only (it checks torch.cuda tensor types): "
+            "use null (picks the replicated optimizer on CPU) or false",
+        )
+    distributed = g.distributed_optimizer if g.distributed_optimizer is not None else not cpu
+    return ("distributed" if distributed else "replicated"), None
 
 
-def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bool) -> bool:
+def _check_cpu(m: ModelConfig, g: MegatronConfig, lay: Layout, precision: str) -> None:
+    """What Megatron builds for CUDA devices only, refused on a CPU with the value that works."""
+    if m.tie_embeddings and lay.pp > 1:
+        raise field_error(
+            "model.tie_embeddings",
+            True,
+            "with megatron.pp > 1 Megatron copies the embedding to the last stage through CUDA "
+            "(a CUDA device only): use false, or megatron.pp = 1, on CPU",
+        )
+    if g.transformer_impl == "transformer_engine":
+        raise field_error(
+            "megatron.transformer_impl", "transformer_engine", "needs a CUDA device: use 'auto' or 'local' on CPU"
+        )
+    if g.fp8 != "none":
+        raise field_error("megatron.fp8", g.fp8, "needs a CUDA device with Transformer Engine: use 'none' on CPU")
+    if precision == "bf16":
+        raise field_error(
+            "trainer.precision",
+            "bf16",
+            "Megatron's mixed-precision optimizer runs on CUDA devices only: use 'auto' or 'fp32' on CPU",
+        )
+
+
+def _dispatcher(g: MegatronConfig, lay: Layout, cpu: bool, moe: bool) -> str:
+    """The token dispatcher: ``megatron.dispatcher``; when null, alltoall, except allgather on a CPU
+    with expert tensor parallelism (alltoall all-gathers uneven sizes there, which gloo cannot)."""
+    if cpu and moe and lay.etp > 1:
+        if g.dispatcher == "alltoall":
+            raise field_error(
+                "megatron.dispatcher",
+                "alltoall",
+                f"on CPU with expert tensor parallelism (megatron.etp = {lay.etp}) it all-gathers uneven token "
+                "counts, which gloo cannot: use null (picks allgather) or 'allgather', or megatron.etp = 1",
+            )
+        return "allgather"
+    return g.dispatcher or "alltoall"
+
+
+def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bool, dispatcher: str) -> bool:
     """Returns whether Transformer Engine layers are used."""
     if g.transformer_impl == "transformer_engine" and not te_available:
         raise field_error(
@@ -273,7 +356,7 @@ def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bo
             raise field_error("megatron.fp8", g.fp8, "needs Transformer Engine layers (megatron.transformer_impl)")
         if precision != "bf16":
             raise field_error("megatron.fp8", g.fp8, "needs trainer.precision = 'bf16'")
-    if g.fp8 != "none" and moe and g.dispatcher == "allgather":
+    if g.fp8 != "none" and moe and dispatcher == "allgather":
         raise field_error(
             "megatron.dispatcher",
             "allgather",
@@ -281,10 +364,33 @@ def _check_engine(g: MegatronConfig, precision: str, te_available: bool, moe: bo
         )
     if g.grouped_gemm and not use_te:
         raise field_error("megatron.grouped_gemm", True, "needs Transformer Engine layers (TEGroupedMLP)")
+    if g.cp > 1 and not use_te:
+        raise field_error(
+            "megatron.cp",
+            g.cp,
+            "needs Transformer Engine attention (Megatron's local attention has no context "
+            "parallelism): use 1, or megatron.transformer_impl 'auto'/'transformer_engine' where TE is installed",
+        )
     return use_te
 
 
-def _moe_kwargs(m: ModelConfig, g: MegatronConfig) -> dict[str, Any]:
+def _cpu_choices(g: MegatronConfig, optimizer: str, dispatcher: str | None, clip: bool) -> tuple[str, ...]:
+    """What a CPU run uses in place of the GPU paths (named in the backend's describe line)."""
+    out = []
+    if optimizer == "replicated" and g.distributed_optimizer is None:
+        out.append("replicated optimizer (the distributed one is CUDA-only)")
+    if optimizer != "deepspeed" and g.overlap_grad_reduce:
+        out.append("synchronous gradient reduction")
+    if optimizer != "deepspeed" and clip:
+        out.append("clipping by Megatron's norm without its CUDA type check")
+    if dispatcher == "alltoall":
+        out.append("alltoall dispatcher without a side stream")
+    elif dispatcher == "allgather" and g.dispatcher is None:
+        out.append("allgather dispatcher (alltoall over expert-TP ranks needs an uneven all-gather gloo lacks)")
+    return tuple(out)
+
+
+def _moe_kwargs(m: ModelConfig, g: MegatronConfig, dispatcher: str) -> dict[str, Any]:
     e = m.moe
     if not e.enabled:
         return {}
@@ -311,14 +417,14 @@ def _moe_kwargs(m: ModelConfig, g: MegatronConfig) -> dict[str, Any]:
         "moe_z_loss_coeff": e.z_loss_coef or None,
         "moe_router_enable_expert_bias": e.bias_update_rate > 0,
         "moe_router_dtype": "fp32",  # native routers compute logits in fp32
-        "moe_token_dispatcher_type": g.dispatcher,
+        "moe_token_dispatcher_type": dispatcher,
         "moe_grouped_gemm": g.grouped_gemm,
         "moe_expert_capacity_factor": None,
     }
     if e.bias_update_rate > 0:
         kw["moe_router_bias_update_rate"] = e.bias_update_rate
     if e.num_shared_experts:
-        kw["moe_shared_expert_intermediate_size"] = e.num_shared_experts * e.expert_hidden
+        kw["moe_shared_expert_intermediate_size"] = m.to_args().moe.shared_hidden
     return kw
 
 
@@ -331,16 +437,24 @@ def translate(
     seq_len: int,
     precision: Precision = "bf16",
     te_available: bool = False,
+    device: Device = "cuda",
+    grad_clip: bool = False,
 ) -> MegatronPlan:
-    """Checks the combination and translates it; raises ConfigError (one line) if unsupported."""
+    """Checks the combination and translates it; raises ConfigError (one line) if unsupported.
+    ``device``: where the job runs (``cpu``: the CPU choices and refusals of the module
+    docstring); ``grad_clip``: whether the optimizer clips (named among the CPU choices)."""
     if seq_len > model.max_seq_len:
         raise field_error("data.seq_len", seq_len, f"must be <= model.max_seq_len ({model.max_seq_len})")
-    prec = resolve_precision(precision)
+    cpu = device == "cpu"
+    prec = "fp32" if cpu and precision == "auto" else resolve_precision(precision)
     _check_model(model, engine)
     lay = _layout(model, parallel, engine, world_size)
     _check_layout(model, parallel, engine, lay, seq_len)
-    optimizer, zero_stage = _optimizer(parallel, engine, lay)
-    use_te = _check_engine(engine, prec, te_available, model.moe.enabled)
+    if cpu:
+        _check_cpu(model, engine, lay, prec)
+    optimizer, zero_stage = _optimizer(parallel, engine, lay, cpu)
+    dispatcher = _dispatcher(engine, lay, cpu, model.moe.enabled)
+    use_te = _check_engine(engine, prec, te_available and not cpu, model.moe.enabled, dispatcher)
 
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     tc: dict[str, Any] = {
@@ -373,7 +487,7 @@ def translate(
         "expert_model_parallel_size": lay.ep,
         "expert_tensor_parallel_size": lay.etp,
         "sequence_parallel": engine.sequence_parallel,
-        **_moe_kwargs(model, engine),
+        **_moe_kwargs(model, engine, dispatcher),
     }
     if parallel.activation_checkpointing == "all":
         tc.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -395,6 +509,9 @@ def translate(
     depth = None
     routed = tuple(i for i in range(model.num_layers) if model.to_args().layer_kind(i)[0])
     if routed:
+        # Routed layers hold a depth router the others lack: checkpoint keys per layer, as MoE
+        # layouts already get (Megatron stacks identical layers along one axis, which would leave holes).
+        tc["hetereogenous_dist_checkpoint"] = True
         depth = DepthLayerParams(
             capacity=d.capacity,
             router_weight=d.router_weight,
@@ -402,7 +519,21 @@ def translate(
             predictor_hidden=d.predictor_hidden if d.predictor else None,
             causal_router=d.causal_router,
         )
-    return MegatronPlan(tc, gpt, lay, routed, depth, seq_len, use_te, optimizer, zero_stage)  # type: ignore[arg-type]
+    moe_dispatcher = dispatcher if model.moe.enabled else None
+    choices = _cpu_choices(engine, optimizer, moe_dispatcher, grad_clip) if cpu else ()
+    return MegatronPlan(
+        transformer=tc,
+        gpt=gpt,
+        layout=lay,
+        routed_layers=routed,
+        depth=depth,
+        seq_len=seq_len,
+        use_te=use_te,
+        optimizer=optimizer,  # type: ignore[arg-type]
+        zero_stage=zero_stage,
+        device=device,
+        cpu_choices=choices,
+    )
 
 
 def build_transformer_config(plan: MegatronPlan, **overrides: Any):

@@ -146,8 +146,7 @@ class MegatronBackend:
         self.ps = parallel_state
         parallel_state.initialize_model_parallel(**self.plan.layout.parallel_state_kwargs())
         tc = self.cfg.trainer
-        torch.manual_seed(tc.seed)  # CPU init: every rank builds the same master weights
-        if not self.cpu:
+        if not self.cpu:  # Megatron's CUDA RNG tracker (dropout is 0; the weights come from the native model)
             tensor_parallel.model_parallel_cuda_manual_seed(tc.seed)
         self.dp = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = job.accum_steps
@@ -173,13 +172,24 @@ class MegatronBackend:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.transformer.module import Float16Module
 
+        from modmoe.engines.megatron.convert import MegatronLayout
+        from modmoe.engines.megatron.load import load_native_weights, native_init_reader
         from modmoe.engines.megatron.spec import build_gpt_model
 
         plan, opt, ps, mc = self.plan, self.cfg.optimizer, self.ps, self.cfg.megatron
+        # Megatron initialises (which also marks the tensor-parallel parameters), then every layout
+        # overwrites its part with the native model's initial weights.
         self.tconfig = build_transformer_config(plan, use_cpu_initialization=self.cpu)
         self.bf16 = bool(self.tconfig.bf16)
         self.gpt = build_gpt_model(plan, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
         self.gpt.to(self.device)
+        m = self.cfg.model
+        load_native_weights(
+            self.gpt,
+            m,
+            native_init_reader(m, self.cfg.trainer.seed),
+            MegatronLayout.for_plan(plan.use_te, mc.grouped_gemm),
+        )
         module = Float16Module(self.tconfig, self.gpt) if self.bf16 else self.gpt
         self.optimizer, self.deepspeed = None, None
         if plan.optimizer == "deepspeed":
@@ -244,11 +254,19 @@ class MegatronBackend:
         return self.ps.get_data_parallel_rank()
 
     def describe(self) -> str:
-        lay = self.plan.layout
+        plan = self.plan
+        lay = plan.layout
+        parts = [
+            f"tp {lay.tp} pp {lay.pp} cp {lay.cp} ep {lay.ep} etp {lay.etp} dp {lay.dp}",
+            f"{'TE' if plan.use_te else 'local'} layers",
+            f"{plan.optimizer} optimizer",
+            *([f"{plan.dispatcher} dispatcher"] if plan.dispatcher else []),
+            "bf16" if self.bf16 else "fp32",
+        ]
+        cpu = f"; on CPU: {', '.join(plan.cpu_choices)}" if plan.cpu_choices else ""
         return (
-            f"megatron backend: tp {lay.tp} pp {lay.pp} cp {lay.cp} ep {lay.ep} etp {lay.etp} dp {lay.dp}, "
-            f"{'TE' if self.plan.use_te else 'local'} layers, {self.plan.optimizer} optimizer, "
-            f"{'bf16' if self.bf16 else 'fp32'}; routed layers {list(self.plan.routed_layers)}"
+            f"megatron backend: {', '.join(parts)}{cpu}; routed layers {list(plan.routed_layers)}; "
+            f"initial weights: the native model's (seed {self.cfg.trainer.seed})"
         )
 
     def layout_tag(self) -> str:
@@ -484,7 +502,9 @@ class MegatronBackend:
     def state_io(self):
         from modmoe.engines.megatron.checkpoint import MegatronStateIO
 
-        return MegatronStateIO(self.gpt, self.optimizer, self.deepspeed, around=self._params_gathered)
+        return MegatronStateIO(
+            self.gpt, self.optimizer, self.deepspeed, around=self._params_gathered, ep=self.plan.layout.ep
+        )
 
     def close(self) -> None:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker

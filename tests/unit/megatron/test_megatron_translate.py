@@ -36,7 +36,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def plan_for(model=None, parallel=None, engine=None, world=1, seq_len=64, precision="fp32", te=False):
+def plan_for(model=None, parallel=None, engine=None, world=1, seq_len=64, precision="fp32", te=False, **kw):
     m = ModelConfig.model_validate(_merge(BASE_MODEL, model or {}))
     return translate(
         m,
@@ -46,6 +46,7 @@ def plan_for(model=None, parallel=None, engine=None, world=1, seq_len=64, precis
         seq_len=seq_len,
         precision=precision,
         te_available=te,
+        **kw,
     )
 
 
@@ -332,3 +333,71 @@ def test_engine_config_is_documented_and_strict():
     assert str(err.value).startswith("config error: unknown key megatron.pipeline (allowed keys: ")
     with pytest.raises(ConfigError, match=r"^config error: megatron\.dispatcher = 'flex'"):
         validate_config(MegatronConfig, {"dispatcher": "flex"}, prefix="megatron")
+
+
+def test_on_cpu_the_engine_picks_what_runs_there_and_names_it():
+    """Every Megatron setting at its default: GPU plans keep the distributed optimizer and the
+    alltoall dispatcher; a CPU plan picks the replicated optimizer (and allgather where alltoall
+    would need an uneven all-gather gloo lacks), and lists what it substituted."""
+    gpu = plan_for(precision="auto", world=2, te=True, grad_clip=True)
+    assert (gpu.optimizer, gpu.dispatcher, gpu.use_te, gpu.cpu_choices) == ("distributed", "alltoall", True, ())
+    cpu = plan_for(precision="auto", world=2, te=True, device="cpu", grad_clip=True)
+    assert (cpu.optimizer, cpu.dispatcher, cpu.use_te, cpu.transformer["bf16"]) == (
+        "replicated",
+        "alltoall",
+        False,
+        False,
+    )
+    assert cpu.cpu_choices == (
+        "replicated optimizer (the distributed one is CUDA-only)",
+        "synchronous gradient reduction",
+        "clipping by Megatron's norm without its CUDA type check",
+        "alltoall dispatcher without a side stream",
+    )
+    tp2 = plan_for(parallel={"tp": 2}, engine={"sequence_parallel": True}, world=2, device="cpu")  # etp = tp = 2
+    assert tp2.dispatcher == "allgather" and any(c.startswith("allgather dispatcher") for c in tp2.cpu_choices)
+    whole_experts = {"sequence_parallel": True, "etp": 1}
+    assert plan_for(parallel={"tp": 2, "ep": 2}, engine=whole_experts, world=4, device="cpu").dispatcher == "alltoall"
+    assert plan_for(engine={"dispatcher": "allgather"}, device="cpu").dispatcher == "allgather"
+    assert plan_for({"moe": {"enabled": False}}, device="cpu").dispatcher is None
+    ds = plan_for(parallel={"dp_backend": "deepspeed", "zero_stage": 1}, world=2, device="cpu", grad_clip=True)
+    assert ds.optimizer == "deepspeed" and ds.cpu_choices == ("alltoall dispatcher without a side stream",)
+
+
+CPU_REJECTED = {  # what Megatron builds for CUDA devices only, with the value that works on CPU
+    "distributed_optimizer": ({}, {"distributed_optimizer": True}, "fp32", "megatron.distributed_optimizer", "null"),
+    "bf16": ({}, {}, "bf16", "trainer.precision", "'fp32'"),
+    "transformer_engine": (
+        {},
+        {"transformer_impl": "transformer_engine"},
+        "fp32",
+        "megatron.transformer_impl",
+        "'local'",
+    ),
+    "fp8": ({}, {"fp8": "e4m3"}, "fp32", "megatron.fp8", "'none'"),
+    "alltoall_over_etp": (
+        {},
+        {"dispatcher": "alltoall", "sequence_parallel": True},
+        "fp32",
+        "megatron.dispatcher",
+        "allgather",
+    ),
+    "tied_embeddings_pp2": ({"tie_embeddings": True}, {"pp": 2}, "fp32", "model.tie_embeddings", "false"),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_REJECTED))
+def test_cpu_refuses_cuda_only_parts_in_one_line_naming_what_works(name):
+    model, engine, precision, field, works = CPU_REJECTED[name]
+    parallel, world = ({"tp": 2}, 2) if name == "alltoall_over_etp" else ({}, 2 if name == "tied_embeddings_pp2" else 1)
+    with pytest.raises(ConfigError) as err:
+        plan_for(model, parallel, engine, world=world, precision=precision, device="cpu")
+    msg = str(err.value)
+    assert msg.startswith(f"config error: {field} = ") and "\n" not in msg and works in msg, msg
+
+
+def test_context_parallelism_needs_transformer_engine_attention():
+    moe_only = {"depth": {"enabled": False}}
+    assert plan_for(moe_only, engine={"cp": 2}, world=2, te=True).layout.cp == 2
+    with pytest.raises(ConfigError, match=r"^config error: megatron\.cp = 2: needs Transformer Engine attention"):
+        plan_for(moe_only, engine={"cp": 2}, world=2, te=False)
