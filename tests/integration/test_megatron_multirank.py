@@ -73,7 +73,7 @@ def _routing_worker(out: Path) -> None:
         all_gather_logits,
         all_gather_seq,
         gather_routed,
-        plan_slots,
+        plan_routed_rows,
         router_weight,
         scatter_routed,
     )
@@ -97,8 +97,8 @@ def _routing_worker(out: Path) -> None:
         # Reference: one process, whole sequences.
         xr, wr, mr = (t.clone().requires_grad_() for t in (x, w, mix))
         logits = xr @ wr + bias  # [s, b]
-        slots = plan_slots(logits.detach(), k)
-        ref = scatter_routed(xr, slots, inner(gather_routed(xr, slots), mr), router_weight(logits, "sigmoid"))
+        plan = plan_routed_rows(logits.detach(), k)
+        ref = scatter_routed(xr, plan, inner(gather_routed(xr, plan), mr), router_weight(logits, "sigmoid"))
         (ref * grad_out).sum().backward()
 
         # Sequence parallel: this rank's shard only.
@@ -106,19 +106,19 @@ def _routing_worker(out: Path) -> None:
         part = slice(rank * n, (rank + 1) * n)
         xs, ws, ms = x[part].clone().requires_grad_(), w.clone().requires_grad_(), mix.clone().requires_grad_()
         local_logits = xs @ ws + bias[part]  # [s/W, b]
-        sp_slots = plan_slots(all_gather_logits(local_logits, group), k, rank, world)
-        routed = gather_routed(xs, sp_slots, group)  # [k/W, b, h]
+        sp_plan = plan_routed_rows(all_gather_logits(local_logits, group), k, rank, world)
+        routed = gather_routed(xs, sp_plan, group)  # [k/W, b, h]
         full = all_gather_seq(routed, group)  # what an SP layer's first linear does
         kl = k // world
         update = inner(full, ms)[rank * kl : (rank + 1) * kl]
-        out_sp = scatter_routed(xs, sp_slots, update, router_weight(local_logits, "sigmoid"), group)
+        out_sp = scatter_routed(xs, sp_plan, update, router_weight(local_logits, "sigmoid"), group)
         (out_sp * grad_out[part]).sum().backward()
         for t in (ws.grad, ms.grad):  # replicated parameters: sum the shards' gradients
             dist.all_reduce(t, group=group)
-        member = sp_slots.local_mask
+        member = sp_plan.local_mask
         results.append(
             {
-                "same_choice": bool(torch.equal(member, slots.mask[part])),
+                "same_choice": bool(torch.equal(member, plan.mask[part])),
                 "out": float((out_sp.detach() - ref.detach()[part]).abs().max()),
                 "skipped_untouched": bool(torch.equal(out_sp.detach()[~member], x[part][~member])),
                 "chosen_here": int(member.sum()),

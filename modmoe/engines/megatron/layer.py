@@ -35,7 +35,7 @@ from modmoe.engines.megatron.routing import (
     gather_attention_mask,
     gather_rotary,
     gather_routed,
-    plan_slots,
+    plan_routed_rows,
     scatter_routed,
 )
 from modmoe.engines.megatron.translate import DepthLayerParams
@@ -128,22 +128,22 @@ class MoDETransformerLayer(TransformerLayer):
         x = hidden_states  # [s/W, b, h]
         logits = self.depth_router.logits(x)  # [s/W, b] fp32
         full = all_gather_logits(logits, group)  # [s, b]
-        slots = plan_slots(full, self.depth.tokens(full.shape[0]), rank, world)
+        plan = plan_routed_rows(full, self.depth.tokens(full.shape[0]), rank, world)
         if self.record_selection:
-            self.last_selection = slots.index.detach()
-        x_sel = gather_routed(x, slots, group)  # [k/W, b, h]
+            self.last_selection = plan.index.detach()
+        x_sel = gather_routed(x, plan, group)  # [k/W, b, h]
         rope = rotary_pos_emb
         if isinstance(rope, tuple):
-            rope = tuple(None if t is None else gather_rotary(t, slots.index) for t in rope)
+            rope = tuple(None if t is None else gather_rotary(t, plan.index) for t in rope)
         elif rope is not None:
-            rope = gather_rotary(rope, slots.index)  # [k, b, 1, d]: attention sees all k tokens
-        mask = None if attention_mask is None else gather_attention_mask(attention_mask, slots.index)
+            rope = gather_rotary(rope, plan.index)  # [k, b, 1, d]: attention sees all k tokens
+        mask = None if attention_mask is None else gather_attention_mask(attention_mask, plan.index)
 
         out, context = super().forward(hidden_states=x_sel, attention_mask=mask, rotary_pos_emb=rope, **kwargs)
         update = out - x_sel  # f(x): attention + MLP contributions of the inner layer, [k/W, b, h]
-        y = scatter_routed(x, slots, update, router_weight(logits, self.depth.router_weight), group)
+        y = scatter_routed(x, plan, update, router_weight(logits, self.depth.router_weight), group)
         if self.training and torch.is_grad_enabled():
-            y = self._attach_losses(y, x, logits, slots.local_mask, full.numel())
+            y = self._attach_losses(y, x, logits, plan.local_mask, full.numel())
         return y, context
 
     def _attach_losses(self, y: Tensor, x: Tensor, logits: Tensor, member: Tensor, total: int) -> Tensor:

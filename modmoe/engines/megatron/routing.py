@@ -14,10 +14,10 @@ same layout for its own (routed) sequence of ``k`` tokens. Top-k is taken as fol
    float per token, no gradient): every rank holds the same ``[s, b]`` logits and takes the
    same global per-sequence top-k, so the result equals the non-SP one exactly.
 2. The routed sequence (chosen tokens in position order) is split like any SP sequence: rank
-   ``w`` runs routed slots ``[w*k/W, (w+1)*k/W)``. To fill them, each rank packs its own chosen
+   ``w`` runs routed rows ``[w*k/W, (w+1)*k/W)``. To fill them, each rank packs its own chosen
    tokens (at most ``m = min(k, s/W)`` per sequence, a static bound) into ``[m, b, h]``; the
-   packs are all-gathered to ``[W*m, b, h]`` and each rank takes its slots from there.
-3. The inner layer's updates for the local slots ``[k/W, b, h]`` are all-gathered to
+   packs are all-gathered to ``[W*m, b, h]`` and each rank takes its rows from there.
+3. The inner layer's updates for the local rows ``[k/W, b, h]`` are all-gathered to
    ``[k, b, h]``; each rank applies ``x + r * f`` to the chosen tokens it owns, with its own
    router weights, so the router's gradient stays local (Megatron then all-reduces the
    router's weight gradient over TP like any sequence-parallel norm weight).
@@ -81,18 +81,18 @@ def all_gather_logits(logits: Tensor, group: dist.ProcessGroup | None) -> Tensor
 
 
 @dataclass
-class RoutedSlots:
+class RoutedRows:
     """Where one rank's routed tokens come from and go back to (see the module docstring).
 
     ``index``/``mask`` describe whole sequences and are the same on every rank; the rest is
-    this rank's part. With ``world = 1``: pack = index, slots = 0..k-1."""
+    this rank's part. With ``world = 1``: pack = index, rows = 0..k-1."""
 
     index: Tensor  # [k, b] long: positions of the routed tokens, increasing (global)
     mask: Tensor  # [s, b] bool: top-k membership (global)
     pack: Tensor  # [m, b] long: local positions, this rank's chosen tokens first (position order)
     pack_valid: Tensor  # [m, b] bool: pack row is a chosen token (the rest is padding)
-    pack_slot: Tensor  # [m, b] long: routed slot of each pack row (clamped for padding rows)
-    source: Tensor  # [k/W, b] long: row of the all-gathered packs [W*m] holding each local slot
+    pack_row: Tensor  # [m, b] long: routed row of each pack row (clamped for padding rows)
+    source: Tensor  # [k/W, b] long: row of the all-gathered packs [W*m] holding each local row
     rank: int
     world: int
 
@@ -109,13 +109,13 @@ class RoutedSlots:
 
     @property
     def local_index(self) -> Tensor:
-        """[k/W, b]: global positions of the routed slots this rank runs (for RoPE, masks)."""
+        """[k/W, b]: global positions of the routed rows this rank runs (for RoPE, masks)."""
         k_local = self.index.shape[0] // self.world
         return self.index[self.rank * k_local : (self.rank + 1) * k_local]
 
 
-def plan_slots(logits: Tensor, k: int, rank: int = 0, world: int = 1) -> RoutedSlots:
-    """logits: [s, b] of whole sequences (all ranks' slices in rank order) -> RoutedSlots."""
+def plan_routed_rows(logits: Tensor, k: int, rank: int = 0, world: int = 1) -> RoutedRows:
+    """logits: [s, b] of whole sequences (all ranks' slices in rank order) -> RoutedRows."""
     s, b = logits.shape
     if s % world or k % world or not 1 <= k <= s:
         raise ValueError(f"routing: s = {s} and k = {k} must be multiples of the SP world size {world}, 1 <= k <= s")
@@ -124,41 +124,41 @@ def plan_slots(logits: Tensor, k: int, rank: int = 0, world: int = 1) -> RoutedS
     index = topk_positions(logits, k, token_dim=0)  # [k, b]
     mask = membership(index, s, token_dim=0)
     counts = mask.view(world, s_local, b).sum(1)  # [W, b] chosen tokens in each rank's slice
-    first_slot = counts.cumsum(0) - counts  # [W, b] routed slot of each slice's first chosen token
+    first_row = counts.cumsum(0) - counts  # [W, b] routed row of each slice's first chosen token
 
     own = mask[rank * s_local : (rank + 1) * s_local]  # [s/W, b]
     pos = torch.arange(s_local, device=dev)[:, None].expand(s_local, b)
     ranked = torch.where(own, pos, pos + s_local).sort(dim=0).values[:m]  # chosen first, in order
     pack, pack_valid = ranked % s_local, ranked < s_local  # [m, b] each
-    pack_slot = (first_slot[rank] + torch.arange(m, device=dev)[:, None]).clamp(max=k - 1)  # [m, b]
+    pack_row = (first_row[rank] + torch.arange(m, device=dev)[:, None]).clamp(max=k - 1)  # [m, b]
 
-    owner = index // s_local  # [k, b] rank holding each routed slot's token
-    slot = torch.arange(k, device=dev)[:, None]
-    source = owner * m + (slot - first_slot.gather(0, owner))  # [k, b] row in the gathered packs
-    return RoutedSlots(
-        index, mask, pack, pack_valid, pack_slot, source[rank * k_local : (rank + 1) * k_local], rank, world
+    owner = index // s_local  # [k, b] rank holding each routed row's token
+    row = torch.arange(k, device=dev)[:, None]
+    source = owner * m + (row - first_row.gather(0, owner))  # [k, b] row in the gathered packs
+    return RoutedRows(
+        index, mask, pack, pack_valid, pack_row, source[rank * k_local : (rank + 1) * k_local], rank, world
     )
 
 
-def gather_routed(x: Tensor, slots: RoutedSlots, group: dist.ProcessGroup | None = None) -> Tensor:
+def gather_routed(x: Tensor, plan: RoutedRows, group: dist.ProcessGroup | None = None) -> Tensor:
     """x: [s/W, b, h] local tokens -> [k/W, b, h] the routed tokens this rank runs."""
-    packed = gather_rows(x, slots.pack)  # [m, b, h]
-    packed = all_gather_seq(packed, group if slots.world > 1 else None)  # [W*m, b, h]
-    return gather_rows(packed, slots.source)
+    packed = gather_rows(x, plan.pack)  # [m, b, h]
+    packed = all_gather_seq(packed, group if plan.world > 1 else None)  # [W*m, b, h]
+    return gather_rows(packed, plan.source)
 
 
 def scatter_routed(
-    x: Tensor, slots: RoutedSlots, update: Tensor, weight: Tensor, group: dist.ProcessGroup | None = None
+    x: Tensor, plan: RoutedRows, update: Tensor, weight: Tensor, group: dist.ProcessGroup | None = None
 ) -> Tensor:
-    """x: [s/W, b, h]; update: [k/W, b, h] = f(x) of this rank's slots; weight: [s/W, b] router
+    """x: [s/W, b, h]; update: [k/W, b, h] = f(x) of this rank's rows; weight: [s/W, b] router
     weights of the local tokens -> [s/W, b, h] with ``x + r * f`` on the chosen tokens and
     every other row of ``x`` untouched."""
-    full = all_gather_seq(update, group if slots.world > 1 else None)  # [k, b, h]
-    upd = gather_rows(full, slots.pack_slot)  # [m, b, h]
-    x_pack = gather_rows(x, slots.pack)  # [m, b, h]
-    r = weight.gather(0, slots.pack)  # [m, b]
-    new = apply_update(x_pack, upd, r, slots.pack_valid)  # padding rows are written back unchanged
-    return scatter_tokens(x, slots.pack, new, token_dim=0)
+    full = all_gather_seq(update, group if plan.world > 1 else None)  # [k, b, h]
+    upd = gather_rows(full, plan.pack_row)  # [m, b, h]
+    x_pack = gather_rows(x, plan.pack)  # [m, b, h]
+    r = weight.gather(0, plan.pack)  # [m, b]
+    new = apply_update(x_pack, upd, r, plan.pack_valid)  # padding rows are written back unchanged
+    return scatter_tokens(x, plan.pack, new, token_dim=0)
 
 
 def gather_rotary(freqs: Tensor, index: Tensor) -> Tensor:

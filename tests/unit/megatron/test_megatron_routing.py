@@ -13,7 +13,7 @@ from modmoe.engines.megatron.routing import (
     gather_attention_mask,
     gather_rotary,
     gather_routed,
-    plan_slots,
+    plan_routed_rows,
     scatter_routed,
 )
 from modmoe.model import MoDETransformer
@@ -61,17 +61,17 @@ def test_gather_scatter_reproduce_the_native_routed_block(kind):
 
         x_sbh = x.transpose(0, 1)  # [s, b, h]
         logits = block.router.proj(x_sbh).squeeze(-1).float()  # [s, b]
-        slots = plan_slots(logits, k)
-        assert torch.equal(slots.index.t(), aux.depth.index)  # the same tokens, in position order
-        x_sel = gather_routed(x_sbh, slots)  # [k, b, h]
-        idx = slots.index.t()[..., None].expand(-1, -1, cos.shape[-1])
+        plan = plan_routed_rows(logits, k)
+        assert torch.equal(plan.index.t(), aux.depth.index)  # the same tokens, in position order
+        x_sel = gather_routed(x_sbh, plan)  # [k, b, h]
+        idx = plan.index.t()[..., None].expand(-1, -1, cos.shape[-1])
         update, _ = block.residual_update(x_sel.transpose(0, 1), cos.gather(1, idx), sin.gather(1, idx), None)
-        out = scatter_routed(x_sbh, slots, update.transpose(0, 1), router_weight(logits, kind))
+        out = scatter_routed(x_sbh, plan, update.transpose(0, 1), router_weight(logits, kind))
 
     assert torch.equal(out.transpose(0, 1), expected)
-    skipped = ~slots.mask  # [s, b]
+    skipped = ~plan.mask  # [s, b]
     assert torch.equal(out[skipped], x_sbh[skipped])
-    assert slots.mask.sum(0).tolist() == [k] * B
+    assert plan.mask.sum(0).tolist() == [k] * B
 
 
 def test_selection_is_the_per_sequence_top_k_in_position_order():
@@ -81,16 +81,16 @@ def test_selection_is_the_per_sequence_top_k_in_position_order():
     assert (index.diff(dim=0) > 0).all()
     for b in range(4):
         assert set(index[:, b].tolist()) == set(logits[:, b].topk(5).indices.tolist())
-    slots = plan_slots(logits, 5)
-    assert torch.equal(slots.pack, index) and slots.pack_valid.all()
-    assert torch.equal(slots.source, torch.arange(5)[:, None].expand(5, 4))
+    plan = plan_routed_rows(logits, 5)
+    assert torch.equal(plan.pack, index) and plan.pack_valid.all()
+    assert torch.equal(plan.source, torch.arange(5)[:, None].expand(5, 4))
 
 
-def test_plan_slots_rejects_shapes_sequence_parallelism_cannot_split():
+def test_plan_routed_rows_rejects_shapes_sequence_parallelism_cannot_split():
     with pytest.raises(ValueError, match="multiples of the SP world size 2"):
-        plan_slots(torch.randn(16, 2), 5, rank=0, world=2)
+        plan_routed_rows(torch.randn(16, 2), 5, rank=0, world=2)
     with pytest.raises(ValueError, match="1 <= k <= s"):
-        plan_slots(torch.randn(8, 2), 9)
+        plan_routed_rows(torch.randn(8, 2), 9)
 
 
 def test_routed_tokens_keep_their_positions_for_rope():
