@@ -156,7 +156,7 @@ class DataConfig(ConfigModel):
 
     max_compression_ratio: float = Field(default=100.0, ge=1.0)
     """A compressed JSONL file (``.gz``, ``.zst``) may expand to at most this many times its
-    size (plus 16 MiB): more is refused in one line as a likely decompression bomb. Real text
+    size (plus 4 MiB): more is refused in one line as a likely decompression bomb. Real text
     compresses 3-10x."""
 
     max_document_bytes: int = Field(default=64 << 20, ge=1024)

@@ -24,7 +24,7 @@ _READ_BLOCK = 1 << 20
 # zstd input is fed in pieces this small: the smallest block (3 header bytes and one byte to
 # repeat) expands to at most 128 KiB, so one piece yields at most 32 MiB, whatever the file holds.
 _ZSTD_PIECE = 1 << 10
-_EXPANSION_SLACK = 16 << 20  # bytes any compressed file may expand to, whatever its ratio
+_EXPANSION_SLACK = 4 << 20  # bytes any compressed file may expand to, whatever its ratio
 _BLANK = b" \t\r\n"
 _SMALL_FILE = 8 << 20  # text files up to this size are read whole; larger ones are streamed
 _BATCH_ROWS = 1024
@@ -37,7 +37,7 @@ class ReadLimits:
     max_document_bytes: int
     """The longest JSONL line or Parquet/dataset text value."""
     max_compression_ratio: float
-    """How many times its size (plus 16 MiB) a compressed JSONL file may expand to."""
+    """How many times its size (plus 4 MiB) a compressed JSONL file may expand to."""
 
 
 class Skipped:
@@ -184,7 +184,7 @@ class _ExpansionLimit(io.RawIOBase):
         if self._count > self._limit:
             raise DataError(
                 f"{self._path}: decompresses to more than {self._limit:,} bytes ({self._ratio:g} times its size plus "
-                "16 MiB): a decompression bomb? Raise data.max_compression_ratio to accept it"
+                "4 MiB): a decompression bomb? Raise data.max_compression_ratio to accept it"
             )
         return n
 

@@ -17,7 +17,6 @@ import pytest
 from hostile import reseal
 
 from modmoe.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager, validate
-from modmoe.checkpoint.manager import find_resume_point
 
 
 def _manager(directory: Path, **cfg) -> tuple[CheckpointManager, dict]:
@@ -61,6 +60,8 @@ def test_issue24_2_unreadable_checkpoints_are_never_deleted_nor_silently_skipped
     mgr.save(3, state)  # retention: step 2 (valid) goes, step 1 (unreadable) stays
     assert _names(tmp_path) == ["step_00000001", "step_00000003"]
     _break_index(tmp_path / "step_00000003")
+    from modmoe.checkpoint.manager import find_resume_point
+
     with pytest.raises(CheckpointError) as err:
         find_resume_point(tmp_path)
     line = str(err.value)
@@ -180,7 +181,7 @@ def _disk_fills_while_writing(budget: int):
 def test_issue24_14_a_full_disk_inside_torchs_writer_is_one_line(tmp_path):
     mgr, state = _manager(tmp_path)
     mgr.save(1, state)
-    with _disk_fills_while_writing(budget=600), pytest.raises(CheckpointError) as err:
+    with _disk_fills_while_writing(budget=5000), pytest.raises(CheckpointError) as err:  # inside torch.save
         mgr.save(2, state)
     line = str(err.value)
     assert "\n" not in line and line.startswith("checkpoint step 2 not saved: No space left on device"), line
