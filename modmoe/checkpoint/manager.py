@@ -406,7 +406,7 @@ class CheckpointManager:
     def _is_valid(self, path: Path) -> bool:
         """Whether ``path`` is a checkpoint modmoe can read: validated in full once per manifest
         (this manager's own commits and loads count as validated)."""
-        identity = self._identity(path)
+        identity = None if path.is_symlink() else self._identity(path)
         if identity is not None and self._known_valid.get(path.name) == identity:
             return True
         problems = _problems(path)

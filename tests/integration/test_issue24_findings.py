@@ -1,7 +1,7 @@
 """Issue 24's findings through the command line (in process, the tiny model of the other
 integration tests): every checkpoint refused on ``--resume auto`` (2), outputs that are not
 ours (4), resealed malformed RNG records (12), deeply nested export and index JSON (13),
-read-only output locations (15), a learning rate beyond float32 (16) and a last update that
+read-only and full output locations (15), a learning rate beyond float32 (16) and a last update that
 leaves the model non-finite (17). The unit tests of checkpoint/, data/ and train/ hold the
 others. Every test here failed on the code before the issue's changes."""
 
@@ -147,52 +147,69 @@ def test_issue24_13_a_deeply_nested_prepared_index_is_one_line_in_data_inspect(t
 
 
 # ---------------------------------------------------------------------------- finding 15
-READ_ONLY_CHILD = r"""
-import sys
+OUTPUT_FAULT_CHILD = r"""
+import resource, signal, sys
 from typer.testing import CliRunner
 from checkpoints_tools.cli import app as tools_app
 from modmoe import cli
 
 cli.mount_commands(None)
-step, out, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-for app, args in (
+mode, step, out, config, data_dir, *overrides = sys.argv[1:]
+calls = [
     (cli.app, ["data", "prepare", config, *sum((["--set", o] for o in overrides), [])]),
     (cli.app, ["export", step, "--out", f"{out}/hf"]),
     (tools_app, ["consolidate", step, "--out", f"{out}/w.safetensors"]),
-):
+]
+if mode == "full":  # every file may grow to 64 KiB, then writes fail with EFBIG, as on a full quota
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    run = [f"trainer.run_dir={out}/run", f"data.prepared_dir={data_dir}", "logging.mlflow.enabled=false"]
+    run += ["trainer.max_steps=2", "checkpoint.interval_steps=1", "data.max_corpus_bytes=600000"]
+    run += ["data.vocab_size=512", "data.val_fraction=0.15", "data.seq_len=64", "model.vocab_size=512"]
+    run += ["model.max_seq_len=64", "trainer.global_batch_size=8", "trainer.micro_batch_size=8", "trainer.eval_batches=2"]
+    calls.append((cli.app, ["train", config, *sum((["--set", o] for o in run), [])]))
+for app, args in calls:
     result = CliRunner().invoke(app, args)
     lines = [line for line in result.stderr.splitlines() if line.startswith(("modmoe: ", "error: "))]
     print(f"{args[0]}|{result.exit_code}|{type(result.exception).__name__}|{len(lines)}|{lines!r}")
 """
 
 
-def test_issue24_15_read_only_output_locations_are_one_line(small_data_dir, trained_run, tmp_path):
-    """As root (CI), a read-only bind mount in a mount namespace of the child's own; otherwise
-    the directory's write permission is taken away."""
-    out = tmp_path / "ro"
+@pytest.mark.parametrize("mode", ["read-only", "full"])
+def test_issue24_15_read_only_and_full_output_locations_are_one_line(small_data_dir, trained_run, tmp_path, mode):
+    """Read-only: as root (CI), a read-only bind mount in a mount namespace of the child's own,
+    otherwise the directory's write permission taken away. Full: a file-size limit on the child
+    (writes past 64 KiB fail), which no root privilege lifts."""
+    out = tmp_path / "out"
     out.mkdir()
-    overrides = [f"data.prepared_dir={out / 'prepared'}", "data.max_corpus_bytes=20000", "data.vocab_size=300"]
+    overrides = [f"data.prepared_dir={out / 'prepared'}", "data.max_corpus_bytes=200000", "data.vocab_size=300"]
     script = tmp_path / "child.py"
-    script.write_text(READ_ONLY_CHILD)
+    script.write_text(OUTPUT_FAULT_CHILD)
     step = trained_run / "checkpoints" / "step_00000002"
-    command = [sys.executable, str(script), str(step), str(out), CONFIG, *overrides]
-    if os.geteuid() == 0:
+    command = [sys.executable, str(script), mode, str(step), str(out), CONFIG, small_data_dir, *overrides]
+    if mode == "read-only" and os.geteuid() == 0:
         if shutil.which("unshare") is None:
             pytest.skip("root without unshare: no way to make a read-only directory")
         mount = f'mount --bind -o ro "{out}" "{out}" && exec "$@"'
         command = ["unshare", "-m", "sh", "-c", mount, "sh", *command]
-    else:
+    elif mode == "read-only":
         out.chmod(0o555)
     env = {**os.environ, "PYTHONPATH": TEST_PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out.chmod(0o755)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|", 4) for line in proc.stdout.splitlines() if "|" in line]
-    assert [r[0] for r in rows] == ["data", "export", "consolidate"], proc.stdout
+    expected = ["data", "export", "consolidate"] + (["train"] if mode == "full" else [])
+    assert [r[0] for r in rows] == expected, proc.stdout
+    reasons = ("Read-only file system", "Permission denied") if mode == "read-only" else ("File too large",)
     for name, code, exception, count, lines in rows:
         assert code == ("1" if name == "consolidate" else "2") and exception == "SystemExit", (name, code, lines)
-        assert count == "1" and ("Read-only file system" in lines or "Permission denied" in lines), (name, lines)
-    assert list(out.iterdir()) == []
+        assert count == "1" and any(r in lines for r in reasons), (name, lines)
+    if mode == "read-only":
+        assert list(out.iterdir()) == []
+    else:  # nothing half-written is left where a reader would take it for whole
+        assert not (out / "hf").exists() and not (out / "w.safetensors").exists()
+        assert not (out / "prepared").exists() and not list((out / "run" / "checkpoints").glob("step_*"))
 
 
 # ---------------------------------------------------------------------------- finding 16
