@@ -48,6 +48,8 @@ def export_command(
 ) -> None:
     """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config,
     self-contained modeling code for trust_remote_code)."""
+    from safetensors import SafetensorError
+
     from modmoe.errors import UserError, os_errors_in_one_line
     from modmoe.export import export_checkpoint
 
@@ -64,6 +66,10 @@ def export_command(
             )
     except UserError as err:
         raise fail(str(err).splitlines()[0]) from None
+    except SafetensorError as err:  # the Rust writer reports a failed write as its own error, not an OSError
+        if "I/O error" not in str(err):
+            raise
+        raise fail(f"export to --out {out} failed: {str(err).splitlines()[0]}") from None
     shards = f"{summary.shards} shards + index" if summary.shards > 1 else "1 file"
     typer.echo(
         f"exported step {summary.step} of {summary.checkpoint} to {summary.out}: {summary.tensors} tensors, "
