@@ -14,7 +14,7 @@ from checkpoints_tools.convert import convert as convert_ckpt
 from modmoe.checkpoint.manifest import LAYOUT_MEGATRON, CheckpointError
 from modmoe.checkpoint.manifest import validate as validate_ckpt
 from modmoe.checkpoint.reader import read_dcp_metadata
-from modmoe.errors import UserError
+from modmoe.errors import UserError, os_errors_in_one_line
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Inspect, validate, consolidate and convert modmoe checkpoints."
@@ -84,12 +84,14 @@ def consolidate(
     out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
     prefix: str | None = typer.Option(None, help="Key prefix of the model weights (default: from the manifest)."),
     group_mb: int = typer.Option(256, min=1, help="Load at most this many MiB of tensors at a time."),
+    overwrite: bool = typer.Option(False, help="Replace --out, its .meta.json and the config.json beside it."),
 ) -> None:
     """Merge the sharded model weights into one safetensors file (+ meta/config JSON beside it)."""
     if out.suffix != ".safetensors":
         raise _fail(f"--out = {str(out)!r}: must end with .safetensors")
     try:
-        info = consolidate_ckpt(path, out, prefix=prefix, group_bytes=group_mb << 20)
+        with os_errors_in_one_line(f"consolidate to --out {out} failed"):  # a read-only or full output location
+            info = consolidate_ckpt(path, out, prefix=prefix, group_bytes=group_mb << 20, overwrite=overwrite)
     except UserError as err:
         raise _fail(str(err)) from None
     typer.echo(f"wrote {out}: {info['tensors']} tensors, {_human(info['bytes'])}, step {info['step']}")

@@ -21,3 +21,24 @@ def iter_causes(err: BaseException, depth: int = 0):
             yield from iter_causes(inner, depth + 1)
     if err.__cause__ is not None and err.__cause__ is not err:
         yield from iter_causes(err.__cause__, depth + 1)
+    elif err.__context__ is not None and err.__context__ is not err and not err.__suppress_context__:
+        # torch's zip writer swallows the OSError of a failed write into the context of its own
+        # "[enforce fail at inline_container.cc] ... unexpected pos" RuntimeError.
+        yield from iter_causes(err.__context__, depth + 1)
+
+
+_TORCH_WRITER_FAILURE = ("PytorchStreamWriter failed", "inline_container.cc")
+
+
+def environment_failure(err: BaseException) -> str | None:
+    """What the machine did to a save, for a one-line message, or None when ``err`` is a bug:
+    an ``OSError`` anywhere among its causes (a full disk, a quota, a read-only or vanished
+    directory), or torch's zip writer failing a write without saying why."""
+    for cause in iter_causes(err):
+        if isinstance(cause, OSError):
+            where = f" ({cause.filename})" if cause.filename else ""
+            return f"{cause.strerror or cause}{where}"
+    for cause in iter_causes(err):
+        if isinstance(cause, RuntimeError) and any(s in str(cause) for s in _TORCH_WRITER_FAILURE):
+            return "torch's checkpoint writer could not write a file (a full disk or quota?)"
+    return None

@@ -33,12 +33,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
 from modmoe.checkpoint.config import CheckpointConfig
-from modmoe.checkpoint.errors import iter_causes
+from modmoe.checkpoint.errors import environment_failure
 from modmoe.checkpoint.fsutil import fsync_dir, write_json_durable
 from modmoe.checkpoint.manifest import (
     DCP_METADATA,
     LAYOUT_DCP,
     LAYOUT_MEGATRON,
+    MANIFEST_NAME,
     STEP_DIR_RE,
     CheckpointError,
     build_manifest,
@@ -49,7 +50,7 @@ from modmoe.checkpoint.manifest import (
     write_manifest,
 )
 from modmoe.checkpoint.reader import safe_dcp_load
-from modmoe.checkpoint.rng import RNG_DIR, capture_rng, reseed_rng, restore_rng, rng_filename
+from modmoe.checkpoint.rng import RNG_DIR, capture_rng, read_rng, reseed_rng, restore_rng, rng_filename
 from modmoe.checkpoint.train_state import MODEL_KEY
 
 log = logging.getLogger("modmoe.checkpoint")
@@ -111,25 +112,58 @@ def as_state_io(state: StateIO | dict[str, Stateful]) -> StateIO:
     return DcpStateIO(state) if isinstance(state, dict) else state
 
 
-def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Committed-looking ``step_*`` directories, oldest first (validity not checked)."""
+def step_entries(ckpt_dir: Path) -> list[Path]:
+    """Every entry named like a checkpoint (``step_*``), whatever it is: a stray file, an empty
+    directory or a symlink counts here, so that nothing named a checkpoint goes unnoticed."""
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := STEP_DIR_RE.match(p.name))]
+    return sorted(p for p in ckpt_dir.iterdir() if STEP_DIR_RE.match(p.name))
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``step_*`` directories (real ones, not symlinks), oldest first; validity not checked."""
+    found = [
+        (int(m.group(1)), p)
+        for p in step_entries(ckpt_dir)
+        if (m := STEP_DIR_RE.match(p.name)) and p.is_dir() and not p.is_symlink()
+    ]
     return sorted(found)
+
+
+def _problems(path: Path) -> list[str]:
+    if path.is_symlink():
+        return [f"{path.name} is a symlink (modmoe writes checkpoints as directories)"]
+    return validate(path)
 
 
 def find_latest_valid(ckpt_dir: str | os.PathLike) -> Path | None:
     """Newest checkpoint that passes :func:`validate`; each newer invalid one is skipped with a
     one-line warning naming its first problem. Not collective: on a shared filesystem every
     rank that calls it gets the same answer."""
-    for _, path in reversed(list_checkpoints(Path(ckpt_dir))):
-        problems = validate(path)
+    for path in reversed(step_entries(Path(ckpt_dir))):
+        problems = _problems(path)
         if not problems:
             return path
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         log.warning("skipping invalid checkpoint %s: %s%s", path, problems[0], more)
     return None
+
+
+def find_resume_point(ckpt_dir: str | os.PathLike) -> Path | None:
+    """What ``--resume auto`` continues from: the newest valid checkpoint, or None when there is
+    no checkpoint at all. When there are checkpoints but none can be read, starting over would
+    silently throw the run away: that is a one-line :class:`CheckpointError` naming the way out."""
+    ckpt_dir = Path(ckpt_dir)
+    found = find_latest_valid(ckpt_dir)
+    entries = step_entries(ckpt_dir)
+    if found is not None or not entries:
+        return found
+    newest = entries[-1]
+    raise CheckpointError(
+        f"{ckpt_dir}: {len(entries)} checkpoint(s), none of which can be read (newest {newest.name}: "
+        f"{_problems(newest)[0]}); nothing was deleted. Resume a repaired one with --resume PATH, or start "
+        "over on purpose with --resume none (unreadable checkpoints are kept)"
+    )
 
 
 def _remove_tree(path: Path) -> None:
@@ -174,6 +208,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
         self._save_blocking_s: float | None = None
+        self._known_valid: dict[str, tuple[int, int, int]] = {}  # step dir name -> its manifest's identity
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._clean_leftovers()
@@ -314,13 +349,10 @@ class CheckpointManager:
             raise CheckpointError(
                 f"checkpoint step {step} not saved: another rank failed to write it; {kept}, untouched"
             )
-        oserror = next((c for c in iter_causes(failure) if isinstance(c, OSError)), None)
-        if oserror is None:
+        why = environment_failure(failure)
+        if why is None:
             raise failure
-        where = f" ({oserror.filename})" if oserror.filename else ""
-        raise CheckpointError(
-            f"checkpoint step {step} not saved: {oserror.strerror or oserror}{where}; {kept}, untouched"
-        ) from None
+        raise CheckpointError(f"checkpoint step {step} not saved: {why}; {kept}, untouched") from None
 
     def _finish_async(self, future: Future, commit_args: tuple) -> None:
         # DCP's coordinator writes .metadata only after every rank reported its shards
@@ -344,21 +376,62 @@ class CheckpointManager:
         write_manifest(tmp, manifest)  # last file written: its presence marks completeness
         fsync_dir(tmp)
         final = self.dir / step_dirname(step)
-        if final.exists():  # re-saving a step: move the old one aside before replacing it
-            _remove_tree(final)
+        if final.exists() or final.is_symlink():  # re-saving a step (after a rollback or a restart)
+            if self._is_valid(final):
+                _remove_tree(final)
+            else:  # never deleted: set aside under a name no listing takes for a checkpoint
+                aside = final.with_name(f"{final.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+                os.rename(final, aside)
+                log.warning("checkpoint %s could not be read by modmoe: kept as %s", final, aside)
         os.rename(tmp, final)
         fsync_dir(self.dir)
+        self._remember_valid(final)  # sealed just now: no need to hash it again for retention
         log.info("checkpoint committed: %s", final)
         self._apply_retention()
 
+    # ---- which checkpoints count: only those that validate ---------------------------------
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int] | None:
+        try:
+            info = (path / MANIFEST_NAME).stat()
+        except OSError:
+            return None
+        return info.st_ino, info.st_size, info.st_mtime_ns
+
+    def _remember_valid(self, path: Path) -> None:
+        identity = self._identity(path)
+        if identity is not None:
+            self._known_valid[path.name] = identity
+
+    def _is_valid(self, path: Path) -> bool:
+        """Whether ``path`` is a checkpoint modmoe can read: validated in full once per manifest
+        (this manager's own commits and loads count as validated)."""
+        identity = None if path.is_symlink() else self._identity(path)
+        if identity is not None and self._known_valid.get(path.name) == identity:
+            return True
+        problems = _problems(path)
+        if problems:
+            log.warning(
+                "retention: keeping %s, which modmoe cannot read (%s); it counts for nothing", path, problems[0]
+            )
+            return False
+        self._remember_valid(path)
+        return True
+
     def _apply_retention(self) -> None:
-        ckpts = list_checkpoints(self.dir)
-        keep = {s for s, _ in ckpts[-self.cfg.keep_last :]} if self.cfg.keep_last > 0 else {s for s, _ in ckpts}
+        """Deletes valid checkpoints beyond ``keep_last`` (newest valid ones) and ``keep_every``.
+        A checkpoint that does not validate, or anything else named ``step_*``, is never deleted
+        and never counted: it cannot push a readable checkpoint out."""
+        if self.cfg.keep_last <= 0:
+            return
+        ckpts = [(s, p) for s, p in list_checkpoints(self.dir) if self._is_valid(p)]
+        keep = {s for s, _ in ckpts[-self.cfg.keep_last :]}
         if self.cfg.keep_every > 0:
             keep |= {s for s, _ in ckpts if s % self.cfg.keep_every == 0}
         for s, path in ckpts:
             if s not in keep:
                 _remove_tree(path)
+                self._known_valid.pop(path.name, None)
                 log.info("retention: removed %s", path)
 
     def _clean_leftovers(self) -> None:
@@ -374,6 +447,10 @@ class CheckpointManager:
     def find_latest_valid(self) -> Path | None:
         """See :func:`find_latest_valid`."""
         return find_latest_valid(self.dir)
+
+    def find_resume_point(self) -> Path | None:
+        """See :func:`find_resume_point`."""
+        return find_resume_point(self.dir)
 
     def load(
         self, path: str | os.PathLike, state: StateIO | dict[str, Stateful], restore_rng_state: bool = True
@@ -406,7 +483,11 @@ class CheckpointManager:
             rng_file = path / rng_filename(self.rank)
             if rng_file.is_file():
                 verify_files(path, manifest, [rng_filename(self.rank)])
-                restore_rng(json.loads(rng_file.read_text(encoding="utf-8")))
+                state = read_rng(rng_file)
+                try:
+                    restore_rng(state)
+                except (ValueError, TypeError, RuntimeError) as err:
+                    raise CheckpointError(f"{rng_file}: not a usable RNG state ({str(err)[:120]})") from None
             else:
                 seed = reseed_rng(manifest.step, self.rank)
                 log.warning(
@@ -417,6 +498,8 @@ class CheckpointManager:
                     seed,
                 )
         self._last_saved_step = manifest.step
+        if self.rank == 0:
+            self._remember_valid(path)
         self._barrier()
         return manifest.meta
 

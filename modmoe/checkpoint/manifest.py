@@ -8,7 +8,6 @@ and SHA-256, and nothing in the directory is read by a parser that can execute c
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from modmoe.checkpoint.errors import CheckpointError
 from modmoe.checkpoint.fsutil import fsync_file, sha256_file, write_json_durable
+from modmoe.checkpoint.rng import RNG_DIR, read_rng
 from modmoe.checkpoint.safe_read import (
     DCP_METADATA,
     DEEPSPEED_RECORD_GLOBALS,
@@ -30,6 +30,10 @@ from modmoe.checkpoint.safe_read import (
     torch_save_problem,
     unpickle_metadata,
 )
+from modmoe.config_json import JSONInputError, read_json
+from modmoe.data.errors import DataError
+from modmoe.data.sampler_state import parse_sampler_state
+from modmoe.file_paths import escape_problem
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "modmoe-checkpoint"
@@ -124,16 +128,10 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
     path = Path(ckpt_dir) / MANIFEST_NAME
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: missing {MANIFEST_NAME} (checkpoint was never committed)")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise CheckpointError(
-            f"{path}: {path.stat().st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})"
-        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # ValueError: JSONDecodeError, huge integers
-        raise CheckpointError(f"{path}: unreadable JSON ({str(err)[:200]})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: unreadable JSON (nested too deeply)") from None
+        data = read_json(path, MAX_MANIFEST_BYTES)
+    except JSONInputError as err:
+        raise CheckpointError(str(err)) from None
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as err:
@@ -152,15 +150,8 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
 
 def _path_problem(root: Path, rel: str) -> str | None:
     """Why ``rel`` may not be followed from ``root`` (absolute, ``..``, symlink out), or None."""
-    pure = Path(rel)
-    if pure.is_absolute() or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
-        return f"manifest path {rel!r} is absolute (must be relative to the checkpoint directory)"
-    if ".." in pure.parts or "\\" in rel:
-        return f"manifest path {rel!r} escapes the checkpoint directory"
-    resolved = (root / pure).resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        return f"manifest path {rel!r} is a symlink leading out of the checkpoint directory"
-    return None
+    why = escape_problem(root, rel)
+    return None if why is None else f"manifest {why}"
 
 
 def _file_problem(root: Path, entry: FileEntry, check_hash: bool) -> str | None:
@@ -206,6 +197,26 @@ def validate(ckpt_dir: str | os.PathLike, check_hashes: bool = True) -> list[str
             problems.append(f"file {rel!r} is not listed in the manifest")
     if not problems:  # the files are the listed ones: is what they say safe to read?
         problems += _content_problems(root, manifest)
+    if not problems:
+        problems += _record_problems(root, manifest)
+    return problems
+
+
+def _record_problems(root: Path, manifest: Manifest) -> list[str]:
+    """The JSON records a resume reads: every rank's RNG state, and the sampler position in
+    ``meta`` (typed and range-checked, as the resume itself checks them)."""
+    problems = []
+    for entry in manifest.files:
+        if entry.path.startswith(f"{RNG_DIR}/") and entry.path.endswith(".json"):
+            try:
+                read_rng(root / entry.path)
+            except CheckpointError as err:
+                problems.append(f"file {entry.path!r}: {str(err).removeprefix(str(root / entry.path) + ': ')}")
+    if "sampler" in manifest.meta:
+        try:
+            parse_sampler_state(manifest.meta["sampler"], "manifest meta.sampler")
+        except DataError as err:
+            problems.append(str(err))
     return problems
 
 

@@ -14,12 +14,20 @@ import heapq
 import math
 from collections.abc import Sequence
 
+from modmoe.data.config import MAX_WEIGHT_RATIO
+
 
 def normalise(weights: Sequence[float]) -> list[float]:
-    total = math.fsum(weights)
-    if not weights or total <= 0 or any(not (w > 0 and math.isfinite(w)) for w in weights):
+    """Weights that sum to 1. Scaled by the largest first, so that weights near the float
+    maximum (``1e308``) do not overflow the sum."""
+    if not weights or any(not (w > 0 and math.isfinite(w)) for w in weights):
         raise ValueError(f"blend weights {list(weights)}: each must be a finite number > 0")
-    return [w / total for w in weights]
+    top = max(weights)
+    if top / min(weights) > MAX_WEIGHT_RATIO:
+        raise ValueError(f"blend weights {list(weights)}: the largest is more than {MAX_WEIGHT_RATIO:g} times the smallest")
+    scaled = [w / top for w in weights]
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def _due(k: int, weight: float) -> float:

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from modmoe.config_base import ConfigError
 from modmoe.data.errors import DataError
+from modmoe.errors import UserError
 
 data_app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=True)
 
@@ -41,7 +41,7 @@ def prepare(
     try:
         cfg = load_config(config, set_ or [])
         prepared = prepare_data(cfg.data, log=typer.echo, workers=workers, bar=bar)
-    except (ConfigError, DataError) as err:
+    except UserError as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     if prepared is not None:
         typer.echo(f"data: ready in {prepared.dir} (fingerprint {prepared.fingerprint})")

@@ -11,8 +11,9 @@ from pydantic import Field, model_validator
 from modmoe.config_base import ConfigModel, field_error
 
 SourceKind = Literal["auto", "stdlib", "text", "jsonl", "parquet", "hf", "megatron"]
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")  # a directory name in the preparation, never ".."
 _GLOB_MAGIC = set("*?[")
+MAX_WEIGHT_RATIO = 1e12  # beyond it the smallest source would never be drawn, and its sample times overflow
 
 
 class SourceConfig(ConfigModel):
@@ -153,6 +154,11 @@ class DataConfig(ConfigModel):
     """Input bytes per work unit of the preparation: units are tokenized in parallel, and a
     preparation killed midway keeps its finished units."""
 
+    max_compression_ratio: float = Field(default=100.0, ge=1.0)
+    """A compressed JSONL file (``.gz``, ``.zst``) may expand to at most this many times its
+    size (plus 4 MiB): more is refused in one line as a likely decompression bomb. Real text
+    compresses 3-10x."""
+
     max_document_bytes: int = Field(default=64 << 20, ge=1024)
     """Largest JSONL line or Parquet/dataset text value accepted; a longer one is refused in one
     line naming the file and row (text files are streamed and have no limit)."""
@@ -182,7 +188,7 @@ class DataConfig(ConfigModel):
         for i, src in enumerate(self.sources):
             where, kind = f"data.sources.{i}", src.resolved_kind()
             if src.name is not None and not _NAME.match(src.name):
-                raise field_error(f"{where}.name", src.name, "use 1-64 letters, digits, '_', '.', '-'")
+                raise field_error(f"{where}.name", src.name, "use 1-64 letters, digits, '_', '.', '-', not starting with '.'")
             if kind != "stdlib" and not src.path:
                 raise field_error(f"{where}.path", src.path, f"required for kind {kind!r}")
             if src.val_path is not None and kind != "megatron":
@@ -190,6 +196,11 @@ class DataConfig(ConfigModel):
             if src.resolved_name() in names:
                 raise field_error(f"{where}.name", src.resolved_name(), "source names must be unique (set name:)")
             names.append(src.resolved_name())
+        weights = [s.weight for s in self.sources]
+        if max(weights) / min(weights) > MAX_WEIGHT_RATIO:
+            raise field_error(
+                "data.sources.*.weight", weights, f"the largest may be at most {MAX_WEIGHT_RATIO:g} times the smallest"
+            )
         kinds = [s.resolved_kind() for s in self.sources]
         if "megatron" in kinds and self.tokenizer is None:
             raise field_error(

@@ -8,16 +8,18 @@ stream is its units' outputs in order, whatever the number of workers.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
+import stat
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from modmoe.data.config import SourceConfig
 from modmoe.data.errors import DataError
+from modmoe.file_paths import not_regular_problem
 
 # Third-party code is not the standard library, and a venv or distro may nest it inside.
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -93,31 +95,60 @@ def _matches(name: str, kind: str) -> bool:
     return kind not in _SUFFIXES or name.lower().endswith(_SUFFIXES[kind])
 
 
+def _regular(path: Path, seen: set[tuple[int, int]]) -> bool:
+    """A regular file (a symlink to one counts; a FIFO or a device would block or never end)
+    not met before: two names of one file (links, a symlinked directory) are read once."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) in seen:
+        return False
+    seen.add((info.st_dev, info.st_ino))
+    return True
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def _glob(pattern: str) -> Iterator[tuple[str, Path]]:
+    """(path relative to the glob root, path) of every match. ``**`` descends into real
+    directories only, never through a directory symlink, so a symlink loop (``ln -s . a``)
+    can neither hang the search nor read a file twice; as with the shell, wildcards match no
+    hidden (dot) names unless the pattern spells the dot."""
+    root = glob_root(pattern)
+    rest = Path(pattern).relative_to(root) if root != Path(".") else Path(pattern)
+    dotted = _hidden(rest.parts)
+    for path in root.glob(str(rest)):  # pathlib's ``**`` does not follow symlinks (Python >= 3.11)
+        rel = path.relative_to(root)
+        if dotted or not _hidden(rel.parts):
+            yield rel.as_posix(), path
+
+
 def source_files(src: SourceConfig, kind: str, label: str) -> list[Path]:
-    """The source's files in order: sorted by path relative to the glob root (or directory)."""
+    """The source's regular files in order: sorted by path relative to the glob root (or
+    directory). A direct path that is not a regular file is refused in one line saying what it is."""
     if kind == "stdlib":
         return [path for _, path in _stdlib_files(stdlib_root())]
     assert src.path is not None
     pattern = os.path.expanduser(src.path)
     found: list[tuple[str, Path]] = []
+    seen: set[tuple[int, int]] = set()
     if _GLOB_MAGIC & set(pattern):
-        root = glob_root(pattern)
-        for match in glob.glob(pattern, recursive=True):
-            path = Path(match)
-            if path.is_file():
-                found.append((path.relative_to(root).as_posix(), path))
+        found = [(rel, path) for rel, path in sorted(_glob(pattern)) if _regular(path, seen)]
     elif Path(pattern).is_dir():
         root = Path(pattern)
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if not name.startswith(".") and _matches(name, kind):
-                    path = Path(dirpath, name)
+        for dirpath, dirnames, filenames in os.walk(root):  # never into a directory symlink
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath, name)
+                if not name.startswith(".") and _matches(name, kind) and _regular(path, seen):
                     found.append((path.relative_to(root).as_posix(), path))
-    elif Path(pattern).is_file():
+    elif (why := not_regular_problem(pattern)) is None:
         found.append((Path(pattern).name, Path(pattern)))
     else:
-        raise DataError(f"{label} = {src.path!r}: no such file or directory")
+        raise DataError(f"{label} = {src.path!r}: {why}")
     return [path for _, path in sorted(found)]
 
 

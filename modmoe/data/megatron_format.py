@@ -19,6 +19,7 @@ import numpy as np
 
 from modmoe.data.errors import DataError
 from modmoe.data.shards import random_access_map
+from modmoe.file_paths import not_regular_problem
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
@@ -130,6 +131,19 @@ def _check_contiguous(lengths: np.ndarray, pointers: np.ndarray, itemsize: int, 
     return expected // itemsize
 
 
+def _check_documents(docs: np.ndarray, count: int, idx_path: str) -> None:
+    """Document boundaries are sequence numbers from 0 to ``count``, never decreasing: every
+    lookup through them then stays inside the sequences."""
+    if len(docs) < 2 or int(docs[0]) != 0 or int(docs[-1]) != count:
+        raise DataError(f"{idx_path}: document indices do not cover its sequences (damaged index)")
+    for start in range(0, len(docs), _CHECK_CHUNK):
+        part = docs[start : start + _CHECK_CHUNK + 1]
+        if (part < 0).any() or (part > count).any() or (np.diff(part) < 0).any():
+            raise DataError(
+                f"{idx_path}: its document indices point outside its {count} sequences or go backwards (damaged index)"
+            )
+
+
 class MegatronStream:
     """Tokens ``[start, stop)`` of a Megatron indexed dataset's stream (all sequences back to
     back, as Megatron's GPT dataset reads them), memory-mapped in place: no copy, no conversion."""
@@ -138,9 +152,11 @@ class MegatronStream:
         self.prefix = prefix_of(prefix)
         self.bin_path, self.idx_path = f"{self.prefix}.bin", f"{self.prefix}.idx"
         for path in (self.bin_path, self.idx_path):
-            if not Path(path).is_file():
-                raise DataError(f"Megatron dataset {self.prefix}: {path} not found")
+            if (why := not_regular_problem(path)) is not None:
+                raise DataError(f"Megatron dataset {self.prefix}: {path}: {'not found' if why.startswith('no such') else why}")
         _check_header(self.idx_path)  # also spares megatron-core's reader a file it would choke on
+        if Path(self.bin_path).stat().st_size == 0:  # megatron-core cannot map it, and says so twice on stderr
+            raise DataError(f"{self.bin_path}: empty file (no tokens)")
         module = _megatron_indexed() if use_core else None
         self.reader = "megatron-core" if module is not None else "modmoe"
         self._index = _CoreIndex(module, self.prefix) if module is not None else _OwnIndex(self.idx_path, self.bin_path)
@@ -150,9 +166,7 @@ class MegatronStream:
         total = _check_contiguous(
             self._index.sequence_lengths, self._index.sequence_pointers, self.dtype.itemsize, self.bin_path
         )
-        docs = self._index.document_indices
-        if len(docs) < 2 or int(docs[0]) != 0 or int(docs[-1]) != len(self._index.sequence_lengths):
-            raise DataError(f"{self.idx_path}: document indices do not cover its sequences (damaged index)")
+        _check_documents(self._index.document_indices, len(self._index.sequence_lengths), self.idx_path)
         self.total_tokens = total
         self.start, self.stop = start, total if stop is None else stop
         if not 0 <= self.start <= self.stop <= total:

@@ -11,11 +11,15 @@ import secrets
 import shutil
 from pathlib import Path
 
+from modmoe.config_json import JSONInputError, read_json
 from modmoe.data.errors import DataError
+from modmoe.file_paths import escape_problem
 
 MARKER = "MODMOE_PREPARED.json"
 PRODUCER = "modmoe.data"
 _LEGACY_FILES = {"index.json", "tokenizer.json"}
+_MAX_MARKER_BYTES = 64 << 10
+_MAX_LEGACY_INDEX_BYTES = 256 << 20
 
 
 def write_marker(directory: Path, fingerprint: str) -> None:
@@ -27,8 +31,8 @@ def write_marker(directory: Path, fingerprint: str) -> None:
 def marker_fingerprint(directory: Path) -> str | None:
     """The fingerprint in the directory's marker; None when it carries no modmoe marker."""
     try:
-        marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        marker = read_json(directory / MARKER, _MAX_MARKER_BYTES)
+    except JSONInputError:
         return None
     if not isinstance(marker, dict) or marker.get("producer") != PRODUCER:
         return None
@@ -39,11 +43,13 @@ def _legacy_preparation(directory: Path) -> bool:
     """A format-1 preparation (no marker yet): its index lists shards, and the directory holds
     nothing but that index, the tokenizer and those shards."""
     try:
-        index = json.loads((directory / "index.json").read_text(encoding="utf-8"))
+        index = read_json(directory / "index.json", _MAX_LEGACY_INDEX_BYTES)
         if index.get("format_version") != 1 or "fingerprint_fields" not in index:
             return False
         listed = {s["file"] for split in index["splits"].values() for s in split["shards"]}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+    except (JSONInputError, AttributeError, KeyError, TypeError):
+        return False
+    if any(not isinstance(name, str) or "/" in name or escape_problem(directory, name) for name in listed):
         return False
     present = {p.name for p in directory.iterdir()}
     return present <= listed | _LEGACY_FILES and "index.json" in present

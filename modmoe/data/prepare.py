@@ -30,9 +30,12 @@ from typing import Any
 import tokenizers
 from tokenizers import Tokenizer
 
+from modmoe.data.blend import normalise
 from modmoe.data.config import DataConfig, SourceConfig
 from modmoe.data.documents import Document, utf8_prefix
 from modmoe.data.errors import DataError
+from modmoe.errors import os_errors_in_one_line
+from modmoe.data.index_schema import read_index_file
 from modmoe.data.inputs import Unit, plan_units, stdlib_root
 from modmoe.data.megatron_format import MegatronWriter, writer_dtype
 from modmoe.data.ownership import (
@@ -45,7 +48,7 @@ from modmoe.data.ownership import (
     write_marker,
 )
 from modmoe.data.progress import PrepareProgress
-from modmoe.data.readers import Skipped, read_unit
+from modmoe.data.readers import ReadLimits, Skipped, read_unit
 from modmoe.data.shards import SPLITS, TokenShards, dtype_name, sha256_file
 from modmoe.data.tokenizer import (
     CONFIG_NAME,
@@ -91,7 +94,7 @@ class PreparedData:
         index = read_index(directory)
         tokenizer_path = directory / TOKENIZER_NAME
         if not tokenizer_path.is_file():
-            raise DataError(f"tokenizer file {tokenizer_path}: not found (delete {directory} to prepare again)")
+            raise DataError(f"tokenizer file {tokenizer_path}: not found (the preparation is damaged: prepare again)")
         return cls(
             dir=directory,
             tokenizer_path=tokenizer_path,
@@ -139,22 +142,24 @@ class PreparedData:
     def load_tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.tokenizer_path)
 
+    def damage(self) -> str | None:
+        """Why the files the index lists cannot be opened (missing, another size), or None."""
+        try:
+            for name in self.source_names:
+                for split in SPLITS:
+                    self.open(split, name)
+        except DataError as err:
+            return str(err)
+        return None
+
 
 def read_index(directory: Path) -> dict[str, Any]:
-    """Parses ``index.json``; a missing, malformed or foreign index is a one-line :class:`DataError`."""
+    """Parses ``index.json`` (bounded, typed, every path inside the directory); a missing,
+    malformed, hostile or foreign index is a one-line :class:`DataError`."""
     path = Path(directory) / INDEX_NAME
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (not a prepared data directory)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: unreadable index ({err})") from None
-    if not isinstance(index, dict) or index.get("producer") != PRODUCER:
-        raise DataError(f"{path}: not an index written by modmoe (no producer {PRODUCER!r})")
-    if index.get("format_version") != FORMAT_VERSION:
-        found = index.get("format_version")
-        raise DataError(f"{path}: format_version {found!r} is not the supported {FORMAT_VERSION} (prepare again)")
-    return index
+    if not path.exists():
+        raise DataError(f"{path}: not found (not a prepared data directory)")
+    return read_index_file(path, PRODUCER, FORMAT_VERSION)
 
 
 # --- the fingerprint -------------------------------------------------------------------------
@@ -271,10 +276,14 @@ def _work_dir(target: Path, wanted: str, log: Log) -> Path:
     return work
 
 
-def _read_documents(units: list[Unit], max_doc: int) -> Iterator[Document]:
+def read_limits(cfg: DataConfig) -> ReadLimits:
+    return ReadLimits(cfg.max_document_bytes, cfg.max_compression_ratio)
+
+
+def _read_documents(units: list[Unit], limits: ReadLimits) -> Iterator[Document]:
     """Whole documents of some units (for the tokenizer's training text)."""
     for unit in units:
-        for doc, rest in read_unit(unit, max_doc, Skipped()):
+        for doc, rest in read_unit(unit, limits, Skipped()):
             yield doc if rest is None else Document(doc.text + "".join(rest), doc.where)
 
 
@@ -282,17 +291,17 @@ def corpus_documents(cfg: DataConfig, source: int = 0) -> Iterator[Document]:
     """The whole documents of the ``source``-th prepared source, in stream order (what the
     preparation reads; for inspection and tests)."""
     position, src = prepared_sources(cfg)[source]
-    return _read_documents(_plans(cfg, [(position, src)])[src.resolved_name()], cfg.max_document_bytes)
+    return _read_documents(_plans(cfg, [(position, src)])[src.resolved_name()], read_limits(cfg))
 
 
 def _training_text(cfg: DataConfig, plans: dict[str, list[Unit]], weights: list[float]) -> Iterator[str]:
     """The first text of each source, up to its weight's share of ``tokenizer_train_bytes``,
     streamed: a document of hundreds of MB is read only as far as the budget goes."""
-    total, found = sum(weights), 0
-    for units, weight in zip(plans.values(), weights):
-        left = int(cfg.tokenizer_train_bytes * weight / total)
+    found = 0
+    for units, share in zip(plans.values(), normalise(weights)):
+        left = int(cfg.tokenizer_train_bytes * share)
         for unit in units:
-            for doc, rest in read_unit(unit, cfg.max_document_bytes, Skipped()):
+            for doc, rest in read_unit(unit, read_limits(cfg), Skipped()):
                 for part in itertools.chain([doc.text], rest or ()):
                     if left <= 0:
                         break
@@ -492,6 +501,12 @@ def prepare_data(
         return None
     workers = workers or cfg.prepare_workers
     target = Path(cfg.prepared_dir).expanduser().resolve()
+    with os_errors_in_one_line(f"data prepare into {target} failed"):  # read-only, full: one line
+        return _prepare(cfg, target, workers, bar, log)
+
+
+def _prepare(cfg: DataConfig, target: Path, workers: int, bar: bool | None, log: Log) -> PreparedData:
+    sources = prepared_sources(cfg)
     given = None
     if cfg.tokenizer:  # a bad tokenizer or a missing separator is refused before any work
         given = load_tokenizer(cfg.tokenizer)
@@ -503,8 +518,11 @@ def prepare_data(
         clear_leftovers(target)
         found = _existing_fingerprint(target)
         if found == wanted:
-            log(f"data: reusing {target} (fingerprint {wanted})")
-            return PreparedData.load(target)
+            damage = PreparedData.load(target).damage()
+            if damage is None:
+                log(f"data: reusing {target} (fingerprint {wanted})")
+                return PreparedData.load(target)
+            log(f"data: the preparation in {target} is damaged ({damage}): preparing it again")
         log(f"data: preparing {target} (fingerprint {wanted}" + (f", replacing {found})" if found else ")"))
         work = _work_dir(target, wanted, log)
         if not _finished_index(work, wanted):
@@ -556,6 +574,7 @@ def _build(
         shard_tokens=cfg.shard_tokens,
         val_fraction=cfg.val_fraction,
         max_document_bytes=cfg.max_document_bytes,
+        max_compression_ratio=cfg.max_compression_ratio,
     )
     units = [u for plan in plans.values() for u in plan]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # verifying kept units reads their files

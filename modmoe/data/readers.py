@@ -8,20 +8,36 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
-import json
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modmoe.config_json import JSONInputError, parse_json
 from modmoe.data.config import SourceConfig
 from modmoe.data.documents import Document, utf8_prefix
 from modmoe.data.errors import DataError
 from modmoe.data.inputs import Span, Unit
 
 _READ_BLOCK = 1 << 20
+# zstd input is fed in pieces this small: the smallest block (3 header bytes and one byte to
+# repeat) expands to at most 128 KiB, so one piece yields at most 32 MiB, whatever the file holds.
+_ZSTD_PIECE = 1 << 10
+_EXPANSION_SLACK = 4 << 20  # bytes any compressed file may expand to, whatever its ratio
+_BLANK = b" \t\r\n"
 _SMALL_FILE = 8 << 20  # text files up to this size are read whole; larger ones are streamed
 _BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a reader accepts from a file, from the data config."""
+
+    max_document_bytes: int
+    """The longest JSONL line or Parquet/dataset text value."""
+    max_compression_ratio: float
+    """How many times its size (plus 4 MiB) a compressed JSONL file may expand to."""
 
 
 class Skipped:
@@ -104,8 +120,8 @@ def _read_text_file(span: Span, skipped: Skipped) -> Iterator[tuple[Document, It
 
 
 class _ZstdReader(io.RawIOBase):
-    """A zstd file (one or more frames) decompressed as a stream; input that ends inside a
-    frame raises, where zstandard's stream reader would just stop."""
+    """A zstd file (one or more frames) decompressed as a stream in bounded memory; input that
+    ends inside a frame raises, where zstandard's stream reader would just stop."""
 
     def __init__(self, path: Path) -> None:
         import zstandard
@@ -114,13 +130,21 @@ class _ZstdReader(io.RawIOBase):
         self._fh = path.open("rb")
         self._dec = zstandard.ZstdDecompressor().decompressobj()
         self._buf, self._pos, self._done, self._fresh = b"", 0, False, True
+        self._input, self._input_pos = memoryview(b""), 0
 
     def readable(self) -> bool:
         return True
 
+    def _next_piece(self) -> bytes:
+        if self._input_pos == len(self._input):
+            self._input, self._input_pos = memoryview(self._fh.read(_READ_BLOCK)), 0
+        piece = self._input[self._input_pos : self._input_pos + _ZSTD_PIECE]
+        self._input_pos += len(piece)
+        return bytes(piece)
+
     def readinto(self, out: Any) -> int:
         while self._pos == len(self._buf) and not self._done:
-            chunk = self._fh.read(_READ_BLOCK)
+            chunk = self._next_piece()
             if not chunk:
                 if not self._fresh and not self._dec.eof:
                     raise self._zstd.ZstdError("the data ends inside a frame (truncated)")
@@ -144,13 +168,58 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def _open_jsonl(path: Path) -> io.BufferedIOBase:
+class _ExpansionLimit(io.RawIOBase):
+    """Decompressed bytes of ``inner``, refused past ``limit``: a small file that expands to
+    gigabytes (of blank lines, or one endless line) is a bomb, not a corpus."""
+
+    def __init__(self, inner: io.RawIOBase | io.BufferedIOBase, path: Path, limit: int, ratio: float) -> None:
+        self._inner, self._path, self._limit, self._ratio, self._count = inner, path, limit, ratio, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        n = self._inner.readinto(out)
+        self._count += n or 0
+        if self._count > self._limit:
+            raise DataError(
+                f"{self._path}: decompresses to more than {self._limit:,} bytes ({self._ratio:g} times its size plus "
+                "4 MiB): a decompression bomb? Raise data.max_compression_ratio to accept it"
+            )
+        return n
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def _open_jsonl(path: Path, max_ratio: float) -> io.BufferedReader:
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".zst"):
-        return io.BufferedReader(_ZstdReader(path), _READ_BLOCK)
-    return path.open("rb")
+        inner: io.RawIOBase | io.BufferedIOBase = gzip.open(path, "rb")  # type: ignore[assignment]
+    elif name.endswith(".zst"):
+        inner = _ZstdReader(path)
+    else:
+        return path.open("rb")
+    limit = int(path.stat().st_size * max_ratio) + _EXPANSION_SLACK
+    return io.BufferedReader(_ExpansionLimit(inner, path, limit, max_ratio), _READ_BLOCK)
+
+
+def _skip_blank_run(fh: io.BufferedReader) -> tuple[int, int]:
+    """Consumes the whole blank lines (whitespace only) that follow, in bulk: a million empty
+    lines cost one scan, not a million reads. Returns (bytes, lines) skipped."""
+    skipped = lines = 0
+    while True:
+        ahead = fh.peek(_READ_BLOCK)[:_READ_BLOCK]
+        blank = len(ahead) - len(ahead.lstrip(_BLANK))
+        cut = ahead.rfind(b"\n", 0, blank) + 1  # only up to the end of the last whole blank line
+        if cut == 0:
+            return skipped, lines
+        fh.read(cut)
+        skipped += cut
+        lines += ahead.count(b"\n", 0, cut)
+        if cut < len(ahead):
+            return skipped, lines
 
 
 def _line_number(path: Path, offset: int) -> int:
@@ -180,10 +249,10 @@ def _text_value(value: Any, field: str, where: Callable[[], str], keys: Callable
     return value
 
 
-def _read_jsonl(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Iterator[Document]:
-    path = Path(span.path)
+def _read_jsonl(unit: Unit, span: Span, limits: ReadLimits, skipped: Skipped) -> Iterator[Document]:
+    path, max_doc = Path(span.path), limits.max_document_bytes
     field = unit.text_field
-    with _open_jsonl(path) as fh:
+    with _open_jsonl(path, limits.max_compression_ratio) as fh:
         position, line_no = 0, 1
         if span.start > 0:  # a byte range: its lines are those that begin inside it
             fh.seek(span.start - 1)
@@ -215,11 +284,9 @@ def _read_jsonl(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Itera
             position += len(line)
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except UnicodeDecodeError:
-                    raise DataError(f"{where()}: not UTF-8 text") from None
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where()}: not valid JSON ({err.msg}, column {err.colno})") from None
+                    record = parse_json(line, "")
+                except JSONInputError as err:
+                    raise DataError(f"{where()}{err}") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where()}: a JSON {type(record).__name__}, expected an object with {field!r}")
                 keys = lambda: "keys: " + (", ".join(list(record)[:8]) or "none")
@@ -228,6 +295,18 @@ def _read_jsonl(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Itera
                     yield Document(text, where() if line_no else f"{path} (byte {line_start})")
                 else:
                     skipped.empty += 1
+            else:
+                try:
+                    nbytes, nlines = _skip_blank_run(fh)
+                except (OSError, EOFError, zlib.error) as err:
+                    raise _decode_error(path, f"near line {line_no or '?'}", err) from None
+                except Exception as err:  # zstandard.ZstdError
+                    if type(err).__name__ == "ZstdError":
+                        raise _decode_error(path, f"near line {line_no or '?'}", err) from None
+                    raise
+                position += nbytes
+                if line_no:
+                    line_no += nlines
             if line_no:
                 line_no += 1
 
@@ -280,7 +359,8 @@ def parquet_row_groups(path: Path, unit_bytes: int) -> Iterator[tuple[int, int, 
             first, rows, nbytes = rg + 1, 0, 0
 
 
-def _read_parquet(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Iterator[Document]:
+def _read_parquet(unit: Unit, span: Span, limits: ReadLimits, skipped: Skipped) -> Iterator[Document]:
+    max_doc = limits.max_document_bytes
     import pyarrow.parquet as pq
 
     try:
@@ -339,7 +419,8 @@ def hf_row_ranges(path: Path, src: SourceConfig, unit_bytes: int) -> Iterator[tu
         yield start, stop, int((stop - start) * per_row)
 
 
-def _read_hf(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Iterator[Document]:
+def _read_hf(unit: Unit, span: Span, limits: ReadLimits, skipped: Skipped) -> Iterator[Document]:
+    max_doc = limits.max_document_bytes
     ds = load_hf_dataset(Path(span.path), unit.hf_split).with_format("arrow")
     for start in range(span.start, span.stop, _BATCH_ROWS):
         table = ds[start : min(span.stop, start + _BATCH_ROWS)]
@@ -349,7 +430,9 @@ def _read_hf(unit: Unit, span: Span, max_doc: int, skipped: Skipped) -> Iterator
 # --- dispatch ----------------------------------------------------------------------------
 
 
-def read_unit(unit: Unit, max_doc: int, skipped: Skipped) -> Iterator[tuple[Document, Iterator[str] | None]]:
+def read_unit(
+    unit: Unit, limits: ReadLimits, skipped: Skipped
+) -> Iterator[tuple[Document, Iterator[str] | None]]:
     """The unit's documents in order; a document from a large text file comes with an iterator
     of its remaining parts (streamed, never held whole)."""
     for span in unit.spans:
@@ -357,5 +440,5 @@ def read_unit(unit: Unit, max_doc: int, skipped: Skipped) -> Iterator[tuple[Docu
             yield from _read_text_file(span, skipped)
             continue
         reader = {"jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}[unit.kind]
-        for doc in reader(unit, span, max_doc, skipped):
+        for doc in reader(unit, span, limits, skipped):
             yield doc, None

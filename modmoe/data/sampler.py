@@ -25,6 +25,7 @@ from modmoe.data.blend import BlendSchedule, counts_at, normalise
 from modmoe.data.errors import DataError
 from modmoe.data.permutation import Permutation
 from modmoe.data.prefetch import Prefetcher
+from modmoe.data.sampler_state import SamplerState, SingleSourceState, parse_sampler_state
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -193,38 +194,40 @@ class BlendSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "position" not in state:
-            state = self._from_single_source_state(state)
+        """Continues from a saved state (checked field by field; one line names what differs)."""
+        parsed = parse_sampler_state(state)
+        saved = self._from_single_source_state(parsed) if isinstance(parsed, SingleSourceState) else parsed
         for key in ("seed", "seq_len"):
-            if int(state[key]) != getattr(self, key):
-                raise _state_error(key, state[key], getattr(self, key))
+            if getattr(saved, key) != getattr(self, key):
+                raise _state_error(key, getattr(saved, key), getattr(self, key))
         ours = dict(zip(self.names, self.per_epoch))
-        if dict(state["samples_per_epoch"]) != ours:
-            raise _state_error("samples_per_epoch", state["samples_per_epoch"], ours)
-        saved_w = dict(state["weights"])
-        if set(saved_w) != set(self.names) or any(
-            not math.isclose(saved_w[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights)
+        if saved.samples_per_epoch != ours:
+            raise _state_error("samples_per_epoch", saved.samples_per_epoch, ours)
+        if set(saved.weights) != set(self.names) or any(
+            not math.isclose(saved.weights[n], w, rel_tol=1e-9) for n, w in zip(self.names, self.weights)
         ):
-            raise _state_error("weights", saved_w, dict(zip(self.names, self.weights)))
-        position = int(state["position"])
-        counts = [int(state["counts"][n]) for n in self.names]
-        if position < 0 or counts != counts_at(self.weights, position):
-            raise DataError(f"sampler state: position = {position}, counts = {state['counts']} are inconsistent")
-        self._restore(position, counts)
+            raise _state_error("weights", saved.weights, dict(zip(self.names, self.weights)))
+        counts = [saved.counts[n] for n in self.names]
+        if counts != counts_at(self.weights, saved.position):
+            raise DataError(
+                f"sampler state: position = {saved.position}, counts = {saved.counts} are inconsistent"
+            )
+        self._restore(saved.position, counts)
 
-    def _from_single_source_state(self, state: dict[str, Any]) -> dict[str, Any]:
+    def _from_single_source_state(self, state: SingleSourceState) -> SamplerState:
         """Reads the state of the single-source sampler of earlier versions (epoch, consumed)."""
         if len(self.sources) != 1:
             raise DataError("sampler state: saved by a single-source sampler, this run blends several sources")
-        name, per_epoch = self.names[0], int(state["samples_per_epoch"])
-        position = int(state["epoch"]) * per_epoch + int(state["consumed"])
-        return {
-            **state,
-            "position": position,
-            "counts": {name: position},
-            "samples_per_epoch": {name: per_epoch},
-            "weights": {name: 1.0},
-        }
+        name = self.names[0]
+        position = state.epoch * state.samples_per_epoch + state.consumed
+        return SamplerState(
+            position=position,
+            counts={name: position},
+            seed=state.seed,
+            seq_len=state.seq_len,
+            samples_per_epoch={name: state.samples_per_epoch},
+            weights={name: 1.0},
+        )
 
     def seek(self, samples: int) -> None:
         """Continues the stream after its first ``samples`` global samples (for a checkpoint

@@ -112,7 +112,7 @@ def random_access_map(path: Path, dtype: np.dtype) -> np.memmap:
 
 def check_shard(path: Path, shard: dict[str, Any], itemsize: int, verify: bool) -> None:
     """The file exists with the recorded size (and, with ``verify``, the recorded sha256)."""
-    hint = f" (delete {path.parent} to prepare again)"
+    hint = " (the preparation is damaged: prepare it again)"
     if not path.is_file():
         raise DataError(f"shard {path}: missing{hint}")
     size = path.stat().st_size

@@ -4,7 +4,6 @@ config names none."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from modmoe.config_json import JSONInputError, parse_json, read_json
 from modmoe.data.errors import DataError
+from modmoe.file_paths import not_regular_problem
 
 EOT = "<|endoftext|>"
 """The separator of the BPE modmoe trains."""
@@ -26,7 +27,10 @@ KNOWN_EOS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 Llama-2/Mistral/T5, Gemma, others)."""
 CONFIG_NAME = "tokenizer_config.json"
 TOKENIZER_NAME = "tokenizer.json"
-_TRAIN_PIECE_CHARS = 1 << 16  # the BPE trainer sees documents in pieces of at most this size
+_TRAIN_PIECE_CHARS = 1 << 16
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest published tokenizer.json files are ~30 MB
+_MAX_CONFIG_BYTES = 16 << 20
+_TOKENIZER_DEPTH = 32  # a tokenizer.json nests ~6 deep (normalizer sequences a few more)  # the BPE trainer sees documents in pieces of at most this size
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,10 @@ class TokenizerFiles:
             tok = path / TOKENIZER_NAME
             if not tok.is_file():
                 raise DataError(f"tokenizer directory {path}: has no {TOKENIZER_NAME}")
-        elif path.is_file():
+        elif (why := not_regular_problem(path)) is None:
             tok = path
         else:
-            raise DataError(f"tokenizer file {path}: not found")
+            raise DataError(f"tokenizer file {path}: {'not found' if why.startswith('no such') else why}")
         config = tok.parent / CONFIG_NAME
         return cls(tok, config if config.is_file() else None)
 
@@ -76,8 +80,12 @@ def token_dtype(vocab: int) -> np.dtype:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Loads a ``tokenizer.json`` (or the one in a directory); any vocabulary up to 2^32 - 1."""
     files = TokenizerFiles.find(path)
-    try:
-        tok = Tokenizer.from_file(str(files.tokenizer_json))
+    source = f"tokenizer file {files.tokenizer_json}"
+    try:  # bounded and checked here first: the library is handed only JSON that passed
+        text = read_json_text(files.tokenizer_json, source)
+        tok = Tokenizer.from_str(text)
+    except DataError:
+        raise
     except Exception as err:  # the library raises a bare Exception for bad JSON / schema
         raise DataError(
             f"tokenizer file {files.tokenizer_json}: not a readable tokenizer.json ({_first_line(err)})"
@@ -88,13 +96,29 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+def read_json_text(path: Path, source: str) -> str:
+    """The text of a tokenizer file, once it parsed within :data:`MAX_TOKENIZER_BYTES` and
+    :data:`_TOKENIZER_DEPTH` (modmoe.config_json)."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_TOKENIZER_BYTES + 1)
+        if len(data) > MAX_TOKENIZER_BYTES:
+            raise DataError(f"{source}: more than {MAX_TOKENIZER_BYTES} bytes")
+        parse_json(data, source, _TOKENIZER_DEPTH)
+    except JSONInputError as err:
+        raise DataError(f"{err}") from None
+    except OSError as err:
+        raise DataError(f"{source}: cannot be read ({err.strerror})") from None
+    return data.decode("utf-8")
+
+
 def _config_eos(config_json: Path | None) -> str | None:
     if config_json is None:
         return None
     try:
-        config = json.loads(config_json.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{config_json}: unreadable ({_first_line(err)})") from None
+        config = read_json(config_json, _MAX_CONFIG_BYTES)
+    except JSONInputError as err:
+        raise DataError(str(err)) from None
     eos = config.get("eos_token") if isinstance(config, dict) else None
     if isinstance(eos, dict):
         eos = eos.get("content")

@@ -14,14 +14,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from modmoe.config_json import JSONInputError, read_json
 from modmoe.data.documents import chunk_stream, val_score
 from modmoe.data.errors import DataError
 from modmoe.data.inputs import Unit
 from modmoe.data.megatron_format import MegatronWriter
-from modmoe.data.readers import Skipped, read_unit
+from modmoe.data.readers import ReadLimits, Skipped, read_unit
 from modmoe.data.shards import SPLITS, ShardWriter, check_shard, sha256_file
 from modmoe.data.tokenizer import load_tokenizer
+from modmoe.file_paths import escape_problem
 
+_MAX_RECORD_BYTES = 64 << 20  # a unit's record lists its shards: a few kB
 _ENCODE_BATCH_CHARS = 4_000_000  # text per encode_batch call: bounded memory per worker
 Report = Callable[[int, int], None]
 """Progress callback: (input bytes done, tokens written) since the last call."""
@@ -41,6 +44,7 @@ class UnitContext:
     shard_tokens: int
     val_fraction: float
     max_document_bytes: int
+    max_compression_ratio: float
 
 
 class _Writer(Protocol):
@@ -136,7 +140,7 @@ def process_unit(ctx: UnitContext, unit: Unit, report: Report) -> dict[str, Any]
         marks.clear()
         state["chars"] = 0
 
-    for doc, rest in read_unit(unit, ctx.max_document_bytes, skipped):
+    for doc, rest in read_unit(unit, ReadLimits(ctx.max_document_bytes, ctx.max_compression_ratio), skipped):
         stream = chunk_stream([doc.text] if rest is None else itertools.chain([doc.text], rest))
         split = None
         piece = next(stream, None)
@@ -178,8 +182,8 @@ def finished_record(root: Path, unit: Unit, output_format: str) -> dict[str, Any
     sha256); None means the unit must be redone."""
     path = record_path(root, unit)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_json(path, _MAX_RECORD_BYTES)
+    except JSONInputError:
         return None
     if not isinstance(record, dict) or record.get("digest") != unit.digest():
         return None
@@ -188,15 +192,19 @@ def finished_record(root: Path, unit: Unit, output_format: str) -> dict[str, Any
         for entry in record["splits"].values():
             if output_format == "modmoe":
                 for shard in entry["shards"]:
+                    if escape_problem(out, shard["file"]) or "/" in shard["file"]:
+                        return None
                     itemsize = shard["bytes"] // shard["tokens"] if shard["tokens"] else 1
                     check_shard(out / shard["file"], shard, itemsize, verify=True)
             else:
+                if escape_problem(out, f"{entry['prefix']}.bin") or "/" in entry["prefix"]:
+                    return None
                 for suffix in ("bin", "idx"):
                     file = out / f"{entry['prefix']}.{suffix}"
                     if not file.is_file() or file.stat().st_size != entry[f"{suffix}_bytes"]:
                         return None
                     if sha256_file(file) != entry[f"{suffix}_sha256"]:
                         return None
-    except (DataError, KeyError, TypeError, ZeroDivisionError):
+    except (DataError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         return None
     return record

@@ -42,25 +42,34 @@ def export_command(
     tokenizer: Annotated[
         Path | None, typer.Option(help="tokenizer.json to ship (default: the run's, from data.prepared_dir)")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --out if it is an earlier export (or empty); nothing else is ever replaced")
+    ] = False,
 ) -> None:
     """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config,
     self-contained modeling code for trust_remote_code)."""
-    from modmoe.errors import UserError
+    from safetensors import SafetensorError
+
+    from modmoe.errors import UserError, os_errors_in_one_line
     from modmoe.export import export_checkpoint
 
     try:
-        summary = export_checkpoint(
-            source,
-            out,
-            dtype=dtype,
-            max_shard_bytes=parse_size(max_shard_size),
-            tokenizer=tokenizer,
-            overwrite=overwrite,
-            log=lambda m: typer.echo(m, err=True),
-        )
+        with os_errors_in_one_line(f"export to --out {out} failed"):  # a read-only or full output location
+            summary = export_checkpoint(
+                source,
+                out,
+                dtype=dtype,
+                max_shard_bytes=parse_size(max_shard_size),
+                tokenizer=tokenizer,
+                overwrite=overwrite,
+                log=lambda m: typer.echo(m, err=True),
+            )
     except UserError as err:
         raise fail(str(err).splitlines()[0]) from None
+    except SafetensorError as err:  # the Rust writer reports a failed write as its own error, not an OSError
+        if "I/O error" not in str(err):
+            raise
+        raise fail(f"export to --out {out} failed: {str(err).splitlines()[0]}") from None
     shards = f"{summary.shards} shards + index" if summary.shards > 1 else "1 file"
     typer.echo(
         f"exported step {summary.step} of {summary.checkpoint} to {summary.out}: {summary.tensors} tensors, "

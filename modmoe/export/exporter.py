@@ -29,6 +29,7 @@ from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, PAD, load_tokenizer
 from modmoe.export.source import CheckpointSource, ExportError, TensorSpec, open_checkpoint
 from modmoe.inference import export_format as layout
+from modmoe.inference.loading import is_export
 from modmoe.model import ModelArgs, MoDETransformer
 from modmoe.model_config import ModelConfig
 
@@ -119,10 +120,25 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` must be new, or, with ``--overwrite``, an earlier export (its
+    ``modmoe_export.json`` says so) or an empty directory: nothing else is ever replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise ExportError(f"--out {out}: exists; choose a new directory or pass --overwrite")
+    if out.is_symlink() or not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory; refusing to replace it, even with --overwrite")
+    if any(out.iterdir()) and not is_export(out):
+        raise ExportError(
+            f"--out {out}: not a modmoe export (no {layout.RECORD_NAME} of format {layout.EXPORT_FORMAT!r}); "
+            "refusing to replace it, even with --overwrite: choose another directory or empty it yourself"
+        )
+
+
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    _check_out(out, overwrite)  # again: it may have changed while the weights were written
     if out.exists():
-        if not overwrite:
-            raise ExportError(f"--out {out}: exists; choose a new directory or pass --overwrite")
         old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -146,8 +162,7 @@ def export_checkpoint(
     if max_shard_bytes < 1:
         raise ExportError(f"--max-shard-size {max_shard_bytes}: must be at least 1 byte")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"--out {out}: exists; choose a new directory or pass --overwrite")
+    _check_out(out, overwrite)
     src = open_checkpoint(source)
     log(f"export: reading {src.path} (step {src.manifest.step}, written by {src.manifest.world_size} rank(s))")
     model_cfg, args = _model_config(src)

@@ -8,7 +8,6 @@ larger than the model's vocabulary, or a file whose size differs from the export
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,16 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from modmoe.config_base import ConfigError, validate_config
+from modmoe.config_json import JSONInputError, read_json
 from modmoe.data import DataError
 from modmoe.data.tokenizer import EOT, load_tokenizer
 from modmoe.errors import UserError
+from modmoe.file_paths import escape_problem
 from modmoe.inference import export_format as layout
 from modmoe.model import ModelArgs, MoDETransformer
 from modmoe.model_config import ModelConfig
+
+MAX_JSON_BYTES = 64 << 20  # config, index and record of an export: kB to a few MB
 
 
 class InferenceError(UserError, ValueError):
@@ -48,9 +51,26 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise InferenceError(f"{path}: missing (not an export directory? make one with `modmoe export`)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InferenceError(f"{path}: unreadable JSON ({err})") from None
+        return read_json(path, MAX_JSON_BYTES)
+    except JSONInputError as err:
+        raise InferenceError(str(err)) from None
+
+
+def is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds a modmoe export (its record file names the format)."""
+    try:
+        record = read_json(directory / layout.RECORD_NAME, MAX_JSON_BYTES)
+    except JSONInputError:
+        return False
+    return isinstance(record, dict) and record.get("format") == layout.EXPORT_FORMAT
+
+
+def _inside(directory: Path, name: object, listed_in: Path) -> Path:
+    """``directory / name`` for a file name read from ``listed_in``, which must stay inside."""
+    why = escape_problem(directory, name) if isinstance(name, str) else f"path {name!r} is not a file name"
+    if why is not None:
+        raise InferenceError(f"{listed_in}: {why}")
+    return directory / name
 
 
 def read_config(directory: Path) -> tuple[ModelArgs, dict[str, Any]]:
@@ -81,13 +101,15 @@ def _check_record(directory: Path) -> None:
     path = directory / layout.RECORD_NAME
     if not path.is_file():
         return
-    files = (_read_json(path) or {}).get("files") or {}
+    record = _read_json(path)
+    files = (record.get("files") if isinstance(record, dict) else None) or {}
+    if not isinstance(files, dict):
+        raise InferenceError(f"{path}: files is not a mapping of file names")
     for name, entry in files.items():
-        f = directory / name
-        if f.is_file() and f.stat().st_size != entry.get("size"):
-            raise InferenceError(
-                f"{f}: {f.stat().st_size} bytes, the export recorded {entry.get('size')} (replaced or truncated)"
-            )
+        f = _inside(directory, name, path)
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if f.is_file() and f.stat().st_size != size:
+            raise InferenceError(f"{f}: {f.stat().st_size} bytes, the export recorded {size} (replaced or truncated)")
 
 
 def _weight_files(directory: Path) -> dict[str, list[str] | None]:
@@ -100,6 +122,7 @@ def _weight_files(directory: Path) -> dict[str, list[str] | None]:
             raise InferenceError(f"{index_path}: has no weight_map")
         files: dict[str, list[str] | None] = {}
         for key, fname in weight_map.items():
+            _inside(directory, fname, index_path)
             files.setdefault(fname, []).append(key)
         return files
     if not (directory / layout.WEIGHTS_NAME).is_file():

@@ -8,12 +8,14 @@ from pydantic import Field, model_validator
 
 from modmoe.config_base import ConfigModel, field_error
 
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer applies lr * update to float32 weights
+
 
 class OptimizerConfig(ConfigModel):
     """AdamW with linear warmup and cosine decay."""
 
-    lr: float = Field(default=3e-3, gt=0.0)
-    """Peak learning rate."""
+    lr: float = Field(default=3e-3, gt=0.0, le=FLOAT32_MAX)
+    """Peak learning rate (at most the largest float32, which the optimizer multiplies by)."""
 
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """Final learning rate as a fraction of ``lr`` (end of the cosine)."""
@@ -24,7 +26,7 @@ class OptimizerConfig(ConfigModel):
     schedule: Literal["cosine", "constant"] = "cosine"
     """Decay after warmup: cosine to ``min_lr_ratio * lr`` at ``trainer.max_steps``, or constant."""
 
-    weight_decay: float = Field(default=0.1, ge=0.0)
+    weight_decay: float = Field(default=0.1, ge=0.0, le=FLOAT32_MAX)
     """Decoupled weight decay, applied to matrices only (not norms, not router biases)."""
 
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)

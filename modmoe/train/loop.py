@@ -147,7 +147,7 @@ class Trainer:
         """Loads the checkpoint to resume from; returns the MLflow run id it recorded."""
         if resume == "none":
             return None
-        path = self.ckpt.find_latest_valid() if resume == "auto" else Path(resume)
+        path = self.ckpt.find_resume_point() if resume == "auto" else Path(resume)
         if path is None:
             return None
         if resume != "auto" and not path.is_dir():
@@ -272,6 +272,15 @@ class Trainer:
         self.rolled_back = decision == "rollback"  # the step's record is then not logged: it was undone
         return metrics
 
+    def _final_update_rolled_back(self) -> bool:
+        """Applies the non-finite policy to the state after the last update (collective: the
+        validation loss is global, so every rank decides alike)."""
+        val_loss = self.last_eval["eval/loss_topk"]
+        if self.guard.decide_final(self.step, val_loss) == "ok":
+            return False
+        self._rollback(val_loss, None)
+        return True
+
     def _rollback(self, loss: float, grad_norm: float | None) -> None:
         """Back to the newest valid checkpoint, going on with the data after the failing step
         (the window since the checkpoint is skipped). Collective."""
@@ -356,6 +365,8 @@ class Trainer:
                     first_eval = first_eval or dict(self.last_eval)
                     metrics.update(self.last_eval)
                     progress.note(_eval_line(self.step, self.last_eval))
+                    if last and self._final_update_rolled_back():
+                        continue
                 if self.metrics is not None and (self.step % tc.log_every == 0 or last or "eval/loss_topk" in metrics):
                     self.metrics.write(metrics)
                     if self.reporter is not None:

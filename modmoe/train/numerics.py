@@ -1,5 +1,8 @@
 """Numerical faults of a training step: non-finite loss or gradient norm, and loss spikes.
 
+Each update is looked at through the next step's loss; the last update, which has no next
+step, through the validation loss the run computes after it (:meth:`NonFiniteGuard.decide_final`).
+
 The Trainer gets the step's loss and gradient norm as global values: the backends reduce the
 loss sums once per step over the data-parallel ranks (together with the step's other
 statistics, so no extra synchronisation), and a NaN or inf on any rank makes the reduced value
@@ -59,6 +62,24 @@ class NonFiniteGuard:
                 )
             self.skipped += 1
             return "skip"
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            raise self._stop(step, what, f"already rolled back {self.rollbacks} times (trainer.numerics.max_rollbacks)")
+        self.rollbacks += 1
+        return "rollback"
+
+    def decide_final(self, step: int, val_loss: float) -> Decision:
+        """The state after the last update, which no later step's loss will look at: its
+        validation loss (global, computed on the updated weights) must be finite. ``ok`` or
+        ``rollback``; raises :class:`NumericalFault` under ``stop``, and under ``skip`` too (an
+        update already applied cannot be held back)."""
+        if is_finite(val_loss):
+            return "ok"
+        what = f"the last update left the model non-finite (validation loss {val_loss} after it)"
+        policy = self.cfg.on_nonfinite
+        if policy == "stop":
+            raise self._stop(step, what, "the run stops without saving the step or writing COMPLETED")
+        if policy == "skip":
+            raise self._stop(step, what, "an applied update cannot be skipped; the run stops without saving it")
         if self.rollbacks >= self.cfg.max_rollbacks:
             raise self._stop(step, what, f"already rolled back {self.rollbacks} times (trainer.numerics.max_rollbacks)")
         self.rollbacks += 1

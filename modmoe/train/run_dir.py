@@ -8,10 +8,12 @@ modmoe's marker file :data:`MARKER` (written when a run claims the directory). A
 else, a home directory given by mistake, a file, someone else's data, is refused in one line
 naming the path, before any work.
 
-Run directories written before the marker existed are recognised by what modmoe left in them
-(``config.yaml`` holding a modmoe job config, plus ``metrics.jsonl`` or the checkpoint
-directory), and so is a new directory seeded with nothing but modmoe checkpoints to resume
-from; they resume as before and get the marker then.
+Only the marker makes a directory with other content ours: a ``config.yaml`` with ``model:``
+and ``trainer:`` keys and a ``metrics.jsonl`` are what other trainers leave too, so a run
+directory of a modmoe from before the marker is refused with the one command that adopts it
+(``touch RUN_DIR/.modmoe-run``). The one exception holds nothing modmoe could overwrite: a
+directory seeded with nothing but modmoe checkpoints to resume from (every entry of its
+checkpoint directory a committed modmoe checkpoint); it gets the marker when a run claims it.
 """
 
 from __future__ import annotations
@@ -22,13 +24,10 @@ import socket
 import time
 from pathlib import Path
 
-from modmoe.checkpoint.manifest import FORMAT_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES, STEP_DIR_RE
-from modmoe.config_base import ConfigError, field_error
-from modmoe.config_yaml import parse_yaml
+from modmoe.checkpoint.manifest import STEP_DIR_RE, CheckpointError, read_manifest
+from modmoe.config_base import field_error
 
 MARKER = ".modmoe-run"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 # What may be there before a run first claims the directory: the Slurm launcher's logs and stop
 # file (launch/train.sbatch creates RUN_DIR/logs before the trainer starts), what `modmoe sweep`
 # writes before it starts a point's trainer (modmoe/sweep/runner.py: POINT_CONFIG, TRAIN_LOG,
@@ -47,40 +46,26 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def _is_legacy_run(path: Path, ckpt_dirname: str) -> bool:
-    """A run directory modmoe wrote before the marker existed."""
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file() or not ((path / METRICS_FILE).is_file() or (path / ckpt_dirname).is_dir()):
-        return False
-    try:
-        data = parse_yaml(cfg_file.read_text(encoding="utf-8"), str(cfg_file))
-    except (ConfigError, OSError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("trainer"), dict) and isinstance(data.get("model"), dict)
-
-
 def _holds_only_checkpoints(path: Path, entries: list[str], ckpt_dirname: str) -> bool:
     """A directory seeded with modmoe checkpoints to resume from (copied into a new run
-    directory): nothing but the checkpoint directory, holding committed modmoe checkpoints."""
+    directory): nothing but the checkpoint directory, and in it nothing but committed modmoe
+    checkpoints (each manifest reads as modmoe's), so claiming it overwrites nothing."""
     if set(entries) - LAUNCHER_ENTRIES != {ckpt_dirname} or not (path / ckpt_dirname).is_dir():
         return False
     children = list((path / ckpt_dirname).iterdir())
-    if not children or not all(STEP_DIR_RE.match(c.name) or c.name.startswith(".tmp-") for c in children):
+    if not children or not all(STEP_DIR_RE.match(c.name) and c.is_dir() and not c.is_symlink() for c in children):
         return False
-    for child in children:
-        manifest = child / MANIFEST_NAME
-        try:
-            small = manifest.is_file() and manifest.stat().st_size < MAX_MANIFEST_BYTES
-            if small and json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT_NAME:
-                return True
-        except (OSError, ValueError, AttributeError, RecursionError):
-            continue
-    return False
+    try:
+        for child in children:
+            read_manifest(child)
+    except CheckpointError:
+        return False
+    return True
 
 
 def check_run_dir(run_dir: str | os.PathLike, ckpt_dirname: str = "checkpoints") -> str:
     """Whether a run may use ``run_dir``, without touching it: ``"new"``, ``"empty"``,
-    ``"marked"`` or ``"legacy"``; anything else is a one-line ConfigError naming the path."""
+    ``"marked"`` or ``"seeded"``; anything else is a one-line ConfigError naming the path."""
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise field_error("trainer.run_dir", str(path), "is a file, not a directory (give a new or empty directory)")
@@ -98,14 +83,14 @@ def check_run_dir(run_dir: str | os.PathLike, ckpt_dirname: str = "checkpoints")
     entries = sorted(p.name for p in path.iterdir())
     if not set(entries) - LAUNCHER_ENTRIES:
         return "empty"
-    if _is_legacy_run(path, ckpt_dirname) or _holds_only_checkpoints(path, entries, ckpt_dirname):
-        return "legacy"
+    if _holds_only_checkpoints(path, entries, ckpt_dirname):
+        return "seeded"
     shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise field_error(
         "trainer.run_dir",
         str(path),
-        f"exists and is not a modmoe run directory (no {MARKER} marker; it holds {shown}); "
-        "give a new or empty directory",
+        f"exists and is not a modmoe run directory (no {MARKER} marker; it holds {shown}); give a new or empty "
+        f"directory (a run directory of a modmoe from before the marker: adopt it with `touch {path / MARKER}`)",
     )
 
 

@@ -89,7 +89,7 @@ def _check_after_kill(run_dir: Path, scratch: Path) -> int | None:
     model, opt, sched = toy.build(seed=5, model_cls=PaddedToy)
     meta = CheckpointManager(scratch, CheckpointConfig()).load(copy, toy.app_state(model, opt, sched))
     assert meta["step"] == read_manifest(copy).step
-    assert meta["sampler"]["index"] == meta["step"]
+    assert meta["toy_sampler"]["index"] == meta["step"]
     return meta["step"]
 
 

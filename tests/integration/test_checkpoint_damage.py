@@ -96,9 +96,9 @@ DAMAGES = {
     "flipped_metadata": (_flip_metadata, r"'\.metadata' fails its sha256 checksum"),
     "missing_manifest": (_remove_manifest, r"missing manifest\.json"),
     "missing_file": (_remove_shard, r"listed in the manifest is missing"),
-    "dotdot_path": (_dotdot_path, r"'\.\./x' escapes the checkpoint directory"),
+    "dotdot_path": (_dotdot_path, r"'\.\./x' leads out of "),
     "absolute_path": (_absolute_path, r"'/etc/hostname' is absolute"),
-    "symlink_out": (_symlink_out, r"symlink leading out of the checkpoint directory"),
+    "symlink_out": (_symlink_out, r"is a symlink that leads out of "),
     "unlisted_file": (_unlisted_file, r"'__9_0\.distcp' is not listed"),
 }
 

@@ -4,8 +4,14 @@ A few hundred configs (random types and values, unknown keys, YAML anchors, alia
 deep nesting, duplicate and non-string keys, huge and non-finite numbers, torn or binary
 text) go through ``modmoe train --dry-run`` (every check before any work); damaged
 checkpoints through ``checkpoints_tools validate|inspect|consolidate`` and ``modmoe export``;
-damaged corpora and tokenizers through ``modmoe train``. Each must end in success or in one
-line, within a time bound: never a traceback, never a hang, never a payload run.
+damaged corpora and tokenizers through ``modmoe train``. Issue 24 added: deep nesting,
+numeric extremes and broken Unicode in every JSON file modmoe reads (checkpoint manifest, RNG
+state and sampler position, prepared index and marker, export config, index and record,
+tokenizer files), path fields that lead out of their directory, Unicode edge cases in JSONL,
+gzip and zstd bombs, and symlink loops in a corpus (read-only and full output locations:
+tests/integration/test_issue24_findings.py). Each must end in success or in one line, within
+a time bound (and, for issue 24's classes, a bound on peak memory growth): never a traceback,
+never a hang, never a payload run.
 
 Seeded (``MODMOE_FUZZ_SEED``, default 14): a failure names its case and reproduces.
 """
@@ -16,6 +22,7 @@ import json
 import os
 import pickle
 import random
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -335,3 +342,253 @@ def test_damaged_tokenizers_end_in_one_line(small_data_dir, tmp_path, content):
     result = CliRunner().invoke(cli.app, args)
     _ends_well(result, f"tokenizer {content[:20]!r}", time.perf_counter() - t0)
     assert result.exit_code == 2
+
+
+# ---------------------------------------------------------------------------- issue 24's classes
+MEMORY_BOUND = 1 << 30  # bytes the peak RSS may grow by during one case
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _bounded(app, args: list, what: str, seconds: float = CASE_SECONDS):
+    """One CLI call: one line or success, within ``seconds`` and :data:`MEMORY_BOUND`."""
+    before = _max_rss()
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    _ends_well(result, what, time.perf_counter() - t0, limit=seconds)
+    assert _max_rss() - before < MEMORY_BOUND, f"{what}: peak RSS grew by {(_max_rss() - before) >> 20} MiB"
+    return result
+
+
+HOSTILE_JSON = {
+    "deep": "[" * 100_000 + "]" * 100_000,
+    "deep object": '{"a": ' * 5_000 + "1" + "}" * 5_000,
+    "float overflow": "1e999",
+    "long integer": "9" * 100_000,
+    "NaN": "NaN",
+    "-Infinity": "-Infinity",
+    "lone surrogate": '"\\ud800"',
+    "low surrogate": '"\\udfff tail"',
+    "truncated": '{"a": [1, 2',
+    "not UTF-8": "\udcff",  # written as the byte 0xff
+    "empty": "",
+}
+
+
+def _write_json(path: Path, value_text: str, key: list | None = None) -> None:
+    """Replaces ``path`` by ``value_text`` (``key`` None) or puts the raw text at ``key`` inside
+    the file's own JSON (the rest of the structure stays valid, so deeper checks are reached)."""
+    if key is None:
+        text = value_text
+    else:
+        data = json.loads(path.read_text())
+        node = data
+        for part in key[:-1]:
+            node = node[part]
+        node[key[-1]] = "@@HOSTILE@@"
+        text = json.dumps(data).replace('"@@HOSTILE@@"', value_text or "null")
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+
+
+@pytest.fixture(scope="module")
+def good_export(good_checkpoint, tmp_path_factory) -> Path:
+    cli.mount_commands("export")
+    out = tmp_path_factory.mktemp("fuzz-export") / "hf"
+    assert CliRunner().invoke(cli.app, ["export", str(good_checkpoint), "--out", str(out)]).exit_code == 0
+    return out
+
+
+def test_hostile_json_in_every_checkpoint_file(good_checkpoint, tmp_path):
+    """Deep nesting, numeric extremes and broken Unicode in the manifest (whole, in meta, in the
+    sampler position) and in an RNG state (resealed): validate, inspect, consolidate, export."""
+    cli.mount_commands("export")
+    targets = [
+        ("manifest.json", None),
+        ("manifest.json", ["meta", "extra"]),
+        ("manifest.json", ["meta", "sampler", "position"]),
+        ("manifest.json", ["step"]),
+        ("rng/rank_00000.json", None),
+        ("rng/rank_00000.json", ["numpy", "pos"]),
+    ]
+    for case, ((rel, key), (name, text)) in enumerate((t, h) for t in targets for h in HOSTILE_JSON.items()):
+        step = tmp_path / f"c{case}" / "checkpoints" / "step_00000001"
+        shutil.copytree(good_checkpoint, step)
+        _write_json(step / rel, text, key)
+        if rel != "manifest.json":
+            reseal(step, rel)
+        what = f"{rel} {key} = {name}"
+        report = _bounded(tools_app, ["validate", step], what)
+        assert report.exit_code == 1 or (key is not None and not text), f"{what}: {report.stdout[:200]}"
+        _bounded(tools_app, ["inspect", step], what)
+        _bounded(tools_app, ["consolidate", step, "--out", step.parent.parent / "w.safetensors"], what)
+        _bounded(cli.app, ["export", step, "--out", step.parent.parent / "hf"], what)
+        shutil.rmtree(tmp_path / f"c{case}")
+
+
+def test_hostile_json_and_paths_in_every_export_file(good_export, tmp_path):
+    cli.mount_commands("generate")
+    targets = [("config.json", None), ("config.json", ["modmoe", "model", "dim"]), ("modmoe_export.json", None)]
+    cases = [(rel, key, name, text) for rel, key in targets for name, text in HOSTILE_JSON.items()]
+    for path_value in ["/etc/passwd", "../../outside.safetensors", "sub/../../x", "", "a\\b", "model.safetensors/.."]:
+        cases.append(("modmoe_export.json", ["files", "@name"], f"record path {path_value!r}", path_value))
+        cases.append(("model.safetensors.index.json", None, f"index path {path_value!r}", path_value))
+    for case, (rel, key, name, text) in enumerate(cases):
+        out = tmp_path / f"e{case}"
+        shutil.copytree(good_export, out)
+        if rel == "model.safetensors.index.json":  # an index whose one file lies elsewhere
+            (out / rel).write_text(json.dumps({"weight_map": {"tok_embeddings.weight": text}}))
+        elif key == ["files", "@name"]:
+            record = json.loads((out / rel).read_text())
+            record["files"] = {text: {"size": 1}}
+            (out / rel).write_text(json.dumps(record))
+        else:
+            _write_json(out / rel, text, key)
+        result = _bounded(cli.app, ["generate", out, "--prompt", "x", "--max-new-tokens", "1"], f"{rel} {name}")
+        assert result.exit_code == 2, f"{rel} {name}: {result.output[-500:]}"
+        shutil.rmtree(out)
+
+
+def test_hostile_json_and_paths_in_prepared_directories_and_tokenizers(small_data_dir, tmp_path):
+    """The prepared index (whole, its numbers, its shard paths), its marker, and a tokenizer's
+    two files: ``data inspect``, and ``data prepare`` (which reuses, prepares again or refuses)."""
+    cli.mount_commands("data")
+    cases = [("index.json", None, n, t) for n, t in HOSTILE_JSON.items()]
+    cases += [("index.json", ["vocab_size"], n, t) for n, t in HOSTILE_JSON.items() if n != "empty"]
+    for bad in ["/etc/passwd", "../../../etc/passwd", "sub/../../x", "", "..", ".hidden", "a\\b", "x\u0000y"]:
+        cases.append(
+            (
+                "index.json",
+                ["sources", "stdlib", "splits", "val", "shards", 0, "file"],
+                f"path {bad!r}",
+                json.dumps(bad),
+            )
+        )
+    cases += [("MODMOE_PREPARED.json", None, n, t) for n, t in list(HOSTILE_JSON.items())[:4]]
+    for case, (rel, key, name, text) in enumerate(cases):
+        copy = tmp_path / f"p{case}"
+        shutil.copytree(small_data_dir, copy)
+        _write_json(copy / rel, text, key)
+        what = f"{rel} {key} = {name}"
+        result = _bounded(cli.app, ["data", "inspect", copy], what)
+        assert rel != "index.json" or result.exit_code == 2, f"{what}: {result.output[-300:]}"
+        shutil.rmtree(copy)
+    good = json.loads((Path(small_data_dir) / "tokenizer.json").read_text())
+    targets = [("tokenizer.json", None), ("tokenizer.json", ["model", "dropout"]), ("tokenizer_config.json", None)]
+    for case, (name, text) in enumerate(HOSTILE_JSON.items()):
+        for target, (rel, key) in enumerate(targets):
+            tok = tmp_path / f"t{case}-{target}"
+            tok.mkdir()
+            (tok / "tokenizer.json").write_text(json.dumps(good))
+            if rel != "tokenizer.json":
+                (tok / rel).write_text("{}")
+            _write_json(tok / rel, text, key)
+            config = tok / "c.yaml"
+            config.write_text(
+                f"data: {{tokenizer: {json.dumps(str(tok))}, prepared_dir: {json.dumps(str(tok / 'p'))}}}\n"
+            )
+            _bounded(
+                cli.app, ["data", "prepare", config, "--set", "data.max_corpus_bytes=20000"], f"{rel} {key} {name}"
+            )
+
+
+UNICODE_LINES = {
+    "high surrogate": b'{"text": "a \\ud83d b"}',
+    "low surrogate": b'{"text": "\\ude00"}',
+    "surrogate in a key": b'{"\\ud800": 1, "text": "x"}',
+    "escaped NUL": b'{"text": "a\\u0000b"}',
+    "BOM": b'\xef\xbb\xbf{"text": "bom"}',
+    "invalid UTF-8": b'{"text": "\xff\xfe"}',
+    "overlong UTF-8": b'{"text": "\xc0\xaf"}',
+    "noncharacters": '{"text": "\ufffe\uffff\U0010ffff"}'.encode(),
+    "combining marks": ('{"text": "' + "e" + "\u0301" * 20_000 + '"}').encode(),
+    "right-to-left": '{"text": "\u202eabc\u202c \u05d0\u05d1"}'.encode(),
+}
+
+
+def _prepare_args(tmp_path: Path, source: Path | str, **extra) -> list:
+    sources = json.dumps([{"path": str(source), "name": "src"}])
+    config = tmp_path / "data.yaml"
+    config.write_text("data: {vocab_size: 300, tokenizer_train_bytes: 10000, val_fraction: 0.2}\n")
+    args = [
+        "data",
+        "prepare",
+        config,
+        "--set",
+        f"data.sources={sources}",
+        "--set",
+        f"data.prepared_dir={tmp_path / 'p'}",
+    ]
+    return args + sum((["--set", f"{k}={v}"] for k, v in extra.items()), [])
+
+
+@pytest.mark.parametrize("name", list(UNICODE_LINES))
+def test_unicode_edge_cases_in_jsonl_end_in_one_line_or_success(tmp_path, name):
+    cli.mount_commands("data")
+    corpus = tmp_path / "c.jsonl"
+    texts = [json.dumps({"text": f"document {i} " * 200}).encode() for i in range(20)]
+    corpus.write_bytes(b"\n".join(texts[:10] + [UNICODE_LINES[name]] + texts[10:]) + b"\n")
+    _bounded(cli.app, _prepare_args(tmp_path, corpus), name, seconds=60)
+
+
+def _bomb(path: Path, kind: str) -> None:
+    import gzip
+
+    import zstandard
+
+    chunks = {
+        "one endless line": (b'{"text": "', [b"a" * (16 << 20)] * 32, b'"}\n'),
+        "blank lines": (b"", [b"\n" * (16 << 20)] * 8, b'{"text": "end"}\n'),
+        "tiny records": (b"", [b'{"text": "x"}\n' * (1 << 19)], b""),  # 7 MB: many documents, not many bytes
+        "whitespace runs": (b"", [b" \t\r\n" * (4 << 20)] * 8, b""),
+    }[kind]
+    head, body, tail = chunks
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb", compresslevel=1) as f:
+            for part in (head, *body, tail):
+                f.write(part)
+    else:
+        compressor = zstandard.ZstdCompressor(level=3).compressobj()
+        with path.open("wb") as f:
+            for part in (head, *body, tail):
+                f.write(compressor.compress(part))
+            f.write(compressor.flush())
+
+
+BOMBS = [(k, s) for k in ("one endless line", "blank lines", "whitespace runs") for s in (".jsonl.gz", ".jsonl.zst")]
+
+
+@pytest.mark.parametrize(("kind", "suffix"), [*BOMBS, ("tiny records", ".jsonl.zst")])
+def test_compression_bombs_end_in_one_line_in_bounded_time_and_memory(tmp_path, kind, suffix):
+    pytest.importorskip("zstandard")
+    cli.mount_commands("data")
+    bomb = tmp_path / f"bomb{suffix}"
+    _bomb(bomb, kind)
+    result = _bounded(cli.app, _prepare_args(tmp_path, bomb, **{"data.max_document_bytes": 1 << 20}), kind, 60)
+    assert result.exit_code == 2, result.output[-500:]
+
+
+@pytest.mark.parametrize("layout", ["two self-links", "a loop of two", "a link up", "a path that is a loop"])
+def test_symlink_loops_in_a_corpus_end_in_one_line_or_success(tmp_path, layout):
+    cli.mount_commands("data")
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(3):
+        lines = [json.dumps({"text": f"document {i}.{j} " * 100}) for j in range(10)]
+        (corpus / "sub" / f"d{i}.jsonl").write_text("\n".join(lines) + "\n")
+    source: Path | str = str(corpus / "**" / "*.jsonl")
+    if layout == "two self-links":
+        os.symlink(".", corpus / "a")
+        os.symlink(".", corpus / "sub" / "b")
+    elif layout == "a loop of two":
+        os.symlink(corpus / "y", corpus / "x")
+        os.symlink(corpus / "x", corpus / "y")
+    elif layout == "a link up":
+        os.symlink(tmp_path, corpus / "sub" / "up")
+    else:
+        source = corpus / "loop.jsonl"
+        os.symlink(source, source)
+    result = _bounded(cli.app, _prepare_args(tmp_path, source), layout, seconds=60)
+    if layout != "a path that is a loop":
+        assert result.exit_code == 0 and "src: 30 documents" in result.output.replace(",", ""), result.output[-800:]

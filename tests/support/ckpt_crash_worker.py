@@ -54,7 +54,7 @@ def run(run_dir: Path, steps: int, async_save: bool, save_every: int = SAVE_EVER
     latest = mgr.find_latest_valid()
     if latest is not None:
         meta = mgr.load(latest, state)
-        sampler.load_state_dict(meta["sampler"])
+        sampler.load_state_dict(meta["toy_sampler"])
         step = meta["step"]
         say(f"RESUMED {step}")
     else:
@@ -65,7 +65,7 @@ def run(run_dir: Path, steps: int, async_save: bool, save_every: int = SAVE_EVER
         time.sleep(0.003)
         if mgr.should_save(step):
             say(f"SAVE-BEGIN {step}")
-            mgr.save(step, state, {"step": step, "sampler": sampler.state_dict()})
+            mgr.save(step, state, {"step": step, "toy_sampler": sampler.state_dict()})
             say(f"SAVE-END {step}")
     mgr.close()
     save_file(toy.plain_state(model), run_dir / "final.safetensors")

@@ -4,8 +4,9 @@ modmoe module (absolute or relative, at module level or inside a function; not t
 
 Config sections (``modmoe/<package>/config.py``, and ``modmoe/model_config.py``, the model's
 section, which lives outside the model package so that package stays free of pydantic) belong
-to the config layer with ``modmoe.config``, ``config_base``, ``config_yaml`` and ``errors``: they
-import nothing but that layer and leaf modules, so the job config can compose every package's section without depending on the
+to the config layer with ``modmoe.config``, ``config_base``, ``config_yaml``, ``config_json`` and
+``errors``: they import nothing but that layer and leaf modules, so the job config can compose
+every package's section without depending on the
 package itself. A leaf module imports nothing of modmoe (the routing rules, the Slurm time
 syntax): it can be in no cycle, so it counts as a node of its own.
 """
@@ -30,7 +31,10 @@ def _unit(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "modmoe"
-    if parts[1] in ("config", "config_base", "config_yaml", "errors", "model_config") or parts[-1] == "config":
+    if (
+        parts[1] in ("config", "config_base", "config_yaml", "config_json", "errors", "model_config")
+        or parts[-1] == "config"
+    ):
         return CONFIG_LAYER
     return parts[1]
 

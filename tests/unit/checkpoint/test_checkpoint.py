@@ -48,7 +48,7 @@ def test_roundtrip_is_bit_identical(tmp_path):
     for _ in range(3):
         toy.train_step(model, opt, sched, sampler)
     mgr = CheckpointManager(tmp_path, CheckpointConfig())
-    meta = {"sampler": sampler.state_dict(), "mlflow_run_id": "r123", "config": {"model": {"dim": 16}}}
+    meta = {"toy_sampler": sampler.state_dict(), "mlflow_run_id": "r123", "config": {"model": {"dim": 16}}}
     mgr.save(3, toy.app_state(model, opt, sched), meta)
     saved = (toy.plain_state(model), opt.state_dict(), sched.state_dict())
     after_save = _draws()
@@ -83,7 +83,7 @@ def test_exact_resume_matches_straight_run(tmp_path, async_save):
     torch.manual_seed(42)
     first = [toy.train_step(model, opt, sched, sampler) for _ in range(n)]
     mgr = CheckpointManager(tmp_path, CheckpointConfig(async_save=async_save))
-    mgr.save(n, toy.app_state(model, opt, sched), {"sampler": sampler.state_dict()})
+    mgr.save(n, toy.app_state(model, opt, sched), {"toy_sampler": sampler.state_dict()})
     mgr.close()
     del model, opt, sched, sampler
 
@@ -92,7 +92,7 @@ def test_exact_resume_matches_straight_run(tmp_path, async_save):
     mgr = CheckpointManager(tmp_path, CheckpointConfig(async_save=async_save))
     meta = mgr.load(mgr.find_latest_valid(), toy.app_state(model, opt, sched))
     sampler = toy.ToySampler(seed=0)
-    sampler.load_state_dict(meta["sampler"])
+    sampler.load_state_dict(meta["toy_sampler"])
     second = [toy.train_step(model, opt, sched, sampler) for _ in range(n)]
     assert first + second == straight  # exact float equality
     _assert_nested_equal(straight_params, toy.plain_state(model), "params")

@@ -20,7 +20,7 @@ def _saved(tmp_path):
     for _ in range(2):
         toy.train_step(model, opt, sched, sampler)
     mgr = CheckpointManager(tmp_path / "ckpts", CheckpointConfig())
-    meta = {"sampler": sampler.state_dict(), "config": {"model": {"dim": toy.D, "experts": toy.E}}}
+    meta = {"toy_sampler": sampler.state_dict(), "config": {"model": {"dim": toy.D, "experts": toy.E}}}
     mgr.save(2, toy.app_state(model, opt, sched), meta)
     return model, tmp_path / "ckpts" / "step_00000002", meta
 
@@ -70,4 +70,4 @@ def test_inspect_prints_step_tensors_and_meta(tmp_path):
     assert "step: 2" in out and "world size: 1" in out and "layout: dcp" in out
     assert "train.model.experts" in out and "[4, 16, 32]" in out and "float32" in out
     assert "train.optim.state.fc1.weight.exp_avg" in out
-    assert '"sampler"' in out and "valid: yes" in out
+    assert '"toy_sampler"' in out and "valid: yes" in out

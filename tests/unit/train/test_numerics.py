@@ -40,3 +40,18 @@ def test_spike_zscore_over_the_window():
     assert jump["numerics/loss_zscore"] > 100 and jump["numerics/loss_spike"] == 1.0
     assert spikes.update(math.nan)["numerics/loss_spike"] == 1.0 and len(spikes.history) == 20
     assert is_finite(None) and not is_finite(math.nan)
+
+
+def test_issue24_17_the_last_update_is_looked_at_through_the_validation_loss():
+    """No step follows the last update, so its loss is never seen: the validation loss after it
+    is. Stop and skip end the run (an applied update cannot be held back); rollback rolls back."""
+    for policy in ("stop", "skip"):
+        guard = NonFiniteGuard(NumericsConfig(on_nonfinite=policy))
+        assert guard.decide_final(5, 3.2) == "ok"
+        with pytest.raises(NumericalFault) as err:
+            guard.decide_final(5, math.nan)
+        assert "step 5: the last update left the model non-finite (validation loss nan" in str(err.value)
+    guard = NonFiniteGuard(NumericsConfig(on_nonfinite="rollback", max_rollbacks=1))
+    assert guard.decide_final(5, math.inf) == "rollback" and guard.rollbacks == 1
+    with pytest.raises(NumericalFault, match="max_rollbacks"):
+        guard.decide_final(5, math.nan)

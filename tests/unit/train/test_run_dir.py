@@ -12,7 +12,7 @@ from modmoe.train.run_dir import MARKER, check_run_dir, claim_run_dir
 from modmoe.train.run_lock import RunDirLockedError, RunLock
 
 
-def test_new_empty_marked_and_legacy_directories_are_ours(tmp_path):
+def test_new_empty_marked_and_seeded_directories_are_ours(tmp_path):
     assert check_run_dir(tmp_path / "a" / "b") == "new"
     (tmp_path / "empty").mkdir()
     assert check_run_dir(tmp_path / "empty") == "empty"
@@ -21,18 +21,34 @@ def test_new_empty_marked_and_legacy_directories_are_ours(tmp_path):
     assert claim_run_dir(tmp_path / "a" / "b") == "new"
     assert json.loads((tmp_path / "a" / "b" / MARKER).read_text())["created_by"] == "modmoe"
     assert check_run_dir(tmp_path / "a" / "b") == "marked"
-    legacy = tmp_path / "legacy"  # written before the marker existed
-    legacy.mkdir()
-    (legacy / "config.yaml").write_text("model: {dim: 64}\ntrainer: {max_steps: 3}\n")
-    (legacy / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert claim_run_dir(legacy) == "legacy" and (legacy / MARKER).is_file()
     seeded = tmp_path / "seeded" / "checkpoints" / "step_00000003"  # a checkpoint copied in to resume from
     seeded.mkdir(parents=True)
-    (seeded / "manifest.json").write_text(json.dumps({"format": "modmoe-checkpoint"}))
-    assert check_run_dir(tmp_path / "seeded") == "legacy"
-    (seeded / "manifest.json").write_text(json.dumps({"format": "someone-else"}))
+    manifest = {"format": "modmoe-checkpoint", "format_version": 1, "step": 3, "world_size": 1, "layout": "dcp"}
+    manifest |= {"created_unix": 0.0, "files": [], "meta": {}}
+    (seeded / "manifest.json").write_text(json.dumps(manifest))
+    assert claim_run_dir(tmp_path / "seeded") == "seeded" and (tmp_path / "seeded" / MARKER).is_file()
+    (tmp_path / "seeded" / MARKER).unlink()
+    (seeded / "manifest.json").write_text(json.dumps({**manifest, "format": "someone-else"}))
     with pytest.raises(ConfigError, match="not a modmoe run directory"):
         check_run_dir(tmp_path / "seeded")
+
+
+def test_issue24_3_a_foreign_run_directory_is_never_claimed(tmp_path):
+    """What other trainers leave (a config.yaml with model: and trainer: keys, a metrics.jsonl)
+    does not make a directory modmoe's: only the marker does. The refusal says how to adopt a
+    pre-marker modmoe run directory on purpose, and nothing in the directory changes."""
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("model: {dim: 64}\ntrainer: {max_steps: 3}\n")
+    (foreign / "metrics.jsonl").write_text('{"step": 1}\n')
+    (foreign / "checkpoints").mkdir()
+    before = {p.name: p.read_bytes() for p in foreign.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError) as err:
+        claim_run_dir(foreign)
+    assert "not a modmoe run directory" in str(err.value) and f"touch {foreign / MARKER}" in str(err.value)
+    assert {p.name: p.read_bytes() for p in foreign.iterdir() if p.is_file()} == before
+    (foreign / MARKER).touch()  # adopted on purpose
+    assert claim_run_dir(foreign) == "marked"
 
 
 @pytest.mark.parametrize(
