@@ -44,10 +44,13 @@ class DepthRoutingConfig(ConfigModel):
     ``sigmoid(r)``, or ``unit``: 1 in value with the raw logit's gradient (a pretrained block's
     update is kept exactly; the router still learns which tokens to send)."""
 
-    causal_router: Literal["aux_loss", "predictor"] = "aux_loss"
+    causal_router: Literal["aux_loss", "predictor", "prefix_rank"] = "aux_loss"
     """How tokens are routed when future tokens are unknown (generation, causal eval):
     ``aux_loss`` enters when sigmoid(r) > 0.5, taught by ``bce_loss_coef``; ``predictor``
-    enters when a small stop-gradient MLP says so."""
+    enters when a small stop-gradient MLP says so; ``prefix_rank`` enters when the token's router
+    logit ranks within the top ``capacity`` of its sequence so far (its own included), counted with
+    ``prefix_prior_tokens`` virtual tokens from the logit distribution seen in training (no
+    parameters; docs/research.md section 2)."""
 
     bce_loss_coef: float = Field(default=0.01, ge=0.0)
     """Weight of the BCE loss that teaches sigmoid(r) to predict top-k membership."""
@@ -61,6 +64,10 @@ class DepthRoutingConfig(ConfigModel):
 
     predictor_hidden: int = Field(default=64, ge=1)
     """Hidden width of the predictor MLP."""
+
+    prefix_prior_tokens: float = Field(default=32.0, ge=0.0, le=1e6)
+    """``prefix_rank`` only: how many tokens' worth of weight the population prior has against the
+    sequence's own prefix (a short prefix says little about its sequence's top-k threshold)."""
 
     noop_experts: int = Field(default=0, ge=0)
     """Integrated variant only: number of identity experts added to each routed block's MoE

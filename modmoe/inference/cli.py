@@ -12,7 +12,8 @@ DirArg = Annotated[Path, typer.Argument(help="An export directory (written by `m
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available)")]
 DtypeOpt = Annotated[str | None, typer.Option(help="Compute dtype fp32, bf16 or fp16 (default: as exported)")]
 RouterOpt = Annotated[
-    str | None, typer.Option(help="Causal decision: aux_loss (sigmoid(r) > 0.5) or predictor (default: as trained)")
+    str | None,
+    typer.Option(help="Causal decision: aux_loss (sigmoid(r) > 0.5), predictor or prefix_rank (default: as trained)"),
 ]
 
 

@@ -90,7 +90,7 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(loaded: LoadedModel, batches: list[Batch], causal_router: str | None = None) -> EvalResult:
     model, device = loaded.model, loaded.device
-    use_predictor = model.uses_predictor(causal_router)
+    rule = model.causal_rule(causal_router)
     topk_losses, causal_losses = [], []
     agree: dict[int, int] = {}
     entered: dict[int, int] = {}
@@ -99,7 +99,7 @@ def evaluate(loaded: LoadedModel, batches: list[Batch], causal_router: str | Non
         inputs, targets = inputs.to(device), targets.to(device)
         output = model(inputs, routing="topk")
         topk_losses.append(_loss(output.logits, targets))
-        for lt in trace_of_sequences(output, inputs.shape[1], use_predictor).layers:
+        for lt in trace_of_sequences(model, output, inputs.shape[1], rule).layers:
             if lt.topk is not None:
                 agree[lt.layer] = agree.get(lt.layer, 0) + int((lt.enter == lt.topk).sum())
                 entered[lt.layer] = entered.get(lt.layer, 0) + int(lt.enter.sum())

@@ -46,7 +46,7 @@ MODEL_FILES = (
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Small tensors that make discrete routing choices stay float32 in every export dtype.
 _FP32_SUFFIXES = ("router.proj.weight", "mlp.gate.weight", "mlp.shared_gate.weight", "expert_bias")
-_FP32_PARTS = (".router.predictor.",)
+_FP32_PARTS = (".router.predictor.", ".router.prior_")
 
 
 def keeps_fp32(name: str) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modmoe.model import ModelArgs, ModelOutput
+from modmoe.model import ModelArgs, ModelOutput, MoDETransformer
 from modmoe.model.trace import LayerTrace, Trace
 
 
@@ -71,10 +71,10 @@ def trace_flops(trace: Trace, cfg: ModelArgs) -> dict[str, float]:
     return out
 
 
-def trace_of_sequences(output: ModelOutput, seq_len: int, use_predictor: bool) -> Trace:
+def trace_of_sequences(model: MoDETransformer, output: ModelOutput, seq_len: int, rule: str) -> Trace:
     """The :class:`Trace` of a whole-sequence forward (top-k routing, static shapes): what each
-    block ran, from the routing details the model returns. ``enter`` is the causal decision of
-    the router ``use_predictor`` names, ``topk`` the top-k membership it is compared with."""
+    block ran, from the routing details the model returns. ``enter`` is the causal decision
+    ``rule`` makes for the same tokens, ``topk`` the top-k membership it is compared with."""
     trace = Trace()
     batch = output.logits.shape[0]
     for i, aux in enumerate(output.layers):
@@ -83,10 +83,10 @@ def trace_of_sequences(output: ModelOutput, seq_len: int, use_predictor: bool) -
         if aux.depth is not None:
             sel = aux.depth
             n = sel.index.shape[1]
-            decision = sel.predictor_logits if use_predictor else sel.logits
-            layer.enter, layer.topk = decision > 0, sel.topk_mask
+            layer.enter = model.layers[i].router.decide(sel.logits, sel.predictor_logits, rule)
+            layer.topk = sel.topk_mask
             layer.router_tokens = batch * seq_len
-            layer.predictor_tokens = layer.router_tokens if use_predictor else 0
+            layer.predictor_tokens = layer.router_tokens if rule == "predictor" else 0
         layer.tokens = batch * n
         layer.attn_pairs = batch * n * (n + 1) // 2
         if aux.moe is not None:

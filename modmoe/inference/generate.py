@@ -81,12 +81,10 @@ class Generator:
     ) -> None:
         if routing not in ("causal", "topk"):
             raise InferenceError(f"--routing {routing!r}: allowed causal, topk")
-        if causal_router not in (None, "aux_loss", "predictor"):
-            raise InferenceError(f"--causal-router {causal_router!r}: allowed aux_loss, predictor")
-        if causal_router == "predictor" and not loaded.config.depth.predictor:
-            raise InferenceError(
-                "--causal-router predictor: this model was trained without a predictor (model.depth.predictor = false)"
-            )
+        try:
+            loaded.model.causal_rule(causal_router)
+        except ValueError as err:
+            raise InferenceError(f"--causal-router: {err}") from None
         self.loaded, self.model, self.routing, self.causal_router = loaded, loaded.model, routing, causal_router
         self.count_flops = count_flops
         self.stats = GenerationStats()
@@ -130,13 +128,13 @@ class Generator:
     @torch.no_grad()
     def _forward_topk(self, sequences: list[list[int]], decode: bool) -> torch.Tensor:
         outs = []
-        use_predictor = self.model.uses_predictor(self.causal_router)
+        rule = self.model.causal_rule(self.causal_router)
         for seq in sequences:  # sequences differ in length; top-k is per whole sequence
             tokens = torch.tensor([seq], device=self.loaded.device)
             output = self.model(tokens, routing="topk")
             outs.append(output.logits[0, -1])
             if self.count_flops:
-                self._account(trace_of_sequences(output, len(seq), use_predictor), decode)
+                self._account(trace_of_sequences(self.model, output, len(seq), rule), decode)
         return torch.stack(outs)
 
     def _account(self, trace: Trace, decode: bool) -> None:

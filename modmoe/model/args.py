@@ -25,7 +25,7 @@ from typing import Any
 # Allowed values of the string-valued choices (the config validates them; ``from_dict`` re-checks
 # them for exported directories, which are files a user hands us).
 ROUTER_WEIGHTS = ("raw", "sigmoid", "unit")
-CAUSAL_ROUTERS = ("aux_loss", "predictor")
+CAUSAL_ROUTERS = ("aux_loss", "predictor", "prefix_rank")
 DEPTH_VARIANTS = ("staged", "integrated")
 EXPERT_SCORES = ("softmax", "sigmoid")
 ATTENTION_BIASES = ("none", "qkv", "all")
@@ -77,6 +77,7 @@ class DepthArgs:
     bce_detach_input: bool = False
     predictor: bool = False
     predictor_hidden: int = 64
+    prefix_prior_tokens: float = 32.0
     noop_experts: int = 0
 
     def is_routed(self, layer: int) -> bool:

@@ -121,17 +121,22 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         valid: torch.Tensor,
         cache: LayerKV,
-        use_predictor: bool,
+        rule: str,
+        seen: torch.Tensor,
         trace: LayerTrace | None,
     ) -> torch.Tensor:
-        """x: (B, S, D) appended after what ``cache`` holds; valid: (B, S) bool, a prefix of each row."""
+        """x: (B, S, D) appended after what ``cache`` holds; valid: (B, S) bool, a prefix of each
+        row; rule: the causal decision rule; seen: (B,) tokens each row had before these."""
         if self.router is None:
             return x + self.residual_update_cached(x, cos, sin, valid, cache, None, trace)
         logits = self.router.logits(x)  # (B, S) float32
-        enter = self.router.causal_decision(x, logits, use_predictor) & valid
+        predictor_logits = self.router.predictor_logits(x) if rule == "predictor" else None
+        enter = self.router.decide(logits, predictor_logits, rule, cache.scores, seen, valid) & valid
+        if rule == "prefix_rank":
+            cache.append_scores(logits, seen)
         if trace is not None:
             trace.router_tokens, trace.enter = int(valid.sum()), enter
-            trace.predictor_tokens = trace.router_tokens if use_predictor else 0
+            trace.predictor_tokens = trace.router_tokens if rule == "predictor" else 0
         rows = enter.any(1).nonzero().squeeze(1)  # (n,) rows in which a token enters
         if rows.numel() == 0:
             return x

@@ -21,8 +21,19 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .args import ModelArgs
-from .routing import entering_first, membership, membership_bce, router_weight, topk_positions
+from .args import CAUSAL_ROUTERS, ModelArgs
+from .routing import (
+    PRIOR_QUANTILES,
+    entering_first,
+    membership,
+    membership_bce,
+    prefix_rank_enter,
+    quantile_points,
+    router_weight,
+    topk_positions,
+)
+
+PRIOR_MIN_WEIGHT = 0.05  # weight of the newest batch in the prior's running quantiles (after the first batches)
 
 RoutingMode = Literal["topk", "causal"]
 
@@ -41,8 +52,9 @@ class DepthSelection:
 
 
 class DepthRouter(nn.Module):
-    """``r = w . x`` per token (``proj``) and the optional stop-gradient predictor MLP
-    (``predictor.0``, ``predictor.2``)."""
+    """``r = w . x`` per token (``proj``), the optional stop-gradient predictor MLP
+    (``predictor.0``, ``predictor.2``), and for ``prefix_rank`` the running quantiles of the
+    router logits seen in training (``prior_quantiles``, a buffer: the population prior)."""
 
     def __init__(
         self,
@@ -51,12 +63,20 @@ class DepthRouter(nn.Module):
         weight_kind: str = "raw",
         causal_router: str = "aux_loss",
         bce_detach_input: bool = False,
+        capacity: float = 0.125,
+        prior_tokens: float = 32.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.weight_kind, self.causal_router, self.bce_detach_input = weight_kind, causal_router, bce_detach_input
+        self.capacity, self.prior_tokens = capacity, prior_tokens
         self.proj = nn.Linear(dim, 1, bias=False, device=device, dtype=dtype)
+        if causal_router == "prefix_rank":
+            self.register_buffer("prior_quantiles", torch.zeros(PRIOR_QUANTILES, device=device))
+            self.register_buffer("prior_updates", torch.zeros((), device=device))
+        else:
+            self.prior_quantiles = self.prior_updates = None
         self.predictor = None
         if predictor_hidden is not None:
             self.predictor = nn.Sequential(
@@ -69,7 +89,13 @@ class DepthRouter(nn.Module):
     def from_args(cls, args: ModelArgs) -> DepthRouter:
         d = args.depth
         return cls(
-            args.dim, d.predictor_hidden if d.predictor else None, d.router_weight, d.causal_router, d.bce_detach_input
+            args.dim,
+            d.predictor_hidden if d.predictor else None,
+            d.router_weight,
+            d.causal_router,
+            d.bce_detach_input,
+            d.capacity,
+            d.prefix_prior_tokens,
         )
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,21 +107,50 @@ class DepthRouter(nn.Module):
         predictor learns from the trunk without changing it."""
         return self.predictor(x.detach().to(self.predictor[0].weight.dtype)).squeeze(-1).float()
 
-    def uses_predictor(self, causal_router: str | None = None) -> bool:
-        """Whether causal decisions come from the predictor (``causal_router`` None: as trained)."""
-        choice = causal_router or self.causal_router
-        if choice not in ("aux_loss", "predictor"):
-            raise ValueError(f"causal_router = {choice!r}: allowed aux_loss, predictor")
-        if choice == "predictor" and self.predictor is None:
+    def causal_rule(self, causal_router: str | None = None) -> str:
+        """The rule causal decisions follow (``causal_router`` None: the one the model was trained
+        for); a rule the model lacks the parts for is a ``ValueError``."""
+        rule = causal_router or self.causal_router
+        if rule not in CAUSAL_ROUTERS:
+            raise ValueError(f"causal_router = {rule!r}: allowed {', '.join(CAUSAL_ROUTERS)}")
+        if rule == "predictor" and self.predictor is None:
             raise ValueError(
                 "causal_router = 'predictor': this model was trained without a predictor (depth.predictor = false)"
             )
-        return choice == "predictor"
+        if rule == "prefix_rank" and self.prior_quantiles is None:
+            raise ValueError(
+                "causal_router = 'prefix_rank': this model was trained without its logit prior "
+                "(train it with depth.causal_router = prefix_rank)"
+            )
+        return rule
 
-    def causal_decision(self, x: torch.Tensor, logits: torch.Tensor, use_predictor: bool) -> torch.Tensor:
-        """(...) bool: the token enters (sigmoid > 0.5 of the router or of the predictor)."""
-        decision = self.predictor_logits(x) if use_predictor else logits
-        return decision > 0
+    @torch.no_grad()
+    def observe(self, logits: torch.Tensor) -> None:
+        """Training: moves the population prior toward this batch's router-logit quantiles."""
+        if self.prior_quantiles is None:
+            return
+        weight = (1.0 / (self.prior_updates + 1)).clamp_min(PRIOR_MIN_WEIGHT)
+        self.prior_quantiles.lerp_(quantile_points(logits, self.prior_quantiles.numel()), weight)
+        self.prior_updates += 1
+
+    def decide(
+        self,
+        logits: torch.Tensor,
+        predictor_logits: torch.Tensor | None,
+        rule: str,
+        history: torch.Tensor | None = None,
+        history_len: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, S) bool: the causal decision of ``rule`` for tokens with router ``logits`` (B, S);
+        ``history``/``history_len``: the row's earlier logits, which ``prefix_rank`` ranks against."""
+        if rule == "predictor":
+            return predictor_logits > 0
+        if rule == "prefix_rank":
+            return prefix_rank_enter(
+                logits, self.capacity, self.prior_quantiles, self.prior_tokens, history, history_len, valid
+            )
+        return logits > 0  # sigmoid(r) > 0.5
 
     def forward(
         self, x: torch.Tensor, k: int, mode: RoutingMode, token_valid: torch.Tensor | None = None
@@ -104,6 +159,8 @@ class DepthRouter(nn.Module):
         token_valid: (B, T) bool, False for padding, which is chosen only after every real token."""
         T = x.shape[1]
         logits = self.logits(x)  # (B, T)
+        if self.training:
+            self.observe(logits if token_valid is None else logits[token_valid])
         ranked = logits if token_valid is None else logits.masked_fill(~token_valid, float("-inf"))
         topk_index = topk_positions(ranked, k)  # (B, k)
         topk_mask = membership(topk_index, T)
@@ -114,8 +171,7 @@ class DepthRouter(nn.Module):
         if self.predictor is not None:
             predictor_logits = self.predictor_logits(x)  # (B, T)
             predictor_loss = membership_bce(predictor_logits, topk_mask)
-        decision_logits = predictor_logits if self.causal_router == "predictor" else logits
-        causal_enter = decision_logits > 0  # sigmoid > 0.5
+        causal_enter = self.decide(logits, predictor_logits, self.causal_router, valid=token_valid)  # (B, T)
 
         if mode == "topk":
             index, valid = topk_index, None

@@ -2,7 +2,9 @@
 
 A routed block keeps keys and values only for the tokens that entered it, so every routed layer
 has its own length per sequence; plain blocks hold every token. Sequences of a batch also differ
-in prompt length, so one mechanism (a length per row) covers both.
+in prompt length, so one mechanism (a length per row) covers both. A routed block whose causal
+rule ranks a token against its sequence so far (``prefix_rank``) also keeps the router logits of
+every token the row has seen (``scores``, as long as the row's position).
 """
 
 from __future__ import annotations
@@ -17,6 +19,21 @@ class LayerKV:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self.scores: torch.Tensor | None = None  # (B, allocated) router logits of every token seen
+
+    def append_scores(self, logits: torch.Tensor, seen: torch.Tensor) -> None:
+        """Writes the router ``logits`` (B, S) of new tokens after each row's ``seen`` (B,) earlier
+        ones; positions past a row's real tokens are overwritten by its next call."""
+        B, S = logits.shape
+        needed = int(seen.max()) + S if B else S
+        allocated = 0 if self.scores is None else self.scores.shape[1]
+        if needed > allocated:
+            grown = logits.new_zeros(B, max(needed, 2 * allocated, 16), dtype=torch.float32)
+            if self.scores is not None:
+                grown[:, :allocated] = self.scores
+            self.scores = grown
+        rows = torch.arange(B, device=logits.device)[:, None].expand(B, S)
+        self.scores[rows, seen[:, None] + torch.arange(S, device=logits.device)] = logits.float()
 
     def _ensure(self, needed: int, like: torch.Tensor) -> None:
         allocated = 0 if self.k is None else self.k.shape[1]
@@ -59,6 +76,8 @@ class LayerKV:
         self.lengths = self.lengths[rows]
         if self.k is not None:
             self.k, self.v = self.k[rows], self.v[rows]
+        if self.scores is not None:
+            self.scores = self.scores[rows]
 
 
 class RaggedKVCache:

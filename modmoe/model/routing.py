@@ -11,7 +11,9 @@ function treats one axis as the tokens of a sequence and the other leading axis 
 - ``router_weight``: what scales an entering token's block update;
 - ``gather_tokens`` / ``scatter_tokens``: take the entering tokens out of a sequence and put
   their updated rows back, leaving every other row bit for bit;
-- ``membership_bce``: the loss that teaches a causal decision to predict top-k membership.
+- ``membership_bce``: the loss that teaches a causal decision to predict top-k membership;
+- ``prefix_rank_enter``: a causal decision without parameters: the token enters when its logit
+  ranks within the top ``capacity`` of its sequence so far, with a population prior.
 """
 
 from __future__ import annotations
@@ -84,3 +86,61 @@ def membership_bce(logits: Tensor, member: Tensor, total_tokens: int | None = No
     if total_tokens is None:
         return F.binary_cross_entropy_with_logits(logits.float(), member.float())
     return F.binary_cross_entropy_with_logits(logits.float(), member.float(), reduction="sum") / total_tokens
+
+
+PRIOR_QUANTILES = 128  # points of the router-logit distribution a prefix-rank router keeps
+
+
+def quantile_points(logits: Tensor, count: int = PRIOR_QUANTILES) -> Tensor:
+    """(count,) float32: the values at ``count`` evenly spaced quantiles (0 .. 1) of ``logits``,
+    by sorting (static shapes, no host read-back)."""
+    flat = logits.detach().float().flatten().sort().values  # (N,)
+    index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
+    return flat[index]
+
+
+def share_at_or_above(values: Tensor, quantiles: Tensor) -> Tensor:
+    """The fraction of a distribution, given by sorted ``quantiles`` (Q,), at or above each value."""
+    return 1.0 - torch.searchsorted(quantiles, values.float().contiguous()).float() / quantiles.numel()
+
+
+def prefix_rank_enter(
+    logits: Tensor,
+    capacity: float,
+    quantiles: Tensor,
+    prior_tokens: float,
+    history: Tensor | None = None,
+    history_len: Tensor | None = None,
+    valid: Tensor | None = None,
+    chunk: int = 512,
+) -> Tensor:
+    """Causal top-k: each token enters when its router logit is within the top ``capacity`` of
+    the logits its sequence has produced so far, its own included, counted together with
+    ``prior_tokens`` virtual tokens drawn from the population (``quantiles``), which stand in
+    for the sequence's threshold while the prefix is short.
+
+    logits: (B, S) of the new tokens (a prefix of each row real, ``valid``); history: (B, L)
+    logits of the row's earlier tokens, the first ``history_len`` (B,) of each row real (None:
+    the sequence starts here). Returns (B, S) bool. Memory: (B, chunk, L + S) at a time."""
+    B, S = logits.shape
+    logits = logits.float()
+    if valid is None:
+        valid = torch.ones(B, S, dtype=torch.bool, device=logits.device)
+    before = torch.zeros(B, dtype=torch.long, device=logits.device) if history_len is None else history_len
+    prior = prior_tokens * share_at_or_above(logits, quantiles)  # (B, S)
+    keys = logits.masked_fill(~valid, float("-inf"))  # padding never counts as at or above
+    key_index = torch.arange(S, device=logits.device)
+    out = []
+    for start in range(0, S, chunk):
+        query = logits[:, start : start + chunk]  # (B, C)
+        q_index = key_index[start : start + chunk]
+        seen = (keys[:, None, :] >= query[:, :, None]) & (key_index[None, None, :] <= q_index[None, :, None])
+        above = seen.sum(-1)  # (B, C): this chunk's prefix within the new tokens, self included
+        if history is not None:
+            L = history.shape[1]
+            earlier = torch.arange(L, device=logits.device)[None, None, :] < before[:, None, None]
+            above = above + ((history.float()[:, None, :] >= query[:, :, None]) & earlier).sum(-1)
+        out.append(above)
+    above = torch.cat(out, dim=1).float()  # (B, S)
+    count = before[:, None] + key_index[None, :] + 1  # (B, S): tokens of the prefix, self included
+    return (above + prior[:, :S]) / (count + prior_tokens) <= capacity

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import ModelArgs, as_args
+from .args import CAUSAL_ROUTERS, ModelArgs, as_args
 from .block import BlockAux, TransformerBlock
 from .depth_router import RoutingMode
 from .kv_cache import RaggedKVCache
@@ -185,14 +185,15 @@ class DecoderMixin:
     def new_cache(self, batch: int) -> RaggedKVCache:
         return RaggedKVCache(self.cfg.num_layers, batch, self.tok_embeddings.weight.device)
 
-    def uses_predictor(self, causal_router: str | None) -> bool:
-        """Whether causal decisions come from the predictor (None: as the model was trained)."""
+    def causal_rule(self, causal_router: str | None) -> str:
+        """The causal decision rule (None: the one the model was trained for), checked against
+        what the model has (a predictor, a logit prior)."""
         routers = [b.router for b in self.layers if b.router is not None]
         if not routers:
-            if causal_router not in (None, "aux_loss", "predictor"):
-                raise ValueError(f"causal_router = {causal_router!r}: allowed aux_loss, predictor")
-            return False
-        return routers[0].uses_predictor(causal_router)
+            if causal_router not in (None, *CAUSAL_ROUTERS):
+                raise ValueError(f"causal_router = {causal_router!r}: allowed {', '.join(CAUSAL_ROUTERS)}")
+            return causal_router or self.cfg.depth.causal_router
+        return routers[0].causal_rule(causal_router)
 
     def run_tokens(
         self,
@@ -219,13 +220,14 @@ class DecoderMixin:
             raise ValueError(
                 f"sequence of {end} tokens does not fit the context (model.max_seq_len = {self.cfg.max_seq_len})"
             )
-        use_predictor = self.uses_predictor(causal_router)
+        rule = self.causal_rule(causal_router)
+        seen = cache.positions
         angles = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         cos, sin = angles.cos(), angles.sin()  # (B, S, hd/2)
         x = self.tok_embeddings(tokens)  # (B, S, D)
         for i, block in enumerate(self.layers):
             layer_trace = LayerTrace(i) if trace is not None else None
-            x = block.forward_cached(x, cos, sin, valid, cache.layers[i], use_predictor, layer_trace)
+            x = block.forward_cached(x, cos, sin, valid, cache.layers[i], rule, seen, layer_trace)
             if trace is not None:
                 trace.layers.append(layer_trace)
         cache.positions = cache.positions + n_valid

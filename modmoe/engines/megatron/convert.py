@@ -18,7 +18,8 @@ Megatron's layout, per layer ``i`` (``decoder.layers.{i}.``):
   fuses the attention norm into ``linear_qkv.layer_norm_weight`` and a dense MLP's norm into
   ``linear_fc1.layer_norm_weight`` (MoE layers keep ``pre_mlp_layernorm``).
 - the depth router of a routed layer: ``depth_router.proj.weight`` and
-  ``depth_router.predictor.{0,2}.{weight,bias}`` (names as native ``router.*``).
+  ``depth_router.predictor.{0,2}.{weight,bias}``, with ``prefix_rank`` the buffers
+  ``depth_router.prior_quantiles`` and ``prior_updates`` (names as native ``router.*``).
 
 Model level: ``embedding.word_embeddings.weight``, ``decoder.final_layernorm.weight``,
 ``output_layer.weight`` (absent with tied embeddings). Megatron's ``*._extra_state`` entries
@@ -147,6 +148,9 @@ def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[R
         if cfg.depth.predictor:
             for part in ("0.weight", "0.bias", "2.weight", "2.bias"):
                 yield _rename(f"{n}.router.predictor.{part}", f"{m}.depth_router.predictor.{part}")
+        if cfg.depth.causal_router == "prefix_rank":  # the logit prior (buffers)
+            for part in ("prior_quantiles", "prior_updates"):
+                yield _rename(f"{n}.router.{part}", f"{m}.depth_router.{part}")
 
 
 def _rules(cfg: ModelConfig, layout: MegatronLayout) -> list[Rule]:

@@ -60,6 +60,8 @@ def build_depth_router(config: TransformerConfig, params: DepthLayerParams) -> D
         params.predictor_hidden,
         params.router_weight,
         params.causal_router,
+        capacity=params.capacity,
+        prior_tokens=params.prefix_prior_tokens,
         device=_param_device(config),
         dtype=config.params_dtype,
     )
@@ -128,6 +130,8 @@ class MoDETransformerLayer(TransformerLayer):
         x = hidden_states  # [s/W, b, h]
         logits = self.depth_router.logits(x)  # [s/W, b] fp32
         full = all_gather_logits(logits, group)  # [s, b]
+        if self.training:
+            self.depth_router.observe(full)
         plan = plan_routed_rows(full, self.depth.tokens(full.shape[0]), rank, world)
         if self.record_selection:
             self.last_selection = plan.index.detach()
@@ -143,11 +147,13 @@ class MoDETransformerLayer(TransformerLayer):
         update = out - x_sel  # f(x): attention + MLP contributions of the inner layer, [k/W, b, h]
         y = scatter_routed(x, plan, update, router_weight(logits, self.depth.router_weight), group)
         if self.training and torch.is_grad_enabled():
-            y = self._attach_losses(y, x, logits, plan.local_mask, full.numel())
+            y = self._attach_losses(y, x, logits, plan.local_mask, full, rank)
         return y, context
 
-    def _attach_losses(self, y: Tensor, x: Tensor, logits: Tensor, member: Tensor, total: int) -> Tensor:
-        """member: [s/W, b] top-k membership of the local tokens; total: tokens of the micro-batch."""
+    def _attach_losses(self, y: Tensor, x: Tensor, logits: Tensor, member: Tensor, full: Tensor, rank: int) -> Tensor:
+        """member: [s/W, b] top-k membership of the local tokens; full: [s, b] the micro-batch's
+        logits (every sequence-parallel rank's); rank: this rank's share of them."""
+        total = full.numel()
         bce = membership_bce(logits, member, total)
         loss = self.depth.bce_loss_coef * bce if self.depth.bce_loss_coef > 0 else None
         pred_loss = torch.zeros((), device=logits.device)
@@ -158,7 +164,11 @@ class MoDETransformerLayer(TransformerLayer):
             loss = pred_loss if loss is None else loss + pred_loss
             if self.depth.causal_router == "predictor":
                 decision = pred_logits
-        agreement = ((decision > 0) == member).sum() / total
+        enter = decision > 0
+        if self.depth.causal_router == "prefix_rank":  # ranks each token against its whole sequence's prefix
+            n = logits.shape[0]
+            enter = self.depth_router.decide(full.t(), None, "prefix_rank").t()[rank * n : (rank + 1) * n]
+        agreement = (enter == member).sum() / total
         with torch.no_grad():
             stats = torch.stack([bce.detach(), pred_loss.detach(), agreement.float(), torch.ones_like(bce)])
             self.depth_stats = stats if self.depth_stats is None else self.depth_stats + stats

@@ -52,7 +52,8 @@ class DepthLayerParams:
     router_weight: Literal["raw", "sigmoid", "unit"]
     bce_loss_coef: float
     predictor_hidden: int | None  # None: no stop-gradient predictor
-    causal_router: Literal["aux_loss", "predictor"]
+    causal_router: Literal["aux_loss", "predictor", "prefix_rank"]
+    prefix_prior_tokens: float = 32.0
 
     def tokens(self, seq_len: int) -> int:
         """k = ceil(capacity * seq_len), the native model's rule."""
@@ -518,6 +519,7 @@ def translate(
             bce_loss_coef=d.bce_loss_coef,
             predictor_hidden=d.predictor_hidden if d.predictor else None,
             causal_router=d.causal_router,
+            prefix_prior_tokens=d.prefix_prior_tokens,
         )
     moe_dispatcher = dispatcher if model.moe.enabled else None
     choices = _cpu_choices(engine, optimizer, moe_dispatcher, grad_clip) if cpu else ()

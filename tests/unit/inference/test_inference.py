@@ -230,7 +230,7 @@ def test_whole_sequence_trace_counts_the_routed_work():
     model = random_model(cfg, seed=6)
     with torch.no_grad():
         output = model(torch.randint(0, 97, (2, 40)), routing="topk")
-    trace = trace_of_sequences(output, 40, use_predictor=False)
+    trace = trace_of_sequences(model, output, 40, "aux_loss")
     k = cfg.to_args().entering_tokens(40)
     for layer, aux in zip(trace.layers, output.layers):
         expected = 2 * k if aux.depth is not None else 2 * 40
