@@ -55,6 +55,7 @@ VARIANTS = {
         moe={"score": "sigmoid", "num_shared_experts": 1, "bias_update_rate": 0.1},
     ),
     "integrated": small_cfg(depth={"variant": "integrated", "noop_experts": 2}),
+    "prefix_rank": small_cfg(depth={"causal_router": "prefix_rank", "prefix_prior_tokens": 8}),
     "dense_tied_mha": small_cfg(moe={"enabled": False}, num_kv_heads=None, tie_embeddings=True),
 }
 
@@ -65,6 +66,10 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> MoDETransformer:
     for moe in model.moe_layers():
         if moe.expert_bias is not None:
             moe.expert_bias.normal_(0, 0.1)  # a trained bias changes the experts' choice
+    for block in model.layers:
+        if block.router is not None and block.router.prior_quantiles is not None:
+            with torch.no_grad():  # a trained prior: the router logits' spread
+                block.router.prior_quantiles.copy_(torch.linspace(-0.05, 0.05, block.router.prior_quantiles.numel()))
     return model
 
 

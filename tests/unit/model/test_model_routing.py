@@ -174,3 +174,49 @@ def test_dense_and_moe_only_baselines_share_the_code():
         out = m(torch.randint(0, 97, (1, 16)))
         assert all(a.depth is None for a in out.layers)
     assert all(a.moe is None for a in MoDETransformer(dense)(torch.randint(0, 97, (1, 16))).layers)
+
+
+def test_prefix_rank_is_the_rank_among_the_prefix_with_a_population_prior():
+    """The rule against a direct count: enter when (prefix tokens at or above r_i, self included,
+    + n0 * population share at or above r_i) / (i + n0) <= capacity; history + new = one pass."""
+    from modmoe.model.routing import prefix_rank_enter, share_at_or_above
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    quantiles = torch.randn(128).sort().values
+    capacity, n0 = 0.2, 6.0
+    expected = torch.zeros(3, 50, dtype=torch.bool)
+    for b in range(3):
+        for i in range(50):
+            above = int((logits[b, : i + 1] >= logits[b, i]).sum())
+            share = float(share_at_or_above(logits[b, i : i + 1], quantiles))
+            expected[b, i] = (above + n0 * share) / (i + 1 + n0) <= capacity
+    got = prefix_rank_enter(logits, capacity, quantiles, n0, chunk=7)
+    assert torch.equal(got, expected)
+    history = torch.zeros(3, 64)
+    history[:, :30] = logits[:, :30]
+    later = prefix_rank_enter(logits[:, 30:], capacity, quantiles, n0, history, torch.full((3,), 30))
+    assert torch.equal(later, expected[:, 30:])
+    assert 0.1 < expected.float().mean() < 0.3  # about the capacity
+
+
+def test_prefix_rank_prior_follows_the_training_logits():
+    from modmoe.model.routing import quantile_points
+
+    cfg = ModelConfig(
+        vocab_size=64, dim=32, num_layers=2, num_heads=4, ffn_hidden=32, max_seq_len=64,
+        depth={"capacity": 0.25, "causal_router": "prefix_rank"}, moe={"enabled": False},
+    )  # fmt: skip
+    model = MoDETransformer(cfg).train()
+    router = model.layers[1].router
+    assert router.prior_quantiles is not None and float(router.prior_updates) == 0
+    tokens = torch.randint(0, 64, (4, 32))
+    seen = []
+    router.register_forward_hook(lambda mod, args, out: seen.append(out.logits.detach()))
+    model(tokens, tokens)
+    assert float(router.prior_updates) == 1  # the first batch sets the prior: its logits' quantiles
+    assert torch.equal(router.prior_quantiles, quantile_points(seen[0], router.prior_quantiles.numel()))
+    model.eval()(tokens)
+    assert float(router.prior_updates) == 1  # evaluation leaves the prior alone
+    with pytest.raises(ValueError, match="trained without its logit prior"):
+        MoDETransformer(ModelConfig(**{**cfg.model_dump(), "depth": {"capacity": 0.25}})).causal_rule("prefix_rank")
