@@ -43,14 +43,23 @@ def export_command(
         Path | None, typer.Option(help="tokenizer.json to ship (default: the run's, from data.prepared_dir)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists")] = False,
+    standard: Annotated[
+        bool,
+        typer.Option(
+            "--standard",
+            help="Write the stock transformers architecture (the imported one, or Llama/Mixtral/Qwen3-MoE), "
+            "no remote code; a MoDE model is refused",
+        ),
+    ] = False,
 ) -> None:
-    """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config,
-    self-contained modeling code for trust_remote_code)."""
+    """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config, and
+    self-contained modeling code for trust_remote_code; with --standard a stock architecture)."""
     from modmoe.errors import UserError
     from modmoe.export import export_checkpoint
+    from modmoe.export.standard import export_standard
 
     try:
-        summary = export_checkpoint(
+        summary = (export_standard if standard else export_checkpoint)(
             source,
             out,
             dtype=dtype,

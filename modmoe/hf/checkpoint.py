@@ -22,10 +22,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from modmoe.errors import UserError
+from modmoe.hf.config import read_pretrained
 from modmoe.hf.families import Pretrained
 from modmoe.hf.names import Experts, Generated, Source, Whole, expected_tensors, native_sources
 from modmoe.model import MoDETransformer
 from modmoe.model.args import ModelArgs
+from modmoe.model_config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -176,3 +178,16 @@ class PretrainedReader:
             parts.append(self.checkpoint.read(block.name, where).t())  # (a, b)
         stacked = torch.stack(parts) if parts else torch.empty(0, a1 - a0, b1 - b0)
         return stacked * source.scale if source.scale != 1.0 else stacked
+
+
+def reader_for(model: ModelConfig, seed: int = 0) -> PretrainedReader:
+    """The reader of ``model.from_hf`` for the (completed) model section ``model``."""
+    if model.from_hf is None:
+        raise ValueError("model.from_hf is not set")
+    directory = Path(model.from_hf).expanduser()
+    return PretrainedReader.open(model.to_args(), read_pretrained(directory), directory, seed)
+
+
+def check_pretrained(model: ModelConfig) -> None:
+    """Before any work: every tensor the model needs is in ``model.from_hf`` with its shape."""
+    reader_for(model).check()

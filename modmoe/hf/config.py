@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from modmoe.config_base import ConfigError, ConfigModel, validate_config
-from modmoe.hf.families import Pretrained, describe, read_config_json
+from modmoe.hf.families import Pretrained, describe, read_config_json, read_json
 from modmoe.model_config import ModelConfig
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -68,6 +68,18 @@ def read_pretrained(directory: Path) -> Pretrained:
         return describe(hf, str(directory / "config.json"))
     except (ValueError, OSError) as err:
         raise _error(directory, str(err)) from None
+
+
+def pretrained_record(directory: str | Path) -> dict[str, Any]:
+    """What a run records of its pretrained checkpoint (in every checkpoint manifest), so an export
+    back to the stock architecture keeps the keys modmoe does not model (token ids, generation
+    settings): its ``config.json`` and, when present, its ``generation_config.json``."""
+    directory = Path(directory)
+    record: dict[str, Any] = {"config": read_config_json(directory)}
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        record["generation_config"] = read_json(generation)
+    return record
 
 
 def _user_set(section: Any) -> Any:

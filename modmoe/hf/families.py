@@ -199,6 +199,11 @@ def read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{path}: not found (a transformers model directory has a config.json)")
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A small JSON object file (at most ``MAX_CONFIG_BYTES``); ``ValueError`` naming it otherwise."""
     with open(path, "rb") as f:
         raw = f.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 COMMON = dict(
-    vocab_size=256,
+    vocab_size=320,
     hidden_size=64,
     num_hidden_layers=3,
     num_attention_heads=4,
