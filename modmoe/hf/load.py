@@ -18,7 +18,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from modmoe.hf.checkpoint import PretrainedReader
+from modmoe.hf.checkpoint import PretrainedReader, reader_for
+from modmoe.model import MoDETransformer
+from modmoe.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +76,12 @@ def load_pretrained(model: nn.Module, reader: PretrainedReader) -> LoadReport:
         ", ".join(report.kept) or "none",
     )
     return report
+
+
+def pretrained_model(model: ModelConfig, seed: int = 0) -> MoDETransformer:
+    """``model.from_hf`` as one plain :class:`MoDETransformer` on the CPU, its weights loaded (for
+    tools and tests; training loads into the parallelized model instead)."""
+    torch.manual_seed(seed)
+    module = MoDETransformer(model.to_args())
+    load_pretrained(module, reader_for(model, seed))
+    return module

@@ -184,6 +184,8 @@ def _mlp_sources(
         out[f"{me}.gate.weight"] = Generated(seed * 100_003 + i, args.init_std, m.num_experts // g, D, g)
         scales = {"w1": 1.0, "w3": 1.0, "w2": float(g)}
     else:
+        if checkpoint is not None and f"{hf}.{layout.moe}.gate.weight" not in checkpoint:
+            layout = _Layout("mlp", layout.projections)  # transformers 5's in-memory names (Mixtral)
         blocks = _expert_blocks(hf, layout, args, checkpoint)
         out[f"{me}.gate.weight"] = Whole(f"{hf}.{layout.moe}.gate.weight", (m.num_experts, D))
         scales = {"w1": 1.0, "w3": 1.0, "w2": 1.0}

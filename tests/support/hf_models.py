@@ -82,3 +82,18 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def save_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE of at most ``vocab_size`` tokens (trained on this file's own text) as the
+    ``tokenizer.json`` + ``tokenizer_config.json`` a transformers model directory holds."""
+    import json
+
+    from modmoe.data.tokenizer import EOT, train_tokenizer
+
+    tok = train_tokenizer([Path(__file__).read_text(encoding="utf-8")] * 4, vocab_size)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "model_max_length": 64}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
