@@ -100,6 +100,11 @@ class Trainer:
         # of a ``model.from_hf`` job reads the pretrained weights, a resumed one only its checkpoint.
         self.resume_path = self._resume_path(self.resume)
         fresh_import = cfg.model.from_hf is not None and self.resume_path is None
+        if fresh_import and cfg.data.tokenizer is None:
+            self._log_main(
+                f"warning: model.from_hf = {cfg.model.from_hf} has no tokenizer.json and data.tokenizer is unset: "
+                "a new BPE is trained, whose token ids mean nothing to the pretrained embeddings"
+            )
         self.backend = build_backend(self.job, self.env, load_pretrained=fresh_import)
 
     def _start(self, cfg: JobConfig) -> None:

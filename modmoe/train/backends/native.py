@@ -72,6 +72,7 @@ class NativeModelBackend:
         run takes its weights from the checkpoint)."""
         self.cfg, self.dims, self.device = job.cfg, job.layout, env.device
         self.load_pretrained = load_pretrained
+        self.pretrained_report = None  # what the import read (LoadReport), on a fresh model.from_hf start
         self.rank = env.rank
         self.core = MoDETransformer(self.cfg.model).to(self.device)
         self.module: nn.Module = self.core
@@ -90,7 +91,7 @@ class NativeModelBackend:
         from modmoe.hf.checkpoint import reader_for
         from modmoe.hf.load import load_pretrained
 
-        load_pretrained(self.core, reader_for(self.cfg.model, seed=self.cfg.trainer.seed))
+        self.pretrained_report = load_pretrained(self.core, reader_for(self.cfg.model, seed=self.cfg.trainer.seed))
 
     # ------------------------------------------------------------------ facts
     def dp_rank(self) -> int:
