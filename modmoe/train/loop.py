@@ -197,6 +197,8 @@ class Trainer:
             return
         ours = self.cfg.model.model_dump(mode="json")
         for key, theirs, mine in _differences(saved, ours, "model"):
+            if key == "model.from_hf":  # where the pretrained files are, not the network: they may move
+                continue
             raise CheckpointError(
                 f"--resume {path}: {key} = {theirs!r} in the checkpoint but {mine!r} in the config; "
                 "a checkpoint resumes only into the same model (the layout may change)"
