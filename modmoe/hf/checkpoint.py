@@ -68,20 +68,20 @@ class PretrainedCheckpoint:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        self._handles: dict[str, Any] = {}  # file name -> open safetensors handle (memory-mapped)
         if (self.directory / INDEX_FILE).is_file():
             self.file_of = _read_index(self.directory)
         elif (self.directory / SINGLE_FILE).is_file():
             self.file_of = {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}  # noqa: SIM118
         else:
             raise _error(self.directory, f"no {SINGLE_FILE} or {INDEX_FILE}")
-        self._handles: dict[str, Any] = {}
 
     def _open(self, file: str) -> Any:
-        handles = self.__dict__.setdefault("_handles", {})
+        handles = self._handles
         if file not in handles:
             path = self.directory / file
             if not path.is_file():
-                raise _error(self.directory, f"{file} (named by {INDEX_FILE}) does not exist")
+                raise _error(self.directory, f"{file} does not exist")
             try:
                 handles[file] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as err:

@@ -10,6 +10,7 @@ transformers loads it without remote code and gives the same logits again.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import hf_models
@@ -142,7 +143,8 @@ def test_an_upcycled_model_exports_as_the_moe_family(family, architecture, check
     directory, reference = checkpoint(family)
     cfg = job(directory, moe={"enabled": True, "num_experts": 4, "top_k": 2, "expert_hidden": 48})
     run = save_run_checkpoint(pretrained_model(cfg.model), cfg, tmp_path / "run")
-    export_standard(run, tmp_path / "out")
+    export_standard(run, tmp_path / "out", max_shard_bytes=100_000)  # shards and an index
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     stock = load_stock(tmp_path / "out")
     assert type(stock).__name__ == architecture
     assert hf_models.rel_err(hf_models.logits(stock, IDS), reference) <= TOLERANCE
@@ -215,6 +217,19 @@ def test_missing_config_keys_take_the_defaults_of_transformers(family):
     )
 
 
+def test_modmoe_flops_sees_the_imported_model(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from modmoe.cli import app
+
+    directory, _ = checkpoint("qwen2_moe")
+    (tmp_path / "job.yaml").write_text(f"model: {{from_hf: {directory}}}\ndata: {{seq_len: 32}}\n")
+    result = CliRunner().invoke(app, ["flops", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 0, result.output
+    total = sum(p.numel() for p in pretrained_model(job(directory).model).parameters())
+    assert f"parameters: {total:,} total" in result.output
+
+
 def test_both_rope_spellings_read_the_same():
     legacy = {
         "architectures": ["LlamaForCausalLM"],
@@ -246,6 +261,24 @@ def test_the_fused_expert_layout_of_transformers_5_reads_the_same(checkpoint, tm
     assert any(k.endswith("experts.gate_up_proj") for k in load_file(fused / "model.safetensors"))
     cfg = job(fused)
     assert hf_models.rel_err(logits_of(pretrained_model(cfg.model)), reference) <= TOLERANCE
+
+
+def test_a_sharded_checkpoint_reads_the_same(checkpoint, tmp_path):
+    directory, reference = checkpoint("qwen2_moe")
+    sharded = tmp_path / "sharded"
+    model = hf_models.build("qwen2_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(sharded, safe_serialization=True, max_shard_size="100KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    assert hf_models.rel_err(logits_of(pretrained_model(job(sharded).model)), reference) <= TOLERANCE
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../elsewhere.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError) as err:
+        pretrained_model(job(sharded).model)
+    one_line(err, "'../elsewhere.safetensors', not a .safetensors file here")
 
 
 # ---------------------------------------------------------------------------------- bad inputs
