@@ -75,10 +75,13 @@ def pretrained_record(directory: str | Path) -> dict[str, Any]:
     back to the stock architecture keeps the keys modmoe does not model (token ids, generation
     settings): its ``config.json`` and, when present, its ``generation_config.json``."""
     directory = Path(directory)
-    record: dict[str, Any] = {"config": read_config_json(directory)}
-    generation = directory / "generation_config.json"
-    if generation.is_file():
-        record["generation_config"] = read_json(generation)
+    try:
+        record: dict[str, Any] = {"config": read_config_json(directory)}
+        generation = directory / "generation_config.json"
+        if generation.is_file():
+            record["generation_config"] = read_json(generation)
+    except (ValueError, OSError) as err:
+        raise _error(directory, str(err)) from None
     return record
 
 
