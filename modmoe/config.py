@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from modmoe.checkpoint.config import CheckpointConfig
 from modmoe.config_base import ConfigError, ConfigModel, validate_config
 from modmoe.config_yaml import MAX_BYTES, MAX_DEPTH, parse_yaml
 from modmoe.data.config import DataConfig
 from modmoe.engines.megatron.config import MegatronConfig
+from modmoe.hf.config import apply_pretrained
 from modmoe.model_config import ModelConfig
 from modmoe.parallel.config import ParallelConfig
 from modmoe.tracking.config import TrackingConfig
@@ -66,6 +67,12 @@ class JobConfig(ConfigModel):
 
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Sharded checkpoints in RUN_DIR/checkpoints."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained(cls, data: Any) -> Any:
+        """``model.from_hf``: the fields left unset come from the checkpoint (modmoe/hf/config.py)."""
+        return apply_pretrained(data)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

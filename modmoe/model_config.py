@@ -185,10 +185,31 @@ class RopeScalingConfig(ConfigModel):
 
 
 MAX_LAYERS = 4096
+HFArchitecture = Literal[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+]
 
 
 class ModelConfig(ConfigModel):
     """Decoder-only transformer trunk (RMSNorm, RoPE, grouped-query attention, SwiGLU)."""
+
+    from_hf: str | None = None
+    """A transformers model directory (``config.json`` + safetensors weights) to start from: every
+    architecture field not set here is read from its ``config.json``, depth routing is off and
+    experts are as in the checkpoint unless set here, and the weights are loaded at step 0
+    (docs/pretrained.md). null = random initialisation."""
+
+    hf_architecture: HFArchitecture | None = None
+    """The stock transformers architecture this model is (``LlamaForCausalLM``, ...): filled from
+    ``model.from_hf``'s ``config.json``; ``modmoe export --standard`` writes it. null: modmoe's own
+    (the export then picks Llama, Mixtral or Qwen3-MoE by the model's features)."""
 
     vocab_size: int = Field(default=4096, ge=2)
     """Embedding rows; must be >= the tokenizer's vocabulary (the trainer checks)."""

@@ -45,17 +45,26 @@ def export_command(
     overwrite: Annotated[
         bool, typer.Option(help="Replace --out if it is an earlier export (or empty); nothing else is ever replaced")
     ] = False,
+    standard: Annotated[
+        bool,
+        typer.Option(
+            "--standard",
+            help="Write the stock transformers architecture (the imported one, or Llama/Mixtral/Qwen3-MoE), "
+            "no remote code; a MoDE model is refused",
+        ),
+    ] = False,
 ) -> None:
-    """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config,
-    self-contained modeling code for trust_remote_code)."""
+    """Export a checkpoint to a Hugging Face style directory (safetensors, tokenizer, config, and
+    self-contained modeling code for trust_remote_code; with --standard a stock architecture)."""
     from safetensors import SafetensorError
 
     from modmoe.errors import UserError, os_errors_in_one_line
     from modmoe.export import export_checkpoint
+    from modmoe.export.standard import export_standard
 
     try:
         with os_errors_in_one_line(f"export to --out {out} failed"):  # a read-only or full output location
-            summary = export_checkpoint(
+            summary = (export_standard if standard else export_checkpoint)(
                 source,
                 out,
                 dtype=dtype,

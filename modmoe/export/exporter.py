@@ -120,6 +120,16 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _write_record(tmp: Path, kind: str = "remote_code") -> None:
+    """``modmoe_export.json``: size and sha256 of every file written; it also marks the directory
+    as an export, which ``--overwrite`` may replace (``kind``: ``remote_code`` or ``standard``)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    _write_json(
+        tmp / layout.RECORD_NAME,
+        {"format": layout.EXPORT_FORMAT, "format_version": layout.EXPORT_VERSION, "kind": kind, "files": files},
+    )
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """``--out`` must be new, or, with ``--overwrite``, an earlier export (its
     ``modmoe_export.json`` says so) or an empty directory: nothing else is ever replaced."""
@@ -239,13 +249,7 @@ def export_checkpoint(
             shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
         for name in layout.MODEL_FILES:
             shutil.copyfile(MODEL_DIR / name, tmp / name)
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
-        }
-        _write_json(
-            tmp / layout.RECORD_NAME,
-            {"format": layout.EXPORT_FORMAT, "format_version": layout.EXPORT_VERSION, "files": files},
-        )
+        _write_record(tmp)
         _install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,13 @@ class OptimizerConfig(ConfigModel):
     grad_clip: float | None = Field(default=1.0, gt=0.0)
     """Clip the global gradient norm to this value (null = no clipping)."""
 
+    routers_only_steps: int = Field(default=0, ge=0)
+    """For the first N optimizer steps only the routers train (the depth routers with their
+    predictors, and the MoE gates); every other weight keeps its value exactly: its gradient is
+    zeroed before clipping (so the norm is the routers'), its learning rate, and with it its
+    weight decay, is 0, and its Adam moments start fresh at step N. Meant for a pretrained model
+    that was just MoD-ified or upcycled (docs/pretrained.md). Native backend (DDP, FSDP2, EP, TP)."""
+
 
 class NumericsConfig(ConfigModel):
     """What a non-finite loss or gradient norm does, and loss-spike detection. The loss and the

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from modmoe.checkpoint import CheckpointManager
+from modmoe.checkpoint.manager import find_resume_point
 from modmoe.checkpoint.manifest import CheckpointError, read_manifest
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError
 from modmoe.data import open_training_data
 from modmoe.errors import UserError
+from modmoe.hf.config import pretrained_record
 from modmoe.model.flops import count_flops, parameter_counts
 from modmoe.parallel.distributed import DistEnv, broadcast_from_main, init_distributed, shutdown
 from modmoe.train import memory, throughput
@@ -60,12 +62,13 @@ class Trainer:
                 f"config error: resolved for {self.job.world_size} rank(s) but launched with {self.env.world_size}"
             )
         self.run_dir = Path(tc.run_dir)
+        self.resume = resume
         self.lock = self._claim_run_dir()
         self.backend: Backend | None = None
         self.sampler = self.ckpt = None
         try:
             self._open(cfg)
-            self._start(cfg, resume)
+            self._start(cfg)
         except BaseException:
             # A start refused (bad data, a bad checkpoint, ...) leaves nothing behind it: the run
             # directory unlocked, and no state a next job in this process would trip over
@@ -94,9 +97,18 @@ class Trainer:
             log=self._log_main,
         )
         self.step = 0
-        self.backend = build_backend(self.job, self.env)
+        # Which checkpoint the run resumes from is known before the model is built: a fresh start
+        # of a ``model.from_hf`` job reads the pretrained weights, a resumed one only its checkpoint.
+        self.resume_path = self._resume_path(self.resume)
+        fresh_import = cfg.model.from_hf is not None and self.resume_path is None
+        if fresh_import and cfg.data.tokenizer is None:
+            self._log_main(
+                f"warning: model.from_hf = {cfg.model.from_hf} has no tokenizer.json and data.tokenizer is unset: "
+                "a new BPE is trained, whose token ids mean nothing to the pretrained embeddings"
+            )
+        self.backend = build_backend(self.job, self.env, load_pretrained=fresh_import)
 
-    def _start(self, cfg: JobConfig, resume: str) -> None:
+    def _start(self, cfg: JobConfig) -> None:
         tc = cfg.trainer
         # Data is split over the data-parallel ranks only: tensor/pipeline peers read the same rows.
         dp, dp_rank = self.job.dp, self.backend.dp_rank()
@@ -115,7 +127,9 @@ class Trainer:
             self.run_dir / cfg.checkpoint.dirname, cfg.checkpoint, self.env.rank, self.env.world_size
         )
         self.state_io = self.backend.state_io()
-        mlflow_run_id = self._resume(resume)
+        # What the run records of its pretrained checkpoint (the export back to its architecture).
+        self.pretrained = pretrained_record(cfg.model.from_hf) if cfg.model.from_hf is not None else None
+        mlflow_run_id = self._resume()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.env.is_main else None
         self.reporter: RunReporter | None = None
         if self.env.is_main and cfg.logging.mlflow.enabled:
@@ -143,15 +157,23 @@ class Trainer:
         return lock
 
     # ------------------------------------------------------------------ checkpoints
-    def _resume(self, resume: str) -> str | None:
-        """Loads the checkpoint to resume from; returns the MLflow run id it recorded."""
+    def _resume_path(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: ``auto``, the newest valid one of the run directory
+        (None: a fresh start); ``none``; or a path."""
         if resume == "none":
             return None
-        path = self.ckpt.find_resume_point() if resume == "auto" else Path(resume)
+        if resume == "auto":
+            return find_resume_point(self.run_dir / self.cfg.checkpoint.dirname)
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {resume}: no checkpoint directory there")
+        return path
+
+    def _resume(self) -> str | None:
+        """Loads the checkpoint to resume from; returns the MLflow run id it recorded."""
+        path = self.resume_path
         if path is None:
             return None
-        if resume != "auto" and not path.is_dir():
-            raise CheckpointError(f"--resume {resume}: no checkpoint directory there")
         self._check_same_model(path)
         meta = self.ckpt.load(path, self.state_io)
         self.step = int(read_manifest(path).step)
@@ -179,6 +201,8 @@ class Trainer:
             return
         ours = self.cfg.model.model_dump(mode="json")
         for key, theirs, mine in _differences(saved, ours, "model"):
+            if key == "model.from_hf":  # where the pretrained files are, not the network: they may move
+                continue
             raise CheckpointError(
                 f"--resume {path}: {key} = {theirs!r} in the checkpoint but {mine!r} in the config; "
                 "a checkpoint resumes only into the same model (the layout may change)"
@@ -194,6 +218,8 @@ class Trainer:
             "backend": self.job.backend,
             "layout": self.backend.layout_tag(),
         }
+        if self.pretrained is not None:
+            meta["pretrained"] = self.pretrained
         self.ckpt.save(self.step, self.state_io, meta)
 
     # ------------------------------------------------------------------ helpers

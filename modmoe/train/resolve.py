@@ -19,6 +19,7 @@ import torch
 
 from modmoe.config import JobConfig
 from modmoe.config_base import ConfigError, field_error
+from modmoe.hf.checkpoint import check_pretrained
 from modmoe.parallel.dims import ParallelDims
 from modmoe.train.backends.keys import BACKEND_KEYS, TRAINER_KEYS, refusal
 from modmoe.train.memory_estimate import check_memory
@@ -112,6 +113,18 @@ def _layout(cfg: JobConfig, backend: str, world_size: int, device: str) -> tuple
     return dims, dims.dp
 
 
+def check_pretrained_job(cfg: JobConfig, backend: str) -> None:
+    """``model.from_hf``: an engine that imports it, and every tensor the model needs in the
+    checkpoint with its shape (safetensors headers only)."""
+    if backend == "megatron":
+        raise field_error(
+            "model.from_hf",
+            cfg.model.from_hf,
+            "the megatron engine does not import pretrained checkpoints yet; use engine: native",
+        )
+    check_pretrained(cfg.model)
+
+
 def resolve_job(cfg: JobConfig, world_size: int | None = None, device: str | None = None) -> ResolvedJob:
     """Checks ``cfg`` for ``world_size`` ranks (default: the launcher's) on ``device`` (default:
     what ``trainer.device`` picks here); raises a one-line ConfigError for the first problem."""
@@ -125,6 +138,16 @@ def resolve_job(cfg: JobConfig, world_size: int | None = None, device: str | Non
     if d.tokenizer is None and d.vocab_size > m.vocab_size:
         raise field_error(
             "model.vocab_size", m.vocab_size, f"must be >= data.vocab_size ({d.vocab_size}), the tokenizer trained"
+        )
+    if m.from_hf is not None:
+        check_pretrained_job(cfg, backend)
+    if cfg.optimizer.routers_only_steps and not any(
+        m.depth.is_routed(i) or m.moe.is_moe(i) for i in range(m.num_layers)
+    ):
+        raise field_error(
+            "optimizer.routers_only_steps",
+            cfg.optimizer.routers_only_steps,
+            "the model has no routers (enable model.depth or model.moe)",
         )
     layout, dp = _layout(cfg, backend, world_size, device)
     check_speed_options(tc, cfg.parallel, world_size, device)

@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from modmoe.train.resolve import ResolvedJob
 
 
-def build_backend(job: ResolvedJob, env: DistEnv) -> Backend:
+def build_backend(job: ResolvedJob, env: DistEnv, load_pretrained: bool = False) -> Backend:
+    """``load_pretrained``: a fresh start of a ``model.from_hf`` job (resolve_job refuses the
+    megatron engine with it)."""
     if job.backend == "megatron":
         from modmoe.train.backends.megatron import MegatronBackend
 
@@ -19,7 +21,7 @@ def build_backend(job: ResolvedJob, env: DistEnv) -> Backend:
     if job.backend == "deepspeed":
         from modmoe.train.backends.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(job, env)
+        return DeepSpeedBackend(job, env, load_pretrained)
     from modmoe.train.backends.native import NativeBackend
 
-    return NativeBackend(job, env)
+    return NativeBackend(job, env, load_pretrained)

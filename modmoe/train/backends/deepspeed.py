@@ -66,7 +66,7 @@ class DeepSpeedBackend(NativeModelBackend):
 
     name = "deepspeed"
 
-    def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
+    def __init__(self, job: ResolvedJob, env: DistEnv, load_pretrained: bool = False) -> None:
         import deepspeed
 
         # DeepSpeed needs a process group even for one rank (a plain process, or torchrun with one).
@@ -74,8 +74,10 @@ class DeepSpeedBackend(NativeModelBackend):
         if self._own_group:
             backend = "nccl" if env.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        super().__init__(job, env)
+        super().__init__(job, env, load_pretrained)
         cfg, model = self.cfg, self.core
+        # Before DeepSpeed copies the parameters into its (fp32, partitioned) optimizer state.
+        self._import_pretrained()
         self.experts = detach_experts(model) if self.dims.ep > 1 else {}
         self.expert_params = {
             f"{name}.{p_name}": p for name, mod in self.experts.items() for p_name, p in mod.named_parameters()

@@ -77,15 +77,29 @@ TRAINER_KEYS = HonouredKeys(
     )
 )
 
-# The native model under DeepSpeed: every model, optimizer and layout setting; not the
-# Megatron-only section. Not: skipping a step (DeepSpeed applies the update inside its backward
-# at the accumulation boundary, before the step's gradient norm is known).
-DEEPSPEED_KEYS = HonouredKeys(
-    ("model", "optimizer", "parallel", "trainer.precision", "checkpoint.async_save", "logging.plots_every_eval")
+# The optimizer keys every backend implements (AdamW, the schedule, clipping).
+OPTIMIZER_KEYS = (
+    "optimizer.lr",
+    "optimizer.min_lr_ratio",
+    "optimizer.warmup_steps",
+    "optimizer.schedule",
+    "optimizer.weight_decay",
+    "optimizer.beta1",
+    "optimizer.beta2",
+    "optimizer.eps",
+    "optimizer.grad_clip",
 )
 
-# The native model under DDP/FSDP2: the same, and holding back a non-finite step.
-NATIVE_KEYS = DEEPSPEED_KEYS | HonouredKeys(("trainer.numerics.on_nonfinite=skip",))
+# The native model under DeepSpeed: every model, optimizer and layout setting; not the
+# Megatron-only section. Not: skipping a step (DeepSpeed applies the update inside its backward
+# at the accumulation boundary, before the step's gradient norm is known), training the routers
+# alone (DeepSpeed keeps the gradients in its own flat partitions).
+DEEPSPEED_KEYS = HonouredKeys(
+    ("model", *OPTIMIZER_KEYS, "parallel", "trainer.precision", "checkpoint.async_save", "logging.plots_every_eval")
+)
+
+# The native model under DDP/FSDP2: the same, holding back a non-finite step, and a frozen trunk.
+NATIVE_KEYS = DEEPSPEED_KEYS | HonouredKeys(("trainer.numerics.on_nonfinite=skip", "optimizer.routers_only_steps"))
 
 # Megatron-Core: the model (translate refuses, in one line, what Megatron cannot express),
 # the optimizer, the shared parallel degrees and its own section. Not: asynchronous checkpoint
@@ -94,7 +108,7 @@ NATIVE_KEYS = DEEPSPEED_KEYS | HonouredKeys(("trainer.numerics.on_nonfinite=skip
 MEGATRON_KEYS = HonouredKeys(
     (
         "model",
-        "optimizer",
+        *OPTIMIZER_KEYS,
         "megatron",
         "trainer.precision",
         "parallel.dp",

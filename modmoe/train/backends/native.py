@@ -37,7 +37,7 @@ from modmoe.parallel.parallelize import (
 )
 from modmoe.train.backends.base import Batch, PlotData, StepStats
 from modmoe.train.backends.keys import DEEPSPEED_KEYS, NATIVE_KEYS, SPEED_KEYS, HonouredKeys
-from modmoe.train.optim import build_optimizer, build_scheduler
+from modmoe.train.optim import FrozenTrunk, build_optimizer, build_scheduler
 from modmoe.train.reporting import routing_sample
 from modmoe.train.resolve import ResolvedJob
 from modmoe.train.router_stats import RouterStats, expert_bias_summary
@@ -67,8 +67,12 @@ class NativeModelBackend:
     honoured: ClassVar[HonouredKeys] = DEEPSPEED_KEYS
     speed_steps: ClassVar[bool] = False  # applies trainer.compile / cuda_graphs / fp8
 
-    def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
+    def __init__(self, job: ResolvedJob, env: DistEnv, load_pretrained: bool = False) -> None:
+        """``load_pretrained``: fill the model from ``model.from_hf`` (a fresh start; a resumed
+        run takes its weights from the checkpoint)."""
         self.cfg, self.dims, self.device = job.cfg, job.layout, env.device
+        self.load_pretrained = load_pretrained
+        self.pretrained_report = None  # what the import read (LoadReport), on a fresh model.from_hf start
         self.rank = env.rank
         self.core = MoDETransformer(self.cfg.model).to(self.device)
         self.module: nn.Module = self.core
@@ -78,6 +82,16 @@ class NativeModelBackend:
         self.a2a = apply_model_parallelism(self.core, self.dims, self.cfg.parallel, speed)
         self._stats: RouterStats | None = None
         self._bias_metrics: dict[str, float] = {}
+
+    def _import_pretrained(self) -> None:
+        """``model.from_hf`` into the model as the layout holds it (called after the parallelize
+        step, before DeepSpeed takes the parameters): each rank reads only its slices."""
+        if not self.load_pretrained:
+            return
+        from modmoe.hf.checkpoint import reader_for
+        from modmoe.hf.load import load_pretrained
+
+        self.pretrained_report = load_pretrained(self.core, reader_for(self.cfg.model, seed=self.cfg.trainer.seed))
 
     # ------------------------------------------------------------------ facts
     def dp_rank(self) -> int:
@@ -199,8 +213,8 @@ class NativeBackend(NativeModelBackend):
     honoured = NATIVE_KEYS | SPEED_KEYS
     speed_steps = True
 
-    def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
-        super().__init__(job, env)
+    def __init__(self, job: ResolvedJob, env: DistEnv, load_pretrained: bool = False) -> None:
+        super().__init__(job, env, load_pretrained)
         cfg, dims, model = self.cfg, self.dims, self.core
         self._expert_params: list[nn.Parameter] = []
         if dims.dp > 1 and cfg.parallel.dp_backend == "ddp":
@@ -214,8 +228,10 @@ class NativeBackend(NativeModelBackend):
             self.module = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
         elif cfg.parallel.dp_backend == "fsdp2" and dims.distributed:
             apply_fsdp(model, dims, cfg.parallel, self.autocast)
+        self._import_pretrained()
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.trainer.max_steps)
+        self.frozen_trunk = FrozenTrunk(model, cfg.optimizer.routers_only_steps)
 
     def _no_sync(self, last: bool):
         """Gradient sync only on the last micro-batch of a step."""
@@ -229,11 +245,14 @@ class NativeBackend(NativeModelBackend):
 
     def _apply_gradients(self, apply: Callable[[float | None], bool] | None) -> tuple[float, bool]:
         reduce_expert_grads(self._expert_params, self.dims)
+        step = self.scheduler.last_epoch  # the index of the step about to be taken
+        self.frozen_trunk.before_clip(step)
         # Global over every rank (DDP/FSDP2 reduced the gradients; experts over their groups),
         # so every rank takes the same ``apply`` decision. Measured even when not clipping.
         norm = float(clip_grad_norm(self.core.parameters(), self.cfg.optimizer.grad_clip))
         applied = apply is None or apply(norm)
         if applied:
+            self.frozen_trunk.before_step(self.optimizer, step)
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
