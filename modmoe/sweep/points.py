@@ -45,6 +45,10 @@ class Point:
     flops_per_token: float  # executed training FLOPs per token (3 x forward)
     tokens_per_step: int
     repeat_of: str | None = None  # a seed point: the name of the grid point it repeats at another seed
+    # The config keys the sweep sets for this point (the base config's, the spec's overrides, what
+    # the sweep owns), dotted: what a recorded run must agree with. A key left at its default is
+    # not compared, so a later modmoe that changes a default still recognises its earlier points.
+    set_keys: tuple[str, ...] = ()
 
     @property
     def seed(self) -> int:
@@ -193,7 +197,34 @@ def _resolve(
     for key, value in owned.items():
         set_dotted(data, key, value)
     cfg = validated(" (with the sweep's budget and schedule)")
-    return Point(index, name, budget, size, variant, cfg.optimizer.lr, cfg, flops_per_token, tokens_per_step, repeat_of)
+    return Point(
+        index,
+        name,
+        budget,
+        size,
+        variant,
+        cfg.optimizer.lr,
+        cfg,
+        flops_per_token,
+        tokens_per_step,
+        repeat_of,
+        tuple(sorted(_leaf_keys(data))),
+    )
+
+
+def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of a nested mapping's leaves (a mapping value of a free-form field, such as
+    the MLflow tags, counts as one leaf)."""
+    if not isinstance(data, dict) or not data or prefix.endswith("tags"):
+        return [prefix] if prefix else []
+    return [key for name, value in data.items() for key in _leaf_keys(value, f"{prefix}.{name}" if prefix else name)]
+
+
+def _at(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +276,10 @@ def state(point: Point) -> State:
         recorded = None
     if not isinstance(recorded, dict):
         raise SweepError(f"sweep error: {recorded_file}: not a readable config; move the run directory away")
-    diff = first_difference(comparable(with_defaults(recorded)), comparable(point.config.model_dump(mode="json")))
+    ours, theirs = comparable(point.config.model_dump(mode="json")), comparable(with_defaults(recorded))
+    if point.set_keys:  # what the sweep sets, not every default of the modmoe that ran it
+        ours, theirs = ({k: _at(c, k) for k in point.set_keys} for c in (ours, theirs))
+    diff = first_difference(theirs, ours)
     if diff is not None:
         key, theirs, ours = diff
         raise SweepError(

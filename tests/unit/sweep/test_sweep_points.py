@@ -108,6 +108,11 @@ def test_point_states_and_a_run_directory_of_another_config(tmp_path: Path) -> N
     del recorded["parallel"]["setup_timeout_s"]  # a run from before the key existed: its default
     (point.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
     assert state(point) == "finished"
+    # A default the sweep does not set, changed by a later modmoe (megatron.dispatcher was
+    # 'alltoall', now null): the earlier point is still this point.
+    recorded["megatron"]["dispatcher"] = "alltoall"
+    (point.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert state(point) == "finished"
     recorded["model"]["dim"] = 96
     (point.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
     with pytest.raises(SweepError, match=r"model\.dim = 96, the spec gives 64"):
