@@ -151,7 +151,10 @@ def eval_command(
     typer.echo(f"loss top-k routing : {result.loss_topk:.4f}")
     typer.echo(f"loss causal routing: {result.loss_causal:.4f} ({result.loss_gap:+.2%})")
     for i, agreement in result.agreement.items():
-        typer.echo(f"layer {i}: causal agreement {agreement:.4f}, causal entry {result.causal_entry[i]:.4f}")
+        typer.echo(
+            f"layer {i}: causal agreement {agreement:.4f}, causal entry {result.causal_entry[i]:.4f}, "
+            f"precision {result.precision[i]:.4f}, recall {result.recall[i]:.4f}"
+        )
     typer.echo(
         f"loss_topk={result.loss_topk:.6f} loss_causal={result.loss_causal:.6f} "
         f"loss_gap={result.loss_gap:.6f} causal_agreement={result.mean_agreement:.6f}"

@@ -32,6 +32,8 @@ class EvalResult:
     causal_entry: dict[int, float] = field(
         default_factory=dict
     )  # routed layer -> causal entry fraction (top-k forward)
+    precision: dict[int, float] = field(default_factory=dict)  # routed layer -> of the causal entries, top-k members
+    recall: dict[int, float] = field(default_factory=dict)  # routed layer -> of the top-k members, causal entries
     tokens: int = 0
 
     @property
@@ -94,6 +96,8 @@ def evaluate(loaded: LoadedModel, batches: list[Batch], causal_router: str | Non
     topk_losses, causal_losses = [], []
     agree: dict[int, int] = {}
     entered: dict[int, int] = {}
+    members: dict[int, int] = {}
+    both: dict[int, int] = {}
     tokens = 0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
@@ -103,6 +107,8 @@ def evaluate(loaded: LoadedModel, batches: list[Batch], causal_router: str | Non
             if lt.topk is not None:
                 agree[lt.layer] = agree.get(lt.layer, 0) + int((lt.enter == lt.topk).sum())
                 entered[lt.layer] = entered.get(lt.layer, 0) + int(lt.enter.sum())
+                members[lt.layer] = members.get(lt.layer, 0) + int(lt.topk.sum())
+                both[lt.layer] = both.get(lt.layer, 0) + int((lt.enter & lt.topk).sum())
         tokens += inputs.numel()
         cache = model.new_cache(inputs.shape[0])
         causal_losses.append(_loss(model.run_tokens(inputs, cache, causal_router=causal_router), targets))
@@ -111,5 +117,7 @@ def evaluate(loaded: LoadedModel, batches: list[Batch], causal_router: str | Non
         loss_causal=sum(causal_losses) / len(causal_losses),
         agreement={i: n / tokens for i, n in sorted(agree.items())},
         causal_entry={i: n / tokens for i, n in sorted(entered.items())},
+        precision={i: both[i] / max(n, 1) for i, n in sorted(entered.items())},
+        recall={i: both[i] / max(n, 1) for i, n in sorted(members.items())},
         tokens=tokens,
     )

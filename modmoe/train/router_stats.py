@@ -46,9 +46,11 @@ class RouterStats:
                 )  # (B, T) tokens that actually entered (either routing mode)
                 w = d.weight if d.valid is None else d.weight[d.valid]
                 self._add(f"mod{i}.tokens", one * d.topk_mask.numel())
+                self._add(f"mod{i}.topk", d.topk_mask.sum())
                 self._add(f"mod{i}.entered", entered.sum())
                 self._add(f"mod{i}.causal_enter", d.causal_enter.sum())
                 self._add(f"mod{i}.agree", (d.causal_enter == d.topk_mask).sum())
+                self._add(f"mod{i}.both", (d.causal_enter & d.topk_mask).sum())  # enters under both rules
                 self._add(f"mod{i}.w", torch.stack([w.sum(), (w.float() ** 2).sum(), one[0] * w.numel()]))
                 self._add(f"mod{i}.by_position", entered.sum(0))  # (T,)
                 self._add(f"mod{i}.bce", d.bce_loss)
@@ -108,6 +110,10 @@ class RouterStats:
             put("mod", i, "entry_fraction", float(self.sums[f"mod{i}.entered"]) / tokens)
             put("mod", i, "causal_entry_fraction", float(self.sums[f"mod{i}.causal_enter"]) / tokens)
             put("mod", i, "causal_agreement", float(self.sums[f"mod{i}.agree"]) / tokens)
+            # At capacity c, never entering already agrees 1 - c: precision and recall of "enters" say more.
+            both = float(self.sums[f"mod{i}.both"])
+            put("mod", i, "causal_precision", both / max(float(self.sums[f"mod{i}.causal_enter"]), 1.0))
+            put("mod", i, "causal_recall", both / max(float(self.sums[f"mod{i}.topk"]), 1.0))
             s, s2, n = (float(v) for v in self.sums[f"mod{i}.w"])
             mean = s / max(n, 1)
             put("mod", i, "router_weight_mean", mean)

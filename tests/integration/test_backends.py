@@ -47,6 +47,8 @@ NATIVE_ONLY = (
     "mod/layer",
     "mod/entry_fraction",
     "mod/causal_entry_fraction",
+    "mod/causal_precision",
+    "mod/causal_recall",
     "mod/router_weight_",
     "mod/selection_entropy",
     "mod/first_decile_share",
@@ -61,6 +63,8 @@ NATIVE_ONLY = (
     "eval/loss_causal",
     "eval/causal_agreement",
     "eval/causal_entry_fraction",
+    "eval/causal_precision",
+    "eval/causal_recall",
     "eval/loss_gap_causal_vs_topk",
 )
 

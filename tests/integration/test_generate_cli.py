@@ -114,7 +114,9 @@ def test_eval_reproduces_the_trainers_evaluation(run_dir, export_dir):
     assert float(values["loss_topk"]) == pytest.approx(last["eval/loss_topk"], rel=1e-5)
     assert float(values["loss_causal"]) == pytest.approx(last["eval/loss_causal"], rel=1e-5)
     assert float(values["causal_agreement"]) == pytest.approx(last["eval/causal_agreement"], rel=1e-6)
-    assert re.search(r"layer 1: causal agreement [\d.]+, causal entry [\d.]+", result.stdout)
+    assert re.search(
+        r"layer 1: causal agreement [\d.]+, causal entry [\d.]+, precision [\d.]+, recall [\d.]+", result.stdout
+    )
 
 
 def one_line_error(result, pattern: str) -> None:

@@ -48,6 +48,8 @@ MOD_BOTH = [
     "entry_fraction",
     "causal_entry_fraction",
     "causal_agreement",
+    "causal_precision",
+    "causal_recall",
     "router_weight_mean",
     "router_weight_std",
     "selection_entropy",
@@ -62,6 +64,8 @@ EVAL = [
     "eval/loss_causal",
     "eval/causal_agreement",
     "eval/causal_entry_fraction",
+    "eval/causal_precision",
+    "eval/causal_recall",
     "eval/loss_gap_causal_vs_topk",
 ]
 

@@ -179,6 +179,8 @@ class NativeModelBackend:
             if mode == "topk" and "mod/causal_agreement" in summary:
                 result["eval/causal_agreement"] = summary["mod/causal_agreement"]
                 result["eval/causal_entry_fraction"] = summary["mod/causal_entry_fraction"]
+                result["eval/causal_precision"] = summary["mod/causal_precision"]
+                result["eval/causal_recall"] = summary["mod/causal_recall"]
         result["eval/loss_gap_causal_vs_topk"] = result["eval/loss_causal"] / result["eval/loss_topk"] - 1
         self.module.train()
         return result
