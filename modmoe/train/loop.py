@@ -22,11 +22,12 @@ from modmoe.checkpoint import CheckpointManager
 from modmoe.checkpoint.manager import find_resume_point
 from modmoe.checkpoint.manifest import CheckpointError, read_manifest
 from modmoe.config import JobConfig
-from modmoe.config_base import ConfigError
+from modmoe.config_base import ConfigError, validate_config
 from modmoe.data import open_training_data
 from modmoe.errors import UserError
 from modmoe.hf.config import pretrained_record
 from modmoe.model.flops import count_flops, parameter_counts
+from modmoe.model_config import ModelConfig
 from modmoe.parallel.distributed import DistEnv, broadcast_from_main, init_distributed, shutdown
 from modmoe.train import memory, throughput
 from modmoe.train.backends import build_backend
@@ -199,6 +200,10 @@ class Trainer:
             return  # load() refuses it with the full list of problems
         if saved is None:
             return
+        try:  # a checkpoint from before a field existed ran with what its default means now
+            saved = validate_config(ModelConfig, saved).model_dump(mode="json")
+        except ConfigError:
+            pass  # compared as recorded: the difference names the field
         ours = self.cfg.model.model_dump(mode="json")
         for key, theirs, mine in _differences(saved, ours, "model"):
             if key == "model.from_hf":  # where the pretrained files are, not the network: they may move

@@ -1,5 +1,7 @@
 """The training loop on the stdlib corpus: learning, the run record, data parallelism."""
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -160,3 +162,21 @@ def test_resume_none_and_bad_path(small_data_dir, tmp_path):
             log=lambda _: None,
             resume=str(tmp_path / "nope"),
         )
+
+
+def test_a_checkpoint_from_before_a_model_field_existed_resumes(small_data_dir, tmp_path):
+    """An earlier modmoe recorded no ``model.attention_bias`` or ``depth.prefix_prior_tokens``: it
+    ran with what their defaults mean now, so its checkpoints resume; a real difference is one line."""
+    extra = {"trainer.max_steps": 2, "logging.mlflow.enabled": False}
+    Trainer(load_config(None, small_overrides(small_data_dir, tmp_path, **extra)), log=lambda _: None).train()
+    manifest_path = sorted((tmp_path / "checkpoints").glob("step_*"))[-1] / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    model = manifest["meta"]["config"]["model"]
+    del model["attention_bias"], model["depth"]["prefix_prior_tokens"]
+    manifest_path.write_text(json.dumps(manifest))
+    more = {**extra, "trainer.max_steps": 3}
+    assert Trainer(load_config(None, small_overrides(small_data_dir, tmp_path, **more)), log=lambda _: None).step == 2
+    model["num_heads"] = 2
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"model.num_heads = 2 in the checkpoint but 4 in the config"):
+        Trainer(load_config(None, small_overrides(small_data_dir, tmp_path, **more)), log=lambda _: None)
