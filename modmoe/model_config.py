@@ -44,7 +44,7 @@ class DepthRoutingConfig(ConfigModel):
     ``sigmoid(r)``, or ``unit``: 1 in value with the raw logit's gradient (a pretrained block's
     update is kept exactly; the router still learns which tokens to send)."""
 
-    causal_router: Literal["aux_loss", "predictor", "prefix_rank"] = "aux_loss"
+    causal_router: Literal["aux_loss", "predictor", "prefix_rank"] = "prefix_rank"
     """How tokens are routed when future tokens are unknown (generation, causal eval):
     ``aux_loss`` enters when sigmoid(r) > 0.5, taught by ``bce_loss_coef``; ``predictor``
     enters when a small stop-gradient MLP says so; ``prefix_rank`` enters when the token's router

@@ -72,7 +72,7 @@ class DepthArgs:
     every: int = 2
     offset: int = 1
     router_weight: str = "raw"
-    causal_router: str = "aux_loss"
+    causal_router: str = "prefix_rank"
     bce_loss_coef: float = 0.01
     bce_detach_input: bool = False
     predictor: bool = False

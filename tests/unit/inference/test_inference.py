@@ -66,11 +66,9 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> MoDETransformer:
     for moe in model.moe_layers():
         if moe.expert_bias is not None:
             moe.expert_bias.normal_(0, 0.1)  # a trained bias changes the experts' choice
-    for block in model.layers:
-        if block.router is not None and block.router.prior_quantiles is not None:
-            with torch.no_grad():  # a trained prior: the router logits' spread
-                block.router.prior_quantiles.copy_(torch.linspace(-0.05, 0.05, block.router.prior_quantiles.numel()))
-    return model
+    with torch.no_grad():  # a prefix-rank prior as training leaves it: the logits of a training batch
+        model.train()(torch.randint(0, cfg.vocab_size, (4, cfg.max_seq_len)))
+    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -219,4 +219,6 @@ def test_prefix_rank_prior_follows_the_training_logits():
     model.eval()(tokens)
     assert float(router.prior_updates) == 1  # evaluation leaves the prior alone
     with pytest.raises(ValueError, match="trained without its logit prior"):
-        MoDETransformer(ModelConfig(**{**cfg.model_dump(), "depth": {"capacity": 0.25}})).causal_rule("prefix_rank")
+        MoDETransformer(
+            ModelConfig(**{**cfg.model_dump(), "depth": {"capacity": 0.25, "causal_router": "aux_loss"}})
+        ).causal_rule("prefix_rank")
