@@ -112,7 +112,8 @@ def test_sigkilled_training_always_resumes_from_the_last_complete_checkpoint(sma
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
     weights = {}
     for name, run in (("ref", reference), ("got", run_dir)):
-        consolidate(sorted((run / "checkpoints").glob("step_*"))[-1], tmp_path / f"{name}.safetensors")
-        weights[name] = load_file(tmp_path / f"{name}.safetensors")
+        out = tmp_path / name / "model.safetensors"  # a directory each: consolidate writes config.json beside it
+        consolidate(sorted((run / "checkpoints").glob("step_*"))[-1], out)
+        weights[name] = load_file(out)
     assert weights["ref"].keys() == weights["got"].keys()
     assert all(torch.equal(weights["ref"][k], weights["got"][k]) for k in weights["ref"])
