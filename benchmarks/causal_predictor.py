@@ -161,8 +161,18 @@ def prefix_with_prior(
     return (above + prior_tokens * share) / (count + prior_tokens) <= capacity
 
 
+RULES = ("router", "predictor", "prefix-rank", "prefix-prior", "mlp", "mlp-posw", "mlp-prefix")
+
+
 def screen(
-    fit_states, val_states, capacity: float, hidden: int, epochs: int, seed: int, prior_tokens: float
+    fit_states,
+    val_states,
+    capacity: float,
+    hidden: int,
+    epochs: int,
+    seed: int,
+    prior_tokens: float,
+    wanted: tuple[str, ...] = RULES,
 ) -> dict[str, dict[int, Score]]:
     rules: dict[str, dict[int, Score]] = {}
     posw = (1 - capacity) / capacity
@@ -174,6 +184,8 @@ def screen(
         rules.setdefault("prefix-rank", {})[layer] = score(prefix_rank(val.logits) <= capacity, val.member)
         enter = prefix_with_prior(val.logits, train.logits, capacity, prior_tokens)
         rules.setdefault("prefix-prior", {})[layer] = score(enter, val.member)
+        if not {"mlp", "mlp-posw", "mlp-prefix"} & set(wanted):
+            continue
         x_train, x_val = standardized(train.x, train.x), standardized(val.x, train.x)
         for name, pw in (("mlp", 1.0), ("mlp-posw", posw)):
             model = fit(x_train, train.member, hidden, pw, epochs, seed)
@@ -184,7 +196,7 @@ def screen(
         model = fit(f_train, train.member, hidden, 1.0, epochs, seed)
         with torch.no_grad():
             rules.setdefault("mlp-prefix", {})[layer] = score(model(f_val) > 0, val.member)
-    return rules
+    return {name: layers for name, layers in rules.items() if name in wanted}
 
 
 def main() -> None:
@@ -196,6 +208,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prior-tokens", type=float, default=32.0, help="weight of the population prior (prefix-prior)")
+    ap.add_argument("--rules", default=",".join(RULES), help="comma-separated subset of " + ", ".join(RULES))
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     export = Path(args.export or f"{args.run_dir.rstrip('/')}-export")
@@ -208,7 +221,8 @@ def main() -> None:
     seq_len, batch = val_batches[0][0].shape[1], val_batches[0][0].shape[0]
     fit_batches = validation_batches(data.open("train"), seq_len, batch, args.fit_batches)
     fit_states, val_states = record(loaded.model, fit_batches), record(loaded.model, val_batches)
-    rules = screen(fit_states, val_states, capacity, args.hidden, args.epochs, args.seed, args.prior_tokens)
+    wanted = tuple(args.rules.split(","))
+    rules = screen(fit_states, val_states, capacity, args.hidden, args.epochs, args.seed, args.prior_tokens, wanted)
     print(
         f"{export}: capacity {capacity}, fit on {args.fit_batches} x {batch} x {seq_len} training tokens, "
         f"measured on {len(val_batches)} x {batch} x {seq_len} validation tokens"
