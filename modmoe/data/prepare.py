@@ -30,6 +30,7 @@ from typing import Any
 import tokenizers
 from tokenizers import Tokenizer
 
+from modmoe import nested
 from modmoe.data.blend import normalise
 from modmoe.data.config import DataConfig, SourceConfig
 from modmoe.data.documents import Document, utf8_prefix
@@ -225,15 +226,10 @@ def fingerprint(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The first key where two fingerprint field sets differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-            if found:
-                return found
-        return None
-    return None if a == b else f"{prefix} ({a!r} there, {b!r} here)"
+def first_difference(a: Any, b: Any) -> str | None:
+    """The first key where two fingerprint field sets differ, with both values."""
+    found = nested.first_difference(a, b)
+    return None if found is None else f"{found[0]} ({found[1]!r} there, {found[2]!r} here)"
 
 
 # --- the preparation -------------------------------------------------------------------------

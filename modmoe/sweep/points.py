@@ -18,6 +18,7 @@ from typing import Any, Literal
 from modmoe.config import JobConfig, read_config_file, set_dotted
 from modmoe.config_base import ConfigError, validate_config
 from modmoe.model.flops import count_flops
+from modmoe.nested import first_difference
 from modmoe.sweep.spec import SweepSpec
 
 COMPLETED = "COMPLETED"  # written by the trainer after its last step
@@ -246,16 +247,6 @@ def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
         return validate_config(JobConfig, copy.deepcopy(recorded)).model_dump(mode="json")
     except ConfigError:
         return recorded
-
-
-def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-            if found:
-                return found
-        return None
-    return None if a == b else (prefix, a, b)
 
 
 def state(point: Point) -> State:

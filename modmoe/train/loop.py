@@ -28,6 +28,7 @@ from modmoe.errors import UserError
 from modmoe.hf.config import pretrained_record
 from modmoe.model.flops import count_flops, parameter_counts
 from modmoe.model_config import ModelConfig
+from modmoe.nested import differences
 from modmoe.parallel.distributed import DistEnv, broadcast_from_main, init_distributed, shutdown
 from modmoe.train import memory, throughput
 from modmoe.train.backends import build_backend
@@ -205,7 +206,7 @@ class Trainer:
         except ConfigError:
             pass  # compared as recorded: the difference names the field
         ours = self.cfg.model.model_dump(mode="json")
-        for key, theirs, mine in _differences(saved, ours, "model"):
+        for key, theirs, mine in differences(saved, ours, "model"):
             if key == "model.from_hf":  # where the pretrained files are, not the network: they may move
                 continue
             raise CheckpointError(
@@ -461,15 +462,6 @@ def _eval_line(step: int, result: dict[str, float]) -> str:
     if "eval/loss_causal" in result:
         line += f", causal {result['eval/loss_causal']:.4f}"
     return line
-
-
-def _differences(a, b, prefix: str):
-    """(key, a value, b value) for every leaf where two nested config dicts differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            yield from _differences(a.get(key), b.get(key), f"{prefix}.{key}")
-    elif a != b:
-        yield prefix, a, b
 
 
 def run_training(cfg: JobConfig | ResolvedJob, resume: str = "auto") -> dict[str, float]:
