@@ -12,7 +12,8 @@ perturbed so that a dropped norm or bias shows (tests/support/hf_models.py):
   batch, and it takes an optimizer step;
 - MoD-ified at capacity 0.5 (tokens skip) and upcycled, Megatron computes what the native engine's
   import computes: the same routers (the native initialisation for the seed), the same logits;
-- ``modmoe train`` imports on a fresh start and a resumed run reads only its checkpoint;
+- ``modmoe train`` imports on a fresh start, a resumed run reads only its checkpoint, and the run
+  exports back (``--standard``) to a Llama that transformers loads with the checkpoint's logits;
 - what Megatron cannot express is refused in one line (OLMoE's q/k norm over the whole
   projection, llama3 RoPE constants other than Megatron's fixed ones);
 - torchrun, 2 ranks: PP=2, EP=2 and TP=2 (Qwen2-MoE MoD-ified at 0.5), TP=2 for Llama and Qwen3,
@@ -154,7 +155,15 @@ def test_what_megatron_cannot_express_is_refused_in_one_line(family, overrides, 
     assert "\n" not in message and all(w in message for w in words), message
 
 
-def test_modmoe_train_imports_on_a_fresh_start_and_resumes_from_its_checkpoint(work, tmp_path, monkeypatch):
+def test_modmoe_train_imports_on_a_fresh_start_resumes_from_its_checkpoint_and_exports_back(
+    work, tmp_path, monkeypatch
+):
+    """A fresh start reads the pretrained weights, a resumed run only its checkpoint; the run
+    (a learning rate of 1e-10: the weights stay the checkpoint's) exports with ``--standard`` to a
+    Llama that transformers loads and that computes the checkpoint's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from modmoe.export.standard import export_standard
     from modmoe.train.loop import Trainer
 
     directory = hf_models.save_tokenizer(work / "llama")
@@ -163,7 +172,7 @@ def test_modmoe_train_imports_on_a_fresh_start_and_resumes_from_its_checkpoint(w
         return job_config(
             directory,
             tmp_path / "run",
-            MOD_HALF,
+            optimizer={"lr": 1e-10},
             data={"max_corpus_bytes": 100_000, "val_fraction": 0.1, "prepared_dir": str(tmp_path / "data")},
             trainer={"max_steps": max_steps, "eval_every": 0, "eval_batches": 1, "progress_bar": False},
             logging={"plots_every_eval": False},
@@ -188,6 +197,12 @@ def test_modmoe_train_imports_on_a_fresh_start_and_resumes_from_its_checkpoint(w
         resumed.close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+    export_standard(tmp_path / "run", tmp_path / "export")
+    reference = torch.load(work / "llama.pt")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    assert rel_err(hf_models.logits(exported, reference["ids"][:, :-1]), reference["logits"]) <= REL
 
 
 # ---------------------------------------------------------------------------- 2 ranks
