@@ -74,9 +74,9 @@ def _routing_worker(out: Path) -> None:
         all_gather_seq,
         gather_routed,
         plan_routed_rows,
-        router_weight,
         scatter_routed,
     )
+    from modmoe.model.routing import router_weight
 
     dist.init_process_group("gloo")  # the training run after this check reuses the group
     rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
