@@ -16,7 +16,7 @@ part this rank holds (its experts' rows, its tensor-parallel rows or columns; ea
 a rank that needs none of it, e.g. a rank of stage 1 never reads the embedding) and at most once
 per tensor, so the source can be lazy: the native model initialised from a seed
 (:func:`native_init_reader`), or a pretrained checkpoint read through memory maps
-(:func:`pretrained_reader`). Which part of the native tensors a rank's slice of a Megatron tensor
+(:func:`~modmoe.engines.megatron.pretrained.pretrained_reader`). Which part of the native tensors a rank's slice of a Megatron tensor
 needs follows from the rule's :attr:`~modmoe.engines.megatron.convert.Rule.kind`
 (:func:`rank_read`); the conversion itself is :mod:`~modmoe.engines.megatron.convert`'s, applied
 to those parts, so loading and exporting cannot disagree. :func:`rank_slice` is the reference:
@@ -137,8 +137,9 @@ def _chunk(t: Tensor, shares: int, index: int) -> Tensor:
     return t.chunk(shares, dim=0)[index]
 
 
-def _rows(start: int, count: int) -> slice:
-    return slice(start * count, (start + 1) * count)
+def _rows(chunk: int, width: int) -> slice:
+    """Chunk ``chunk`` of ``width`` rows (or columns)."""
+    return slice(chunk * width, (chunk + 1) * width)
 
 
 @dataclass(frozen=True)

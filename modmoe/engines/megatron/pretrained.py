@@ -14,7 +14,6 @@ such a tensor, and only those tensors are kept of it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -22,8 +21,6 @@ from torch import Tensor
 from modmoe.engines.megatron.load import Index, NativeReader, native_init_reader
 from modmoe.hf.checkpoint import reader_for
 from modmoe.model_config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -40,7 +40,7 @@ class LocalRMSNorm(torch.nn.RMSNorm):
 def biased(linear: type) -> type:
     """``linear`` (Megatron's row-parallel linear, local or TE) always built with a bias."""
 
-    def __init__(self, *args, bias: bool = False, **kwargs) -> None:  # noqa: N807 (a method)
+    def __init__(self, *args, bias: bool = False, **kwargs) -> None:
         linear.__init__(self, *args, bias=True, **kwargs)
 
     return type(f"Biased{linear.__name__}", (linear,), {"__init__": __init__, "__module__": __name__})
