@@ -113,15 +113,10 @@ def _layout(cfg: JobConfig, backend: str, world_size: int, device: str) -> tuple
     return dims, dims.dp
 
 
-def check_pretrained_job(cfg: JobConfig, backend: str) -> None:
-    """``model.from_hf``: an engine that imports it, and every tensor the model needs in the
-    checkpoint with its shape (safetensors headers only)."""
-    if backend == "megatron":
-        raise field_error(
-            "model.from_hf",
-            cfg.model.from_hf,
-            "the megatron engine does not import pretrained checkpoints yet; use engine: native",
-        )
+def check_pretrained_job(cfg: JobConfig) -> None:
+    """``model.from_hf``: every tensor the model needs in the checkpoint with its shape
+    (safetensors headers only). Both engines import it; what the megatron engine cannot express
+    of an architecture is refused when the job is translated."""
     check_pretrained(cfg.model)
 
 
@@ -140,7 +135,7 @@ def resolve_job(cfg: JobConfig, world_size: int | None = None, device: str | Non
             "model.vocab_size", m.vocab_size, f"must be >= data.vocab_size ({d.vocab_size}), the tokenizer trained"
         )
     if m.from_hf is not None:
-        check_pretrained_job(cfg, backend)
+        check_pretrained_job(cfg)
     if cfg.optimizer.routers_only_steps and not any(
         m.depth.is_routed(i) or m.moe.is_moe(i) for i in range(m.num_layers)
     ):

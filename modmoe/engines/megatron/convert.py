@@ -7,7 +7,10 @@ Megatron's layout, per layer ``i`` (``decoder.layers.{i}.``):
 
 - ``self_attention.linear_qkv.weight``: ``[(H + 2*KV) * hd, D]``, grouped by KV head: for
   each group ``g`` its ``H/KV`` query heads, then key ``g``, then value ``g`` (the native model
-  keeps separate ``wq``, ``wk``, ``wv``; query head ``j`` reads KV head ``j // (H/KV)`` in both).
+  keeps separate ``wq``, ``wk``, ``wv``; query head ``j`` reads KV head ``j // (H/KV)`` in both);
+  its ``bias`` (q/k/v biases, ``add_qkv_bias``) is grouped the same way. ``linear_proj.bias``
+  (native ``wo.bias``, Llama's ``attention_bias``) and the per-head q/k RMSNorm weights
+  ``q_layernorm.weight`` / ``k_layernorm.weight`` (``qk_layernorm``, Qwen3) are the native ones.
 - ``linear_fc1.weight`` of a SwiGLU MLP (dense, shared expert, each expert): ``[2F, D]`` =
   ``[gate; up]`` = native ``[w1; w3]``; ``linear_fc2.weight`` = native ``w2``. Native experts
   are stacked ``(E, D, F)`` matrices used as ``x @ w``, so expert ``e`` transposes.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +41,7 @@ from torch import Tensor
 from modmoe.model_config import ModelConfig
 
 Fn = Callable[..., tuple[Tensor, ...]]
+RuleKind = Literal["same", "qkv", "gated", "experts"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,13 @@ class Rule:
     megatron: tuple[str, ...]
     to_megatron: Fn
     to_native: Fn
+    kind: RuleKind = "same"
+    """How the Megatron tensors lie over the native ones, which tells a loader the part of the
+    native tensors that a rank's slice of a Megatron tensor needs: ``same`` (one tensor, the same
+    layout), ``qkv`` (query, key and value rows grouped by KV head), ``gated`` (``[gate; up]``
+    rows), ``experts`` (per expert ``e``, ``[gate_e; up_e]`` then ``down_e``, from stacked
+    ``(E, D, F)`` / ``(E, F, D)`` tensors). Every ``to_megatron`` takes any contiguous part of its
+    inputs along those axes (KV groups, hidden rows, experts) and makes the same part of its outputs."""
 
 
 def _same(*t: Tensor) -> tuple[Tensor, ...]:
@@ -69,21 +81,25 @@ def _rename(native: str, megatron: str) -> Rule:
     return Rule((native,), (megatron,), _same, _same)
 
 
-def _qkv_rule(cfg: ModelConfig, native: str, megatron: str) -> Rule:
+def _qkv_rule(cfg: ModelConfig, native: str, megatron: str, part: str = "weight") -> Rule:
+    """Weights ``[rows, D]`` or biases ``[rows]``; any whole number of KV groups (a rank's part)."""
     a = cfg.to_args()
-    H, KV, hd, D = a.num_heads, a.num_kv_heads, a.head_dim, a.dim
-    per = H // KV
+    hd, per = a.head_dim, a.num_heads // a.num_kv_heads
 
     def pack(wq: Tensor, wk: Tensor, wv: Tensor) -> tuple[Tensor]:
-        q = wq.reshape(KV, per, hd, D)  # query heads grouped by the KV head they read
-        k, v = wk.reshape(KV, 1, hd, D), wv.reshape(KV, 1, hd, D)
-        return (torch.cat([q, k, v], dim=1).reshape((H + 2 * KV) * hd, D),)
+        rest = wq.shape[1:]
+        groups = wk.shape[0] // hd
+        q = wq.reshape(groups, per, hd, *rest)  # query heads grouped by the KV head they read
+        k, v = wk.reshape(groups, 1, hd, *rest), wv.reshape(groups, 1, hd, *rest)
+        return (torch.cat([q, k, v], dim=1).reshape(groups * (per + 2) * hd, *rest),)
 
     def unpack(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        g = qkv.reshape(KV, per + 2, hd, D)
-        return g[:, :per].reshape(H * hd, D), g[:, per].reshape(KV * hd, D), g[:, per + 1].reshape(KV * hd, D)
+        rest = qkv.shape[1:]
+        g = qkv.reshape(-1, per + 2, hd, *rest)
+        return g[:, :per].reshape(-1, *rest), g[:, per].reshape(-1, *rest), g[:, per + 1].reshape(-1, *rest)
 
-    return Rule(tuple(f"{native}.{n}.weight" for n in ("wq", "wk", "wv")), (megatron,), pack, unpack)
+    names = tuple(f"{native}.{n}.{part}" for n in ("wq", "wk", "wv"))
+    return Rule(names, (megatron,), pack, unpack, kind="qkv")
 
 
 def _swiglu_rules(native: str, megatron: str) -> Iterator[Rule]:
@@ -93,6 +109,7 @@ def _swiglu_rules(native: str, megatron: str) -> Iterator[Rule]:
         (f"{megatron}.linear_fc1.weight",),
         lambda w1, w3: (torch.cat([w1, w3], dim=0),),
         lambda fc1: tuple(fc1.chunk(2, dim=0)),
+        kind="gated",
     )
     yield _rename(f"{native}.w2.weight", f"{megatron}.linear_fc2.weight")
 
@@ -107,18 +124,19 @@ def _expert_rule(native: str, megatron: str, num_experts: int, layout: MegatronL
         fc2 = tuple(f"{megatron}.local_experts.{e}.linear_fc2.weight" for e in range(E))
 
     def pack(w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, ...]:
-        # native (E, D, F) used as x @ w  ->  Megatron [2F, D] / [D, F] used as x @ w.T
-        ups = tuple(torch.cat([w1[e].t(), w3[e].t()], dim=0) for e in range(E))
-        return ups + tuple(w2[e].t() for e in range(E))
+        # native (E, D, F) used as x @ w  ->  Megatron [2F, D] / [D, F] used as x @ w.T; any run
+        # of experts (a rank's): the outputs are its fc1s, then its fc2s
+        ups = tuple(torch.cat([w1[e].t(), w3[e].t()], dim=0) for e in range(w1.shape[0]))
+        return ups + tuple(w2[e].t() for e in range(w2.shape[0]))
 
     def unpack(*mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        ups, downs = mats[:E], mats[E:]
+        ups, downs = mats[: len(mats) // 2], mats[len(mats) // 2 :]
         w1 = torch.stack([u.chunk(2, dim=0)[0].t() for u in ups])
         w3 = torch.stack([u.chunk(2, dim=0)[1].t() for u in ups])
         return w1, w3, torch.stack([d.t() for d in downs])
 
     names = tuple(f"{native}.{n}" for n in ("w1", "w3", "w2"))
-    return Rule(names, fc1 + fc2, pack, unpack)
+    return Rule(names, fc1 + fc2, pack, unpack, kind="experts")
 
 
 def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[Rule]:
@@ -129,7 +147,14 @@ def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[R
     )
     yield _rename(f"{n}.attn_norm.weight", attn_norm)
     yield _qkv_rule(cfg, f"{n}.attn", f"{m}.self_attention.linear_qkv.weight")
+    if cfg.attention_bias != "none":
+        yield _qkv_rule(cfg, f"{n}.attn", f"{m}.self_attention.linear_qkv.bias", part="bias")
     yield _rename(f"{n}.attn.wo.weight", f"{m}.self_attention.linear_proj.weight")
+    if cfg.attention_bias == "all":
+        yield _rename(f"{n}.attn.wo.bias", f"{m}.self_attention.linear_proj.bias")
+    if cfg.qk_norm == "head":
+        yield _rename(f"{n}.attn.q_norm.weight", f"{m}.self_attention.q_layernorm.weight")
+        yield _rename(f"{n}.attn.k_norm.weight", f"{m}.self_attention.k_layernorm.weight")
     fused_mlp_norm = layout.fused_norms and not use_moe
     mlp_norm = f"{m}.mlp.linear_fc1.layer_norm_weight" if fused_mlp_norm else f"{m}.pre_mlp_layernorm.weight"
     yield _rename(f"{n}.mlp_norm.weight", mlp_norm)
@@ -141,6 +166,8 @@ def _layer_rules(cfg: ModelConfig, i: int, layout: MegatronLayout) -> Iterator[R
         yield _expert_rule(f"{n}.mlp.experts", f"{m}.mlp.experts", e.num_experts, layout)
         if e.num_shared_experts:
             yield from _swiglu_rules(f"{n}.mlp.shared", f"{m}.mlp.shared_experts")
+            if e.shared_expert_gate:
+                yield _rename(f"{n}.mlp.shared_gate.weight", f"{m}.mlp.shared_experts.gate_weight")
     else:
         yield from _swiglu_rules(f"{n}.mlp", f"{m}.mlp")
     if routed:
@@ -173,6 +200,8 @@ def conversion_rules(cfg: ModelConfig, layout: MegatronLayout | None = None) -> 
 def _check_supported(cfg: ModelConfig) -> None:
     if any(cfg.to_args().noop_experts_at(i) for i in range(cfg.num_layers)):
         raise ValueError("convert: integrated MoDE (no-op experts) has no Megatron counterpart")
+    if cfg.qk_norm == "full":
+        raise ValueError("convert: q/k RMSNorm over the whole projection (qk_norm 'full') has no Megatron counterpart")
 
 
 def _apply(state: dict[str, Tensor], rules: list[Rule], forward: bool, what: str) -> tuple[dict[str, Tensor], set[str]]:

@@ -3,14 +3,17 @@
 Start from Megatron's own per-layer specs (``get_gpt_decoder_layer_specs``: dense or MoE,
 Transformer Engine or local modules), then wrap the depth-routed layers in
 :class:`~modmoe.engines.megatron.layer.MoDETransformerLayer` with the same submodules. Local
-specs get :class:`LocalRMSNorm`, because Megatron's own torch norm refuses sequence
-parallelism. The decoder block of one pipeline stage takes its slice of the list, so routed
-layers can sit on any stage.
+specs get :class:`LocalRMSNorm` (the q/k norms too), because Megatron's own torch norm refuses
+sequence parallelism. A model with a bias on the attention output projection only (Llama's
+``attention_bias``; Megatron's ``add_bias_linear`` would put biases on the MLPs too) gets a
+``linear_proj`` built with one (:func:`biased`). The decoder block of one pipeline stage takes
+its slice of the list, so routed layers can sit on any stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -33,13 +36,36 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+@functools.cache
+def biased(linear: type) -> type:
+    """``linear`` (Megatron's row-parallel linear, local or TE) always built with a bias."""
+
+    def __init__(self, *args, bias: bool = False, **kwargs) -> None:
+        linear.__init__(self, *args, bias=True, **kwargs)
+
+    return type(f"Biased{linear.__name__}", (linear,), {"__init__": __init__, "__module__": __name__})
+
+
+def _attention(sub, plan: MegatronPlan, config: TransformerConfig):
+    """The layer's attention spec with the local q/k norms and the output projection's bias."""
+    spec = sub.self_attention
+    changes = {}
+    if config.qk_layernorm and not plan.use_te:
+        changes.update(q_layernorm=LocalRMSNorm, k_layernorm=LocalRMSNorm)
+    if plan.output_projection_bias:
+        changes["linear_proj"] = biased(spec.submodules.linear_proj)
+    if not changes:
+        return spec
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **changes))
+
+
 def layer_specs(plan: MegatronPlan, config: TransformerConfig) -> list[ModuleSpec]:
     """One spec per layer of the whole model (all pipeline stages)."""
     specs = []
     for i, spec in enumerate(
         get_gpt_decoder_layer_specs(config, use_transformer_engine=plan.use_te, normalization="RMSNorm")
     ):
-        sub = spec.submodules
+        sub = dataclasses.replace(spec.submodules, self_attention=_attention(spec.submodules, plan, config))
         if not plan.use_te:
             sub = dataclasses.replace(sub, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)
         if i in plan.routed_layers:

@@ -14,7 +14,16 @@ the way the native model (the specification) means it is rejected with a one-lin
 - the expert bias together with a balance loss: Megatron counts the loss's loads without the
   bias (opt in with ``megatron.aux_loss_with_expert_bias: megatron``);
 - context parallelism with depth routing, ``unrouted`` activation checkpointing, FSDP2, and
-  layouts Megatron itself refuses (sp without tp, MoE + tp without sp, DeepSpeed with pp, ...).
+  layouts Megatron itself refuses (sp without tp, MoE + tp without sp, DeepSpeed with pp, ...);
+- of the pretrained families' features: q/k RMSNorm over the whole projection (OLMoE; Megatron's
+  is per head), and llama3 RoPE scaling whose constants other than the factor differ from the
+  ones Megatron fixes (:data:`MEGATRON_LLAMA3_ROPE`).
+
+Mapped: q/k/v biases (``add_qkv_bias``), the output projection's bias (Llama; a biased
+``linear_proj`` in the layer spec, MLPs stay bias-free), per-head q/k RMSNorm (``qk_layernorm``),
+``head_dim`` (``kv_channels``), llama3 and linear RoPE scaling (``GPTModel``'s ``rope_scaling`` /
+``seq_len_interpolation_factor``), the shared-expert gate (``moe_shared_expert_gate``),
+``normalize_top_k`` (``moe_router_pre_softmax``) and the router's score function.
 
 On a CPU (``device="cpu"``: tests, debugging, small runs) the parts Megatron builds for GPUs only
 are chosen or refused here: ``megatron.distributed_optimizer: null`` picks the replicated
@@ -98,6 +107,7 @@ class MegatronPlan:
     zero_stage: int | None  # DeepSpeed ZeRO stage (deepspeed only)
     device: Device = "cuda"
     cpu_choices: tuple[str, ...] = ()  # what a CPU run uses instead of a GPU-only part, for the describe line
+    output_projection_bias: bool = False  # attention's linear_proj has a bias (Llama's attention_bias), MLPs none
 
     @property
     def dispatcher(self) -> str | None:
@@ -110,28 +120,48 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     return "fp32" if precision == "fp32" else "bf16"
 
 
-# Architecture features of pretrained families that the native model has and this engine's
-# translation does not map yet: (field, value that works).
-_NATIVE_ONLY_FEATURES = (
-    ("attention_bias", "none"),
-    ("qk_norm", "none"),
-    ("rope_scaling", None),
-)
+# Megatron-Core 0.16's llama3 RoPE scaling takes only the factor (``GPTModel(rope_scaling=True,
+# rope_scaling_factor=...)``); ``RotaryEmbedding._apply_scaling`` fixes the other constants at
+# these values (Llama-3.1's and 3.2's).
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _check_architecture(m: ModelConfig) -> None:
+    """The pretrained families' features that Megatron cannot express the native model's way."""
+    if m.qk_norm == "full":
+        raise field_error(
+            "model.qk_norm",
+            "full",
+            "is not supported by the megatron engine: Megatron normalizes queries and keys per head "
+            "('head', Qwen3), not over the whole projection (OLMoE); use engine: native",
+        )
+    scaling = m.rope_scaling
+    if scaling is not None and scaling.rope_type == "llama3":
+        for key, fixed in MEGATRON_LLAMA3_ROPE.items():
+            value = getattr(scaling, key)
+            if value != fixed:
+                raise field_error(
+                    f"model.rope_scaling.{key}",
+                    value,
+                    f"Megatron-Core's llama3 RoPE scaling fixes it at {fixed} (it takes the factor only); "
+                    "use engine: native",
+                )
+
+
+def _rope_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """``GPTModel`` kwargs of the RoPE scaling: llama3 through Megatron's own, linear as its position
+    interpolation (positions / factor: every frequency / factor)."""
+    scaling = m.rope_scaling
+    if scaling is None:
+        return {}
+    if scaling.rope_type == "llama3":
+        return {"rope_scaling": True, "rope_scaling_factor": scaling.factor}
+    return {"seq_len_interpolation_factor": scaling.factor}
 
 
 def _check_model(m: ModelConfig, g: MegatronConfig) -> None:
     d, e = m.depth, m.moe
-    for name, works in _NATIVE_ONLY_FEATURES:
-        value = getattr(m, name)
-        if value != works:
-            shown = value.rope_type if name == "rope_scaling" else value
-            raise field_error(
-                f"model.{name}", shown, f"is not supported by the megatron engine yet (use {works!r} or engine: native)"
-            )
-    if e.enabled and e.shared_expert_gate:
-        raise field_error(
-            "model.moe.shared_expert_gate", True, "is not supported by the megatron engine yet (use engine: native)"
-        )
+    _check_architecture(m)
     if d.enabled and d.bce_detach_input:
         raise field_error(
             "model.depth.bce_detach_input", True, "must be false with the megatron engine (native engine only)"
@@ -426,6 +456,7 @@ def _moe_kwargs(m: ModelConfig, g: MegatronConfig, dispatcher: str) -> dict[str,
         kw["moe_router_bias_update_rate"] = e.bias_update_rate
     if e.num_shared_experts:
         kw["moe_shared_expert_intermediate_size"] = m.to_args().moe.shared_hidden
+        kw["moe_shared_expert_gate"] = e.shared_expert_gate  # Qwen2-MoE: sigmoid(w . x) * shared(x)
     return kw
 
 
@@ -469,8 +500,9 @@ def translate(
         "layernorm_epsilon": model.norm_eps,
         "gated_linear_unit": True,  # SwiGLU: fc1 packs [gate; up]
         "activation_func": F.silu,
-        "add_bias_linear": False,
-        "add_qkv_bias": False,
+        "add_bias_linear": False,  # no MLP biases; the output projection's comes from the spec
+        "add_qkv_bias": model.attention_bias != "none",
+        "qk_layernorm": model.qk_norm == "head",
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "init_method_std": model.init_std,
@@ -505,6 +537,7 @@ def translate(
         "rotary_base": model.rope_theta,
         "share_embeddings_and_output_weights": model.tie_embeddings,
         "parallel_output": True,
+        **_rope_kwargs(model),
     }
     d = model.depth
     depth = None
@@ -535,6 +568,7 @@ def translate(
         zero_stage=zero_stage,
         device=device,
         cpu_choices=choices,
+        output_projection_bias=model.attention_bias == "all",
     )
 
 

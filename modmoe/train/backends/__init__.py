@@ -12,12 +12,11 @@ if TYPE_CHECKING:
 
 
 def build_backend(job: ResolvedJob, env: DistEnv, load_pretrained: bool = False) -> Backend:
-    """``load_pretrained``: a fresh start of a ``model.from_hf`` job (resolve_job refuses the
-    megatron engine with it)."""
+    """``load_pretrained``: a fresh start of a ``model.from_hf`` job."""
     if job.backend == "megatron":
         from modmoe.train.backends.megatron import MegatronBackend
 
-        return MegatronBackend(job, env)
+        return MegatronBackend(job, env, load_pretrained)
     if job.backend == "deepspeed":
         from modmoe.train.backends.deepspeed import DeepSpeedBackend
 

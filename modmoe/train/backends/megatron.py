@@ -12,7 +12,10 @@
 - losses: token-mean cross-entropy per micro-batch; MoE balance losses and the MoD BCE losses
   ride on activations (``MoEAuxLossAutoScaler``), so every pipeline stage adds its own;
 - checkpoints: :class:`~modmoe.engines.megatron.checkpoint.MegatronStateIO` (dist_checkpointing,
-  resumes under another layout), committed by the Trainer's checkpoint manager.
+  resumes under another layout), committed by the Trainer's checkpoint manager;
+- initial weights: every rank loads its part of the native model's initialisation, or, on a fresh
+  start of a ``model.from_hf`` job, its part of the pretrained checkpoint
+  (:mod:`modmoe.engines.megatron.pretrained`; a resumed run reads its checkpoint instead).
 
 On a CPU device (tests, debugging) the backend runs inside
 :func:`~modmoe.engines.megatron.cpu_emulation.megatron_on_cpu` with local layers and gloo.
@@ -21,6 +24,7 @@ On a CPU device (tests, debugging) the backend runs inside
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import numpy as np
@@ -35,6 +39,8 @@ from modmoe.train.backends.deepspeed_config import deepspeed_config
 from modmoe.train.backends.keys import MEGATRON_KEYS
 from modmoe.train.optim import build_optimizer, lr_factor
 from modmoe.train.resolve import ResolvedJob
+
+log = logging.getLogger(__name__)
 
 MOE_METRIC_NAMES = {  # Megatron tracker name -> native metric name (summed over MoE layers)
     "load_balancing_loss": "moe_aux_loss",
@@ -125,13 +131,17 @@ class MegatronBackend:
     name = "megatron"
     honoured = MEGATRON_KEYS
 
-    def __init__(self, job: ResolvedJob, env: DistEnv) -> None:
+    def __init__(self, job: ResolvedJob, env: DistEnv, load_pretrained: bool = False) -> None:
+        """``load_pretrained``: start from ``model.from_hf`` (a fresh start; a resumed run takes its
+        weights from the checkpoint)."""
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 
         from modmoe.engines.megatron.cpu_emulation import megatron_on_cpu
 
         self.cfg, self.env, self.device = job.cfg, env, env.device
+        self.load_pretrained = load_pretrained
+        self.pretrained_load = None  # what this rank read of model.from_hf (PretrainedLoad), on a fresh import
         self.plan: MegatronPlan = job.layout
         self.cpu = self.device.type == "cpu"
         self._exit = contextlib.ExitStack()
@@ -173,23 +183,20 @@ class MegatronBackend:
         from megatron.core.transformer.module import Float16Module
 
         from modmoe.engines.megatron.convert import MegatronLayout
-        from modmoe.engines.megatron.load import load_native_weights, native_init_reader
+        from modmoe.engines.megatron.load import load_native_weights
         from modmoe.engines.megatron.spec import build_gpt_model
 
         plan, opt, ps, mc = self.plan, self.cfg.optimizer, self.ps, self.cfg.megatron
         # Megatron initialises (which also marks the tensor-parallel parameters), then every layout
-        # overwrites its part with the native model's initial weights.
+        # overwrites its part with the native model's initial weights, or the pretrained ones.
         self.tconfig = build_transformer_config(plan, use_cpu_initialization=self.cpu)
         self.bf16 = bool(self.tconfig.bf16)
         self.gpt = build_gpt_model(plan, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
         self.gpt.to(self.device)
         m = self.cfg.model
-        load_native_weights(
-            self.gpt,
-            m,
-            native_init_reader(m, self.cfg.trainer.seed),
-            MegatronLayout.for_plan(plan.use_te, mc.grouped_gemm),
-        )
+        load_native_weights(self.gpt, m, self._initial_weights(), MegatronLayout.for_plan(plan.use_te, mc.grouped_gemm))
+        if self.pretrained_load is not None:
+            log.info("rank %d: pretrained weights: %s", self.env.rank, self.pretrained_load.summary())
         module = Float16Module(self.tconfig, self.gpt) if self.bf16 else self.gpt
         self.optimizer, self.deepspeed = None, None
         if plan.optimizer == "deepspeed":
@@ -224,6 +231,18 @@ class MegatronBackend:
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward_func = get_forward_backward_func()
+
+    def _initial_weights(self):
+        """The native tensors this rank loads: the pretrained checkpoint's on a fresh import, else
+        the native model's initialisation for the seed."""
+        from modmoe.engines.megatron.load import native_init_reader
+        from modmoe.engines.megatron.pretrained import pretrained_reader
+
+        m, seed = self.cfg.model, self.cfg.trainer.seed
+        if not self.load_pretrained:
+            return native_init_reader(m, seed)
+        read, self.pretrained_load = pretrained_reader(m, seed)
+        return read
 
     def _deepspeed(self, module: torch.nn.Module, job: ResolvedJob):
         """DeepSpeed ZeRO-1/2 over the data-parallel group (pp = 1, ep = 1: checked by translate)."""
@@ -264,10 +283,10 @@ class MegatronBackend:
             "bf16" if self.bf16 else "fp32",
         ]
         cpu = f"; on CPU: {', '.join(plan.cpu_choices)}" if plan.cpu_choices else ""
-        return (
-            f"megatron backend: {', '.join(parts)}{cpu}; routed layers {list(plan.routed_layers)}; "
-            f"initial weights: the native model's (seed {self.cfg.trainer.seed})"
-        )
+        weights = f"the native model's (seed {self.cfg.trainer.seed})"
+        if self.pretrained_load is not None:
+            weights = f"model.from_hf ({self.pretrained_load.summary()})"
+        return f"megatron backend: {', '.join(parts)}{cpu}; routed layers {list(plan.routed_layers)}; initial weights: {weights}"
 
     def layout_tag(self) -> str:
         lay = self.plan.layout

@@ -401,14 +401,6 @@ def test_weights_that_do_not_match_the_config(edit, words, checkpoint, tmp_path)
     one_line(err, *words)
 
 
-def test_the_megatron_engine_refuses_an_import_for_now(checkpoint, tmp_path):
-    data = {"engine": "megatron", "model": {"from_hf": str(checkpoint("llama")[0])}, "data": {"seq_len": 32}}
-    cfg = validate_config(JobConfig, data)
-    with pytest.raises(ConfigError) as err:
-        resolve_job(cfg, world_size=1, device="cpu")
-    one_line(err, "model.from_hf", "megatron engine does not import")
-
-
 def test_a_tokenizer_without_tokenizer_json(checkpoint, tmp_path):
     directory = copy_checkpoint(checkpoint("llama")[0], tmp_path / "ckpt")
     (directory / "tokenizer.json").rename(directory / "tokenizer.model")

@@ -19,6 +19,12 @@ CONFIGS = {
     "mode_tied": {"tie_embeddings": True, "depth": {"capacity": 0.5}, "moe": {"every": 2}},
     "dense_mod": {"moe": {"enabled": False}},
     "moe_only_mqa": {"num_kv_heads": 1, "depth": {"enabled": False}},
+    "pretrained_features": {
+        "attention_bias": "all",
+        "qk_norm": "head",
+        "head_dim": 12,
+        "moe": {"num_shared_experts": 1, "shared_expert_gate": True},
+    },
 }
 LAYOUTS = {"local": MegatronLayout(), "te": MegatronLayout(fused_norms=True), "te_grouped": MegatronLayout(True, True)}
 

@@ -13,12 +13,13 @@ import torch
 pytest.importorskip("megatron.core")
 
 from modmoe.engines.megatron import MegatronConfig  # noqa: E402
-from modmoe.engines.megatron.convert import megatron_to_native  # noqa: E402
+from modmoe.engines.megatron.convert import conversion_rules, megatron_to_native  # noqa: E402
 from modmoe.engines.megatron.load import (  # noqa: E402
     RankShards,
     global_names,
     load_native_weights,
     native_init_reader,
+    rank_read,
     rank_slice,
 )
 from modmoe.engines.megatron.translate import build_transformer_config, translate  # noqa: E402
@@ -87,9 +88,10 @@ def test_one_rank_holds_the_native_initial_model_and_reads_each_tensor_once(mega
     read: list[str] = []
     reader = native_init_reader(CFG, seed=7)
 
-    def recording(name: str) -> torch.Tensor:
+    def recording(name: str, index=None) -> torch.Tensor:
+        assert index is None  # one rank holds everything
         read.append(name)
-        return reader(name)  # the reader drops what it gives: a second read of a name fails
+        return reader(name, index)  # the reader drops what it gives: a second read of a name fails
 
     assert load_native_weights(gpt, CFG, recording, shards=RankShards()) == read
     torch.manual_seed(7)
@@ -119,3 +121,55 @@ def test_a_tensor_of_another_shape_or_one_left_unfilled_is_named(megatron_cpu):
     no_predictor = CFG.model_copy(update={"depth": CFG.depth.model_copy(update={"predictor": False})})
     with pytest.raises(KeyError, match=r"no native tensor fills 'decoder\.layers\.1\.depth_router\.predictor"):
         load_native_weights(gpt, no_predictor, native_init_reader(no_predictor, seed=0), shards=RankShards())
+
+
+# How Megatron splits each tensor over tensor-parallel ranks (dim, stride), by name; None: replicated.
+_MARKS = {
+    "linear_qkv.weight": (0, 1),
+    "linear_qkv.bias": (0, 1),
+    "linear_proj.weight": (1, 1),
+    "linear_fc1.weight": (0, 2),
+    "linear_fc2.weight": (1, 1),
+    "word_embeddings.weight": (0, 1),
+    "output_layer.weight": (0, 1),
+}
+FEATURES = CFG.model_copy(
+    update={"attention_bias": "all", "qk_norm": "head", "moe": CFG.moe.model_copy(update={"shared_expert_gate": True})}
+)
+
+
+@pytest.mark.parametrize(
+    "shards,experts",
+    [
+        (RankShards(tp_rank=1, tp=2, etp_rank=1, etp=2), (2, 3)),
+        # More TP ranks than KV heads (2): ranks 2 and 3 share KV group 1; expert TP over 4 ranks.
+        (RankShards(tp_rank=2, tp=4, etp_rank=3, etp=4), (0, 1, 2, 3)),
+        (RankShards(tp_rank=3, tp=4), (1,)),
+    ],
+    ids=["tp2-etp2-ep2", "tp4-etp4", "tp4-ep4"],
+)
+def test_each_rank_reads_only_the_native_part_its_slices_need(shards, experts):
+    """For every conversion rule, the rank's slice of each Megatron tensor made from the parts of
+    the native tensors it reads equals its slice of the whole converted tensor (rank_slice)."""
+    torch.manual_seed(0)
+    natives = MoDETransformer(FEATURES).state_dict()
+    for rule in conversion_rules(FEATURES):
+        full = dict(zip(rule.megatron, rule.to_megatron(*(natives[n] for n in rule.native)), strict=True))
+        wanted, targets, expected = {}, {}, {}
+        for name, tensor in full.items():
+            if ".local_experts." in name and int(name.split(".local_experts.")[1].split(".")[0]) not in experts:
+                continue  # another expert-parallel rank's expert
+            dim, stride = next((v for k, v in _MARKS.items() if name.endswith(k)), (None, 1))
+            expected[name] = rank_slice(tensor, _marked(tensor.shape, dim, stride), name, shards)
+            wanted[name], targets[name] = [name], _marked(expected[name].shape, dim, stride)
+        part_of = rank_read(rule, wanted, targets, FEATURES, shards)
+        sources = [
+            natives[n] if i is None else natives[n][i] for n, i in zip(rule.native, part_of.indexes, strict=True)
+        ]
+        made = dict(zip(part_of.names, map(part_of.keep, rule.to_megatron(*sources)), strict=True))
+        assert made.keys() == expected.keys(), rule.megatron
+        for name, value in expected.items():
+            assert torch.equal(made[name], value), name
+        if rule.kind == "experts":  # only its experts' rows, and of each its hidden slice
+            share = len(experts) / FEATURES.moe.num_experts / shards.etp
+            assert sum(s.numel() for s in sources) == share * sum(natives[n].numel() for n in rule.native)

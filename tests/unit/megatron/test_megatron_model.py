@@ -44,6 +44,24 @@ CONFIGS = {
     "mode_tied_mqa": {"tie_embeddings": True, "num_kv_heads": 1, "depth": {"capacity": 0.5, "every": 3, "offset": 2}},
     "dense_mod": {"depth": {"capacity": 0.125}, "moe": {"enabled": False}},
     "moe_only": {"depth": {"enabled": False}, "moe": {"top_k": 1, "normalize_top_k": False}},
+    # The pretrained families' features (docs/pretrained.md): Llama's biases on q/k/v and the output
+    # projection, head_dim apart from dim / heads and llama3 RoPE scaling (Megatron's constants:
+    # its wavelengths above 8192 positions are slowed); Qwen's per-head q/k norms, linear RoPE
+    # scaling, the gated shared expert and raw top-k weights.
+    "llama_features": {
+        "attention_bias": "all",
+        "head_dim": 12,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+        "depth": {"capacity": 0.5, "router_weight": "unit"},
+        "moe": {"enabled": False},
+    },
+    "qwen_features": {
+        "attention_bias": "qkv",
+        "qk_norm": "head",
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        "depth": {"capacity": 0.5},
+        "moe": {"num_shared_experts": 1, "shared_expert_gate": True, "normalize_top_k": False, "first_dense": 1},
+    },
 }
 
 
@@ -108,6 +126,22 @@ def test_logits_match_the_native_model(megatron_cpu, name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama_features", "qwen_features"])
+def test_scaled_rope_tables_are_the_native_ones(megatron_cpu, name):
+    """The rotation angles of every position (small random weights hardly see a slowed frequency,
+    so the tables are compared directly)."""
+    from modmoe.model.layers import rope_angles
+
+    cfg = make_cfg(CONFIGS[name])
+    _, meg = build_pair(cfg)
+    table = meg.rotary_pos_emb(T)  # [T, 1, 1, hd]: the angles of each half, twice
+    args = cfg.to_args()
+    expected = rope_angles(torch.arange(T), args.head_dim, args.rope_theta, args.rope_scaling)  # (T, hd/2)
+    unscaled = rope_angles(torch.arange(T), args.head_dim, args.rope_theta)
+    torch.testing.assert_close(table[:, 0, 0, : args.head_dim // 2], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(expected, unscaled, atol=1e-3)
+
+
 def _grads_after_one_backward(cfg, engine=None, bias_noise=0.0):
     native, meg = build_pair(cfg, engine=engine)
     if bias_noise:
@@ -130,7 +164,9 @@ def _grads_after_one_backward(cfg, engine=None, bias_noise=0.0):
     return errors, out
 
 
-@pytest.mark.parametrize("name", ["mode_softmax_all_losses", "mode_sigmoid_bias_shared_predictor", "dense_mod"])
+@pytest.mark.parametrize(
+    "name", ["mode_softmax_all_losses", "mode_sigmoid_bias_shared_predictor", "dense_mod", "qwen_features"]
+)
 def test_gradients_with_auxiliary_losses_match_the_native_model(megatron_cpu, name):
     errors, out = _grads_after_one_backward(make_cfg(CONFIGS[name]))
     assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]

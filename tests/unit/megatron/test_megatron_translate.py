@@ -104,6 +104,19 @@ SUPPORTED = {
     "tied_embeddings": ({"tie_embeddings": True}, {}, {}, 1, False),
     "recompute_all": ({}, {"activation_checkpointing": "all"}, {}, 1, False),
     "bf16": ({}, {}, {}, 1, False),
+    "pretrained_features_tp2": (
+        {
+            "attention_bias": "all",
+            "qk_norm": "head",
+            "head_dim": 24,
+            "rope_scaling": {"rope_type": "llama3", "factor": 32.0},
+            "moe": {"num_shared_experts": 1, "shared_expert_gate": True, "normalize_top_k": False},
+        },
+        {"tp": 2},
+        {"sequence_parallel": True},
+        2,
+        False,
+    ),
 }
 
 
@@ -151,6 +164,20 @@ def test_supported_option_builds_a_real_transformer_config(name):
         assert tc.moe_shared_expert_intermediate_size == shared
     else:
         assert tc.num_moe_experts is None
+
+
+def test_pretrained_architecture_features_map_to_megatron():
+    """q/k/v (and output) biases, per-head q/k norms, head_dim, RoPE scaling, the shared-expert gate."""
+    plan = plan_for(SUPPORTED["pretrained_features_tp2"][0], {"tp": 2}, {"sequence_parallel": True}, world=2)
+    tc = build_transformer_config(plan)
+    assert tc.add_qkv_bias and tc.qk_layernorm and tc.kv_channels == 24 and not tc.add_bias_linear
+    assert tc.moe_shared_expert_gate and plan.output_projection_bias
+    assert plan.gpt["rope_scaling"] and plan.gpt["rope_scaling_factor"] == 32.0
+    qwen = plan_for({"attention_bias": "qkv", "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    assert qwen.transformer["add_qkv_bias"] and not qwen.output_projection_bias and not qwen.transformer["qk_layernorm"]
+    assert qwen.gpt["seq_len_interpolation_factor"] == 4.0 and "rope_scaling" not in qwen.gpt
+    plain = plan_for()
+    assert not plain.transformer["add_qkv_bias"] and not plain.transformer.get("moe_shared_expert_gate")
 
 
 def test_balance_loss_types_and_coefficients():
@@ -296,6 +323,14 @@ REJECTED = {
     "grouped_gemm_without_te": ({}, {}, {"grouped_gemm": True}, 1, "megatron.grouped_gemm"),
     "fp8_experts_with_allgather": ({}, {}, {"fp8": "e4m3", "dispatcher": "allgather"}, 1, "megatron.dispatcher"),
     "seq_len_over_max": ({"max_seq_len": 32}, {}, {}, 1, "data.seq_len"),
+    "qk_norm_over_the_projection": ({"qk_norm": "full"}, {}, {}, 1, "model.qk_norm"),
+    "llama3_rope_other_context": (
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}},
+        {},
+        {},
+        1,
+        "model.rope_scaling.original_max_position_embeddings",
+    ),
 }
 
 
