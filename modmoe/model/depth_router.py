@@ -28,12 +28,12 @@ from .routing import (
     membership,
     membership_bce,
     prefix_rank_enter,
-    quantile_points,
+    quantile_sums,
     router_weight,
     topk_positions,
 )
 
-PRIOR_MIN_WEIGHT = 0.05  # weight of the newest batch in the prior's running quantiles (after the first batches)
+PRIOR_MIN_WEIGHT = 0.05  # weight of the newest step in the prior's running quantiles (after the first steps)
 
 RoutingMode = Literal["topk", "causal"]
 
@@ -49,6 +49,9 @@ class DepthSelection:
     bce_loss: torch.Tensor  # () BCE of logits against top-k membership
     predictor_loss: torch.Tensor | None  # () BCE of the stop-gradient predictor
     predictor_logits: torch.Tensor | None = None  # (B, T) the predictor's logits, when it exists
+    # (Q + 1,) the batch's per-row logit quantiles summed over rows, then the row count: what a
+    # training step moves the prefix-rank prior toward (training with a prior only)
+    quantile_sums: torch.Tensor | None = None
 
 
 class DepthRouter(nn.Module):
@@ -125,12 +128,17 @@ class DepthRouter(nn.Module):
         return rule
 
     @torch.no_grad()
-    def observe(self, logits: torch.Tensor) -> None:
-        """Training: moves the population prior toward this batch's router-logit quantiles."""
-        if self.prior_quantiles is None:
+    def observe(self, sums: torch.Tensor) -> None:
+        """After an applied optimizer step: moves the population prior toward the step's mean
+        per-row logit quantiles, from ``quantile_sums`` added up over its micro-batches and ranks
+        (Q + 1,). The caller skips held-back steps, so a non-finite batch never reaches the prior."""
+        if self.prior_quantiles is None or float(sums[-1]) == 0:
             return
+        points = (sums[:-1] / sums[-1]).to(self.prior_quantiles)  # (Q,)
+        if not bool(torch.isfinite(points).all()):
+            return  # a non-finite step someone chose to apply still leaves the prior usable
         weight = (1.0 / (self.prior_updates + 1)).clamp_min(PRIOR_MIN_WEIGHT)
-        self.prior_quantiles.lerp_(quantile_points(logits, self.prior_quantiles.numel()), weight)
+        self.prior_quantiles.lerp_(points, weight)
         self.prior_updates += 1
 
     def decide(
@@ -159,8 +167,9 @@ class DepthRouter(nn.Module):
         token_valid: (B, T) bool, False for padding, which is chosen only after every real token."""
         T = x.shape[1]
         logits = self.logits(x)  # (B, T)
-        if self.training:
-            self.observe(logits if token_valid is None else logits[token_valid])
+        sums = None
+        if self.training and self.prior_quantiles is not None:
+            sums = quantile_sums(logits, token_valid, self.prior_quantiles.numel())  # (Q + 1,)
         ranked = logits if token_valid is None else logits.masked_fill(~token_valid, float("-inf"))
         topk_index = topk_positions(ranked, k)  # (B, k)
         topk_mask = membership(topk_index, T)
@@ -179,5 +188,5 @@ class DepthRouter(nn.Module):
             index, valid = entering_first(causal_enter)  # (B, S)
         weight = router_weight(logits.gather(1, index), self.weight_kind)  # (B, S)
         return DepthSelection(
-            index, valid, weight, logits, topk_mask, causal_enter, bce, predictor_loss, predictor_logits
+            index, valid, weight, logits, topk_mask, causal_enter, bce, predictor_loss, predictor_logits, sums
         )

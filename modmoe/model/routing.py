@@ -91,12 +91,24 @@ def membership_bce(logits: Tensor, member: Tensor, total_tokens: int | None = No
 PRIOR_QUANTILES = 128  # points of the router-logit distribution a prefix-rank router keeps
 
 
-def quantile_points(logits: Tensor, count: int = PRIOR_QUANTILES) -> Tensor:
-    """(count,) float32: the values at ``count`` evenly spaced quantiles (0 .. 1) of ``logits``,
-    by sorting (static shapes, no host read-back)."""
-    flat = logits.detach().float().flatten().sort().values  # (N,)
-    index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
-    return flat[index]
+def quantile_sums(logits: Tensor, valid: Tensor | None = None, count: int = PRIOR_QUANTILES) -> Tensor:
+    """(count + 1,) float32: each row's router logits (B, T) summarized by the values at ``count``
+    evenly spaced quantiles (0 .. 1) of its real tokens (``valid``), summed over the rows that have
+    any, then the number of those rows. Sums add up over micro-batches and ranks, and any split of
+    the same sequences gives the same mean (sum / rows): the prior does not depend on the layout.
+    Static shapes, no host read-back."""
+    x = logits.detach().float()  # (B, T)
+    if valid is not None:
+        x = x.masked_fill(~valid, float("inf"))  # padding sorts last, past every real token
+        real = valid.sum(-1)  # (B,)
+    else:
+        real = torch.full(x.shape[:1], x.shape[1], device=x.device)
+    ranked = x.sort(dim=-1).values  # (B, T)
+    share = torch.linspace(0, 1, count, device=x.device)  # (count,)
+    index = (share[None] * (real[:, None] - 1).clamp_min(0)).round().long()  # (B, count)
+    has = (real > 0).float()  # (B,)
+    points = (ranked.gather(1, index) * has[:, None]).nan_to_num(posinf=0.0)  # (B, count)
+    return torch.cat([points.sum(0), has.sum().reshape(1)])
 
 
 def share_at_or_above(values: Tensor, quantiles: Tensor) -> Tensor:

@@ -56,6 +56,8 @@ class RouterStats:
                 self._add(f"mod{i}.bce", d.bce_loss)
                 if d.predictor_loss is not None:
                     self._add(f"mod{i}.predictor", d.predictor_loss)
+                if d.quantile_sums is not None:
+                    self._add(f"mod{i}.quantiles", d.quantile_sums)
 
     def reduce(self, reducer) -> None:
         """Sums every statistic over ranks with one collective (``reducer`` sums a tensor), then

@@ -150,8 +150,11 @@ def test_peft_lora_trains_the_adapters_only(exported):
     assert all(torch.equal(params[n], v) for n, v in frozen.items())
 
 
-def test_trl_sft_trainer_runs_steps(exported, tmp_path):
+def test_trl_sft_trainer_runs_steps(exported, tmp_path, monkeypatch):
     trl = pytest.importorskip("trl")
+    # An in-process DeepSpeed test earlier in the session leaves LOCAL_RANK set (DeepSpeed needs
+    # it); accelerate would then start torch.distributed for this plain single process.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     datasets = pytest.importorskip("datasets")
     tok = transformers.AutoTokenizer.from_pretrained(exported)
     texts = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "class A:\n    pass\n"] * 4

@@ -40,7 +40,7 @@ from modmoe.engines.megatron.routing import (
 )
 from modmoe.engines.megatron.translate import DepthLayerParams
 from modmoe.model.depth_router import DepthRouter
-from modmoe.model.routing import membership_bce, router_weight
+from modmoe.model.routing import membership_bce, quantile_sums, router_weight
 
 # The native model's metric names: the two losses summed over routed layers, the agreement of the
 # causal decision with top-k averaged over them (docs/tracking.md).
@@ -97,6 +97,8 @@ class MoDETransformerLayer(TransformerLayer):
         # Detached fp32 sums for logging: the STAT_NAMES contributions, then the micro-batch count.
         # A plain attribute, not a buffer, so that bf16 wrappers do not round the sums.
         self.depth_stats: Tensor | None = None
+        # The step's per-row router-logit quantile sums (prefix_rank), until the optimizer step.
+        self.quantile_sums: Tensor | None = None
         # For the depth-routing plot: when set, forward keeps the positions it chose, [k, b].
         self.record_selection = False
         self.last_selection: Tensor | None = None
@@ -130,8 +132,11 @@ class MoDETransformerLayer(TransformerLayer):
         x = hidden_states  # [s/W, b, h]
         logits = self.depth_router.logits(x)  # [s/W, b] fp32
         full = all_gather_logits(logits, group)  # [s, b]
-        if self.training:
-            self.depth_router.observe(full)
+        if self.training and self.depth_router.prior_quantiles is not None:
+            # Per sequence, for the prior (update_depth_priors). Recompute runs this twice per
+            # micro-batch, which doubles sums and row count alike: the mean stays.
+            sums = quantile_sums(full.t(), None, self.depth_router.prior_quantiles.numel())  # (Q + 1,)
+            self.quantile_sums = sums if self.quantile_sums is None else self.quantile_sums + sums
         plan = plan_routed_rows(full, self.depth.tokens(full.shape[0]), rank, world)
         if self.record_selection:
             self.last_selection = plan.index.detach()
@@ -175,6 +180,22 @@ class MoDETransformerLayer(TransformerLayer):
         if loss is not None:
             y = MoEAuxLossAutoScaler.apply(y, loss)
         return y
+
+
+def update_depth_priors(modules: Iterable[nn.Module], dp_group: dist.ProcessGroup | None, applied: bool = True) -> None:
+    """After the optimizer step: sums each prefix-rank layer's quantile sums over the data-parallel
+    replicas and moves its prior toward their mean (only when the step was ``applied``); resets
+    the sums. Every rank of the data-parallel group must call it."""
+    for root in modules:
+        for layer in root.modules():
+            if not isinstance(layer, MoDETransformerLayer) or layer.quantile_sums is None:
+                continue
+            sums, layer.quantile_sums = layer.quantile_sums, None
+            if not applied:
+                continue
+            if dist.is_initialized() and dp_group is not None:
+                dist.all_reduce(sums, group=dp_group)
+            layer.depth_router.observe(sums)
 
 
 def collect_depth_metrics(

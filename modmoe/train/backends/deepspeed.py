@@ -165,9 +165,7 @@ class DeepSpeedTrainState(Stateful):
             model[name] = safe_get_full_fp32_param(p).detach().cpu()
             optim[name] = {key: _or_zeros(safe_get_full_optimizer_state(p, key), model[name]) for key in ADAM_MOMENTS}
             optim[name]["step"] = step.clone()
-        for name, buf in backend.core.named_buffers():
-            if name.endswith("expert_bias"):
-                model[name] = buf
+        model.update(_persistent_buffers(backend.core))  # expert biases, the prefix-rank priors
         for name, p in backend.expert_params.items():
             model[name] = p
             state = backend.expert_optimizer.state.get(p, {})
@@ -213,6 +211,17 @@ class DeepSpeedTrainState(Stateful):
                     state[key] = optim[name][key]
                 state["step"] = torch.tensor(float(step))
             load_schedule(backend.expert_scheduler, state_dict[SCHEDULER_KEY])
+
+
+def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a native ``state_dict`` holds (those registered persistent), by name: ZeRO
+    partitions parameters only, so these are whole on every rank."""
+    return {
+        f"{prefix}.{name}" if prefix else name: buf
+        for prefix, mod in module.named_modules()
+        for name, buf in mod.named_buffers(recurse=False)
+        if buf is not None and name not in mod._non_persistent_buffers_set
+    }
 
 
 def _set_full_hp(p: nn.Parameter, value: torch.Tensor, optim_state_key: str | None = None) -> None:

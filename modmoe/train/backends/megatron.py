@@ -379,9 +379,14 @@ class MegatronBackend:
     def optimizer_step(self, apply=None) -> float | None:
         if apply is not None:  # resolve_job refuses trainer.numerics.on_nonfinite=skip here
             raise ValueError("the megatron backend cannot hold back a step (its optimizer clips and applies at once)")
+        from modmoe.engines.megatron.layer import update_depth_priors
+
+        dp_group = self.ps.get_data_parallel_group(with_context_parallel=True)
         if self.deepspeed is None:
-            _ok, grad_norm, _ = self.optimizer.step()  # not ok: Megatron skipped a non-finite step
+            ok, grad_norm, _ = self.optimizer.step()  # not ok: Megatron skipped a non-finite step
+            update_depth_priors([self.gpt], dp_group, applied=bool(ok))
             return None if grad_norm is None else float(grad_norm)
+        update_depth_priors([self.gpt], dp_group)
         norm = self.deepspeed.get_global_grad_norm()
         if self.tconfig.moe_router_enable_expert_bias:
             # Megatron updates the expert bias in finalize_model_grads, which DeepSpeed bypasses.

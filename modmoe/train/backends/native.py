@@ -141,7 +141,17 @@ class NativeModelBackend:
         norm, applied = self._apply_gradients(apply)
         # A held-back step changes nothing, the aux-loss-free expert biases included.
         self._bias_metrics = self._update_expert_biases() if applied else {}
+        if applied:
+            self._update_depth_priors()
         return norm
+
+    def _update_depth_priors(self) -> None:
+        """Moves each prefix-rank router's logit prior toward the step's global per-row logit
+        quantiles (already reduced), as the expert biases move: once per applied step."""
+        for i, block in enumerate(self.core.layers):
+            sums = self._stats.sums.get(f"mod{i}.quantiles")
+            if sums is not None:
+                block.router.observe(sums)
 
     def _update_expert_biases(self) -> dict[str, float]:
         """Aux-loss-free balancing from the step's global expert loads (already reduced); returns

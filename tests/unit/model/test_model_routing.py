@@ -201,7 +201,7 @@ def test_prefix_rank_is_the_rank_among_the_prefix_with_a_population_prior():
 
 
 def test_prefix_rank_prior_follows_the_training_logits():
-    from modmoe.model.routing import quantile_points
+    from modmoe.model.routing import quantile_sums
 
     cfg = ModelConfig(
         vocab_size=64, dim=32, num_layers=2, num_heads=4, ffn_hidden=32, max_seq_len=64,
@@ -211,13 +211,39 @@ def test_prefix_rank_prior_follows_the_training_logits():
     router = model.layers[1].router
     assert router.prior_quantiles is not None and float(router.prior_updates) == 0
     tokens = torch.randint(0, 64, (4, 32))
-    seen = []
-    router.register_forward_hook(lambda mod, args, out: seen.append(out.logits.detach()))
-    model(tokens, tokens)
-    assert float(router.prior_updates) == 1  # the first batch sets the prior: its logits' quantiles
-    assert torch.equal(router.prior_quantiles, quantile_points(seen[0], router.prior_quantiles.numel()))
-    model.eval()(tokens)
-    assert float(router.prior_updates) == 1  # evaluation leaves the prior alone
+    out = model(tokens, tokens)
+    sel = out.layers[1].depth
+    assert float(router.prior_updates) == 0  # the forward only reports; the optimizer step moves it
+    q = router.prior_quantiles.numel()
+    rows = sel.logits.sort(-1).values[:, torch.linspace(0, 31, q).round().long()]  # (4, Q) per-row quantiles
+    assert torch.allclose(sel.quantile_sums, torch.cat([rows.sum(0), torch.tensor([4.0])]))
+    # Any split of the same rows (ranks, micro-batches) adds up to the same sums.
+    halves = quantile_sums(sel.logits[:1], None, q) + quantile_sums(sel.logits[1:], None, q)
+    assert torch.allclose(halves, sel.quantile_sums)
+    router.observe(sel.quantile_sums)
+    assert float(router.prior_updates) == 1  # the first step sets the prior: the mean row quantiles
+    assert torch.allclose(router.prior_quantiles, rows.mean(0))
+    before = router.prior_quantiles.clone()
+    router.observe(torch.full_like(sel.quantile_sums, float("nan")))
+    assert torch.equal(router.prior_quantiles, before) and float(router.prior_updates) == 1
+    assert model.eval()(tokens).layers[1].depth.quantile_sums is None  # evaluation reports nothing
+
+
+def test_quantile_sums_rank_only_real_tokens():
+    from modmoe.model.routing import quantile_sums
+
+    logits = torch.tensor([[3.0, 1.0, 2.0, 9.0], [5.0, 7.0, 6.0, 4.0], [8.0, 8.0, 8.0, 8.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True], [False] * 4])
+    sums = quantile_sums(logits, valid, 3)
+    # row 0: 1, 2, 3 (the padded 9 is left out); row 1: 4, 5.5 -> index round(1.5) = 2 -> 6, 7; row 2: no real tokens
+    assert torch.equal(sums, torch.tensor([1.0 + 4.0, 2.0 + 6.0, 3.0 + 7.0, 2.0]))
+
+
+def test_prefix_rank_needs_its_prior():
+    cfg = ModelConfig(
+        vocab_size=64, dim=32, num_layers=2, num_heads=4, ffn_hidden=32, max_seq_len=64,
+        depth={"capacity": 0.25, "causal_router": "prefix_rank"}, moe={"enabled": False},
+    )  # fmt: skip
     with pytest.raises(ValueError, match="trained without its logit prior"):
         MoDETransformer(
             ModelConfig(**{**cfg.model_dump(), "depth": {"capacity": 0.25, "causal_router": "aux_loss"}})
