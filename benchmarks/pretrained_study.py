@@ -4,7 +4,8 @@
    depth routing and experts off, trained ``--pretrain-steps`` steps.
 2. Export it with ``modmoe export --standard`` (a stock Llama, no remote code).
 3. Import it (``model.from_hf``) and continue training ``--continue-steps`` steps, the same tokens
-   for every arm, as: ``dense``; ``mod`` (MoD-ified, capacity 0.125 every other block);
+   for every arm, as: ``dense``; ``mod`` (MoD-ified, capacity 0.125 every other block, router
+   weight ``unit``: exact at step 0); ``mod-sigmoid`` (the same with the main job's ``sigmoid``);
    ``mod-routers-first`` (the same, only the routers training for the first
    ``--routers-only-steps`` steps); ``upcycled`` (each MLP into 8 experts, top-2); ``mod+upcycled``.
 4. Report each arm's validation loss before and after (top-k and causal routing), executed
@@ -32,13 +33,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
-MOD = ["model.depth.enabled=true", "model.depth.capacity=0.125", "model.depth.every=2", "model.depth.offset=1"]
+# The main job's config sets router_weight sigmoid; an import's default is unit (exact at step 0).
+MOD = [
+    "model.depth.enabled=true",
+    "model.depth.capacity=0.125",
+    "model.depth.every=2",
+    "model.depth.offset=1",
+    "model.depth.router_weight=unit",
+]
 # Copies of the pretrained MLP (its width is the main job's ffn_hidden, 344), top-2 of 8.
 UPCYCLE = ["model.moe.enabled=true", "model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=344"]
 NO_MOD = ["model.depth.enabled=false"]  # the main job's config enables depth routing
 ARMS: dict[str, list[str]] = {
     "dense": NO_MOD,
     "mod": MOD,
+    "mod-sigmoid": [*MOD, "model.depth.router_weight=sigmoid"],  # the main job's weight: not exact at step 0
     "mod-routers-first": MOD,  # + optimizer.routers_only_steps (set from the flags)
     "upcycled": NO_MOD + UPCYCLE,
     "mod+upcycled": MOD + UPCYCLE,
