@@ -41,7 +41,7 @@ class DepthRoutingConfig(ConfigModel):
 
     router_weight: Literal["raw", "sigmoid", "unit"] = "raw"
     """What scales the block output of a chosen token: the raw router logit ``r`` (paper),
-    ``sigmoid(r)``, or ``unit``: 1 in value with the raw logit's gradient (a pretrained block's
+    ``sigmoid(r)``, or ``unit``: 1 in value with the gradient of ``sigmoid(r)`` (a pretrained block's
     update is kept exactly; the router still learns which tokens to send)."""
 
     causal_router: Literal["aux_loss", "predictor", "prefix_rank"] = "prefix_rank"

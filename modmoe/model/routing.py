@@ -50,12 +50,16 @@ def entering_first(enter: Tensor, width: int | None = None) -> tuple[Tensor, Ten
 
 def router_weight(logits: Tensor, kind: str) -> Tensor:
     """What scales an entering token's block update: ``raw``, the logit itself (the paper);
-    ``sigmoid``, its sigmoid; ``unit``, 1 in value with the raw logit's gradient, so a pretrained
-    block's update is kept exactly while the router still learns from it."""
+    ``sigmoid``, its sigmoid; ``unit``, 1 in value with the sigmoid's gradient, so a pretrained
+    block's update is kept exactly while the router still learns from it. The gradient is the
+    sigmoid's, not the raw logit's: it fades as the logit grows either way, where the raw one
+    never does, and the router's pull on the trunk then grew with its weight until training
+    diverged (docs/research.md §4)."""
     if kind == "sigmoid":
         return logits.sigmoid()
     if kind == "unit":
-        return 1.0 + (logits - logits.detach())
+        gate = logits.sigmoid()
+        return 1.0 + (gate - gate.detach())
     return logits
 
 

@@ -248,3 +248,15 @@ def test_prefix_rank_needs_its_prior():
         MoDETransformer(
             ModelConfig(**{**cfg.model_dump(), "depth": {"capacity": 0.25, "causal_router": "aux_loss"}})
         ).causal_rule("prefix_rank")
+
+
+def test_unit_router_weight_is_one_with_the_sigmoids_gradient():
+    from modmoe.model.routing import router_weight
+
+    r = torch.tensor([-30.0, -1.0, 0.0, 2.0, 30.0], requires_grad=True)
+    w = router_weight(r, "unit")
+    assert torch.equal(w.detach(), torch.ones(5))  # a pretrained block's update is kept exactly
+    w.sum().backward()
+    s = r.detach().sigmoid()
+    assert torch.allclose(r.grad, s * (1 - s))  # fades for confident logits, unlike the raw logit's 1
+    assert r.grad[0] < 1e-10 and r.grad[-1] < 1e-10
