@@ -110,9 +110,10 @@ def quantile_sums(logits: Tensor, valid: Tensor | None = None, count: int = PRIO
     ranked = x.sort(dim=-1).values  # (B, T)
     share = torch.linspace(0, 1, count, device=x.device)  # (count,)
     index = (share[None] * (real[:, None] - 1).clamp_min(0)).round().long()  # (B, count)
-    has = (real > 0).float()  # (B,)
-    points = (ranked.gather(1, index) * has[:, None]).nan_to_num(posinf=0.0)  # (B, count)
-    return torch.cat([points.sum(0), has.sum().reshape(1)])
+    has = real > 0  # (B,)
+    # A row without real tokens adds nothing; a NaN logit stays NaN, so the prior refuses the step.
+    points = torch.where(has[:, None], ranked.gather(1, index), 0.0)  # (B, count)
+    return torch.cat([points.sum(0), has.sum().float().reshape(1)])
 
 
 def share_at_or_above(values: Tensor, quantiles: Tensor) -> Tensor:

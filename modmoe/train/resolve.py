@@ -113,13 +113,6 @@ def _layout(cfg: JobConfig, backend: str, world_size: int, device: str) -> tuple
     return dims, dims.dp
 
 
-def check_pretrained_job(cfg: JobConfig) -> None:
-    """``model.from_hf``: every tensor the model needs in the checkpoint with its shape
-    (safetensors headers only). Both engines import it; what the megatron engine cannot express
-    of an architecture is refused when the job is translated."""
-    check_pretrained(cfg.model)
-
-
 def resolve_job(cfg: JobConfig, world_size: int | None = None, device: str | None = None) -> ResolvedJob:
     """Checks ``cfg`` for ``world_size`` ranks (default: the launcher's) on ``device`` (default:
     what ``trainer.device`` picks here); raises a one-line ConfigError for the first problem."""
@@ -135,7 +128,9 @@ def resolve_job(cfg: JobConfig, world_size: int | None = None, device: str | Non
             "model.vocab_size", m.vocab_size, f"must be >= data.vocab_size ({d.vocab_size}), the tokenizer trained"
         )
     if m.from_hf is not None:
-        check_pretrained_job(cfg)
+        # Every tensor the model needs, with its shape (safetensors headers only). Both engines
+        # import it; what the megatron engine cannot express is refused when the job is translated.
+        check_pretrained(m)
     if cfg.optimizer.routers_only_steps and not any(
         m.depth.is_routed(i) or m.moe.is_moe(i) for i in range(m.num_layers)
     ):

@@ -66,8 +66,12 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> MoDETransformer:
     for moe in model.moe_layers():
         if moe.expert_bias is not None:
             moe.expert_bias.normal_(0, 0.1)  # a trained bias changes the experts' choice
-    with torch.no_grad():  # a prefix-rank prior as training leaves it: the logits of a training batch
-        model.train()(torch.randint(0, cfg.vocab_size, (4, cfg.max_seq_len)))
+    with torch.no_grad():  # a prefix-rank prior as a training step leaves it: a batch's logit quantiles
+        out = model.train()(torch.randint(0, cfg.vocab_size, (4, cfg.max_seq_len)))
+        for block, aux in zip(model.layers, out.layers, strict=True):
+            if aux.depth is not None and aux.depth.quantile_sums is not None:
+                block.router.observe(aux.depth.quantile_sums)
+                assert float(block.router.prior_quantiles.std()) > 0  # a real spread, not the zeros it starts at
     return model.eval()
 
 

@@ -237,6 +237,8 @@ def test_quantile_sums_rank_only_real_tokens():
     sums = quantile_sums(logits, valid, 3)
     # row 0: 1, 2, 3 (the padded 9 is left out); row 1: 4, 5.5 -> index round(1.5) = 2 -> 6, 7; row 2: no real tokens
     assert torch.equal(sums, torch.tensor([1.0 + 4.0, 2.0 + 6.0, 3.0 + 7.0, 2.0]))
+    logits[1, 0] = float("nan")  # a non-finite step shows in the sums: the prior then skips it
+    assert torch.isnan(quantile_sums(logits, valid, 3)[:-1]).any()
 
 
 def test_prefix_rank_needs_its_prior():
